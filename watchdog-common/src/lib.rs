@@ -1,0 +1,110 @@
+//! Types shared by the kernel programs (`watchdog-ebpf`) and the daemon.
+//!
+//! Everything here is `#[repr(C)]` with fixed-width integers and explicit
+//! padding, so both sides agree on the layout byte for byte and the types can
+//! be `aya::Pod` (no implicit padding, no `bool`).
+#![no_std]
+
+/// Length of `task_struct::comm` (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+
+/// [`Event::kind`]: a process (thread group) exited.
+pub const EVENT_EXIT: u32 = 1;
+/// [`Event::kind`]: a watched process forked a new process, now watched too.
+pub const EVENT_FORK: u32 = 2;
+
+/// One record in the `EVENTS` ring buffer.
+///
+/// A single fixed layout for every kind keeps the ring buffer reader simple;
+/// the fields a kind does not use are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// Exit: the exiting tgid (from `bpf_get_current_pid_tgid`).
+    /// Fork: the new child's tgid.
+    pub pid: u32,
+    /// Exit: the parent's tgid (`real_parent->tgid`). Fork: the forking tgid.
+    pub ppid: u32,
+    /// Exit: the status in wait(2) form (`code << 8`, or signal | 0x80 core).
+    pub wait_status: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event was produced.
+    pub ktime_ns: u64,
+    /// Exit: peak resident set of the process in pages (`signal->maxrss`).
+    pub peak_rss_pages: u64,
+    /// The group (watched tree root) the process belonged to, 0 for none.
+    pub group: u32,
+    /// Exit: `task->tgid` read through the BTF offsets; it must equal `pid`.
+    /// Userspace uses it to check the offsets are right.
+    pub tgid_via_offsets: u32,
+    /// Exit: the process name (`group_leader->comm`), NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Value of the `WATCHED` map, keyed by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// The tgid at the root of the watched tree this process belongs to.
+    pub group: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Byte offsets of the kernel struct fields the programs read, resolved at
+/// start-up from the running kernel's BTF (`/sys/kernel/btf/vmlinux`), since
+/// Rust eBPF programs get no CO-RE relocations. Passed as a read-only global.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_real_parent: u32,
+    pub task_group_leader: u32,
+    pub task_exit_code: u32,
+    pub task_signal: u32,
+    pub task_comm: u32,
+    pub signal_live: u32,
+    pub signal_flags: u32,
+    pub signal_group_exit_code: u32,
+    pub signal_maxrss: u32,
+    /// Reserved, zero; keeps the size a multiple of 8.
+    pub reserved: u32,
+}
+
+/// `signal_struct::flags` bit set once the whole thread group is exiting
+/// (include/linux/sched/signal.h, unchanged since 2.6); the process's exit
+/// status is then `signal->group_exit_code`, else the leader's `exit_code`.
+pub const SIGNAL_GROUP_EXIT: u32 = 0x0000_0004;
+
+/// Indices of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Ring-buffer reservations that failed (an event was lost).
+    pub const RINGBUF_FULL: u32 = 0;
+    /// New processes of a watched tree that did not fit in `WATCHED`.
+    pub const WATCH_TABLE_FULL: u32 = 1;
+    /// Number of counters.
+    pub const COUNT: u32 = 2;
+}
+
+/// Capacity of the `WATCHED` map.
+pub const MAX_WATCHED: u32 = 65_536;
+
+/// Size of the `EVENTS` ring buffer in bytes (a power of two, page multiple):
+/// room for 16,384 events before userspace must read.
+pub const RINGBUF_BYTES: u32 = 1 << 20;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are repr(C), made only of integers, with no padding.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::Watch {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+// The layouts are part of the kernel/user contract: fail the build, not the
+// verifier, if they change by accident.
+const _: () = assert!(core::mem::size_of::<Event>() == 56);
+const _: () = assert!(core::mem::size_of::<Watch>() == 8);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);

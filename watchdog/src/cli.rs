@@ -1,0 +1,123 @@
+//! The command line: parsing, logging set-up, and dispatch to commands.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::audit;
+
+/// eBPF-assisted memory watchdog and process supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "watchdog", version, long_version = long_version())]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream process exits as JSON lines (one object per exit) until
+    /// SIGINT or SIGTERM.
+    Audit(audit::AuditArgs),
+}
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad input from the user: exit code 2.
+    Usage(String),
+    /// Anything else: exit code 1.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(err: anyhow::Error) -> Self {
+        Self::Failed(err)
+    }
+}
+
+fn long_version() -> &'static str {
+    if crate::kernel_programs_built_in() {
+        concat!(env!("CARGO_PKG_VERSION"), " (with kernel programs)")
+    } else {
+        concat!(env!("CARGO_PKG_VERSION"), " (without kernel programs)")
+    }
+}
+
+/// Parses the command line, runs the command, and returns the exit code.
+pub fn main() -> ExitCode {
+    // clap exits with 2 on usage errors and 0 for --help / --version.
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("watchdog: error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Audit(args) => audit::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(CliError::Usage(msg)) => {
+            eprintln!("watchdog: error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(err)) => {
+            eprintln!("watchdog: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("WATCHDOG_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn audit_needs_a_scope() {
+        let err = Cli::try_parse_from(["watchdog", "audit"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = Cli::try_parse_from(["watchdog", "audit", "--all", "--pid", "1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = Cli::try_parse_from(["watchdog", "audit", "--pid", "-3"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(Cli::try_parse_from(["watchdog", "audit", "--pid", "1"]).is_ok());
+    }
+}

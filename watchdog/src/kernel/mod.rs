@@ -1,0 +1,548 @@
+//! The kernel programs: loading, attaching, the watch table, and the event
+//! stream, behind a small typed API.
+//!
+//! [`Probes::load`] resolves struct offsets from the kernel's BTF, loads and
+//! attaches the programs, and proves the offsets right with a self-check
+//! before anything is reported. [`Probes::next`] then yields typed events
+//! from the ring buffer through tokio's `AsyncFd`, so callers add programs
+//! and event kinds here without touching the plumbing.
+
+pub mod btf;
+pub mod offsets;
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::RawTracePoint,
+};
+use tokio::io::unix::AsyncFd;
+use watchdog_common::{COMM_LEN, EVENT_EXIT, EVENT_FORK, Event, Watch, counter};
+
+use crate::{
+    event::{ProcessExit, ProcessFork},
+    exit::ExitStatus,
+    privilege,
+};
+use btf::{Btf, BtfError};
+use offsets::KernelLayout;
+
+/// The compiled kernel programs, when this binary was built with them.
+#[cfg(watchdog_ebpf)]
+static OBJECT: Option<&[u8]> = Some(aya::include_bytes_aligned!(concat!(
+    env!("OUT_DIR"),
+    "/watchdog.bpf.o"
+)));
+#[cfg(not(watchdog_ebpf))]
+static OBJECT: Option<&[u8]> = None;
+
+/// Whether this binary carries the kernel programs.
+pub fn built_in() -> bool {
+    OBJECT.is_some()
+}
+
+/// Why the kernel programs could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this watchdog binary was built without its kernel programs; \
+         build it with `cargo xtask build` (needs bpf-linker: `cargo xtask setup`)"
+    )]
+    NotBuiltIn,
+    #[error(
+        "loading kernel programs needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), \
+         which this process does not have ({detail}); run it as root, e.g. with sudo"
+    )]
+    Privilege { detail: String },
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("failed to {what}: {detail}")]
+    Kernel { what: &'static str, detail: String },
+    #[error(
+        "the kernel programs failed their self-check ({0}); refusing to report \
+         data read with wrong struct offsets"
+    )]
+    SelfCheck(String),
+}
+
+impl LoadError {
+    /// Wraps an aya error, turning a permission failure into the clear
+    /// privilege message.
+    fn kernel(what: &'static str, err: impl std::error::Error + 'static) -> Self {
+        let detail = error_chain(&err);
+        if is_permission_error(&err) {
+            return Self::Privilege { detail };
+        }
+        Self::Kernel { what, detail }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        out.push_str(": ");
+        out.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    out
+}
+
+fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// What to watch from the start.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProbeOptions {
+    /// Report the exit of every process on the host.
+    pub watch_all: bool,
+}
+
+/// An event from the kernel programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Exit(ProcessExit),
+    Fork(ProcessFork),
+}
+
+/// Counts of what the kernel side could not deliver or track.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Events dropped because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// New processes of watched trees that the watch table had no room for.
+    pub watch_table_full: u64,
+}
+
+/// The loaded and attached kernel programs.
+pub struct Probes {
+    // Owns the programs and their links: dropping it detaches them.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, u32, Watch>,
+    counters: PerCpuArray<MapData, u64>,
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Events read while looking for something else (during the self-check).
+    pending: VecDeque<KernelEvent>,
+    page_size: u64,
+    layout: KernelLayout,
+}
+
+impl Probes {
+    /// Loads, attaches and self-checks the kernel programs. Must be called
+    /// inside a tokio runtime.
+    pub fn load(options: ProbeOptions) -> Result<Self, LoadError> {
+        let object = OBJECT.ok_or(LoadError::NotBuiltIn)?;
+        if let Err(missing) = privilege::check_bpf() {
+            return Err(LoadError::Privilege { detail: missing });
+        }
+        privilege::raise_memlock();
+
+        let layout = KernelLayout::resolve(&Btf::from_kernel()?)?;
+        let watch_all = u32::from(options.watch_all);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &layout.offsets, true)
+            .override_global("WATCH_ALL", &watch_all, true)
+            .load(object)
+            .map_err(|e| LoadError::kernel("load the kernel programs", e))?;
+
+        // Maps first: the programs write to them as soon as they attach.
+        let watched = take_map(&mut ebpf, "WATCHED", HashMap::try_from)?;
+        let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
+        let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+
+        let exit = if layout.exit_has_group_dead {
+            "sched_process_exit"
+        } else {
+            "sched_process_exit_legacy"
+        };
+        attach_raw(&mut ebpf, "sched_process_fork", "sched_process_fork")?;
+        attach_raw(&mut ebpf, exit, "sched_process_exit")?;
+
+        // SAFETY: the RingBuf owns its map descriptor for its whole life and
+        // always reports the same one; the AsyncFd owns the RingBuf.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| LoadError::kernel("watch the event ring buffer", e.into_parts().1))?;
+        // SAFETY: sysconf has no preconditions.
+        let page_size = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let mut probes = Self {
+            _ebpf: ebpf,
+            watched,
+            counters,
+            ring,
+            pending: VecDeque::new(),
+            page_size,
+            layout,
+        };
+        probes.self_check()?;
+        Ok(probes)
+    }
+
+    /// What was learned about the running kernel.
+    pub fn layout(&self) -> KernelLayout {
+        self.layout
+    }
+
+    /// Starts watching `tgid` as a member of the tree rooted at `group`:
+    /// its exit is reported and the processes it starts are watched too.
+    pub fn watch(&mut self, tgid: u32, group: u32) -> Result<(), LoadError> {
+        self.watched
+            .insert(tgid, Watch { group, flags: 0 }, 0)
+            .map_err(|e| LoadError::kernel("add a process to the watch table", e))
+    }
+
+    /// Stops watching `tgid` (a no-op when it was not watched).
+    pub fn unwatch(&mut self, tgid: u32) {
+        // ENOENT: it already exited, and the exit program removed it.
+        let _ = self.watched.remove(&tgid);
+    }
+
+    /// Waits for the next event.
+    pub async fn next(&mut self) -> io::Result<KernelEvent> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            let mut guard = self.ring.readable_mut().await?;
+            let raw = guard.get_inner_mut().next().map(|item| decode(&item));
+            match raw {
+                Some(Some(raw)) => return Ok(self.convert(&raw)),
+                // A record of a size this build does not know: skip it.
+                Some(None) => continue,
+                None => guard.clear_ready(),
+            }
+        }
+    }
+
+    /// Returns an event that is already waiting, without blocking.
+    pub fn try_next(&mut self) -> Option<KernelEvent> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(event);
+        }
+        loop {
+            let raw = self.ring.get_mut().next().map(|item| decode(&item))?;
+            if let Some(raw) = raw {
+                return Some(self.convert(&raw));
+            }
+        }
+    }
+
+    /// What the kernel side has lost so far (summed over CPUs).
+    pub fn losses(&self) -> Losses {
+        let read = |index: u32| {
+            self.counters
+                .get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        Losses {
+            ringbuf_full: read(counter::RINGBUF_FULL),
+            watch_table_full: read(counter::WATCH_TABLE_FULL),
+        }
+    }
+
+    fn convert(&self, raw: &Event) -> KernelEvent {
+        match raw.kind {
+            EVENT_FORK => KernelEvent::Fork(ProcessFork {
+                parent: raw.ppid,
+                child: raw.pid,
+                group: raw.group,
+                monotonic_ns: raw.ktime_ns,
+            }),
+            _ => KernelEvent::Exit(ProcessExit {
+                pid: raw.pid,
+                ppid: raw.ppid,
+                comm: comm_string(&raw.comm),
+                status: ExitStatus::from_wait_status(raw.wait_status),
+                peak_rss_bytes: raw.peak_rss_pages.saturating_mul(self.page_size),
+                monotonic_ns: raw.ktime_ns,
+                group: raw.group,
+            }),
+        }
+    }
+
+    /// Proves the offsets and the whole event path right before anything is
+    /// reported: a child of ours forks a grandchild, both exit with known
+    /// codes, and the kernel's reports of them must match what we know.
+    fn self_check(&mut self) -> Result<(), LoadError> {
+        let fail = |what: String| LoadError::SelfCheck(what);
+        let me = std::process::id();
+        // The child inherits this thread's name, which is what the kernel
+        // will report as its comm.
+        let comm = std::fs::read_to_string("/proc/thread-self/comm")
+            .map(|s| s.trim_end().to_owned())
+            .map_err(|e| fail(format!("cannot read /proc/thread-self/comm: {e}")))?;
+
+        let child = SelfCheckChild::spawn().map_err(|e| fail(format!("fork failed: {e}")))?;
+        let pid = child.pid;
+        let registered = self.watch(pid, pid);
+        let released = child.release_and_reap();
+        registered?;
+        released.map_err(|e| fail(format!("self-check child failed: {e}")))?;
+
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let (mut fork, mut child_exit, mut grandchild_exit) = (None, None, None);
+        while fork.is_none() || child_exit.is_none() || grandchild_exit.is_none() {
+            let Some(raw) = self.ring.get_mut().next().map(|item| decode(&item)) else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(fail(format!(
+                        "no event from the kernel programs within 3 s \
+                         (fork seen: {}, exits seen: {})",
+                        fork.is_some(),
+                        usize::from(child_exit.is_some()) + usize::from(grandchild_exit.is_some())
+                    )));
+                }
+                wait_readable(self.ring.get_ref(), left);
+                continue;
+            };
+            let Some(raw) = raw else { continue };
+            let grandchild = fork.map(|f: ProcessFork| f.child);
+            match self.convert(&raw) {
+                KernelEvent::Fork(f) if f.parent == pid => fork = Some(f),
+                KernelEvent::Exit(e) if e.pid == pid => child_exit = Some((e, raw)),
+                KernelEvent::Exit(e) if Some(e.pid) == grandchild || e.ppid == pid => {
+                    grandchild_exit = Some((e, raw))
+                }
+                other => self.pending.push_back(other),
+            }
+        }
+        self.unwatch(pid);
+
+        let (Some(fork), Some((child_exit, child_raw)), Some((gc_exit, gc_raw))) =
+            (fork, child_exit, grandchild_exit)
+        else {
+            unreachable!("loop ends only when all three were seen");
+        };
+        let checks = [
+            (
+                fork.group == pid,
+                format!("fork reported group {}, expected {pid}", fork.group),
+            ),
+            (
+                gc_exit.pid == fork.child,
+                format!(
+                    "grandchild exit pid {} but fork reported {}",
+                    gc_exit.pid, fork.child
+                ),
+            ),
+            (
+                child_raw.tgid_via_offsets == pid && gc_raw.tgid_via_offsets == gc_exit.pid,
+                format!(
+                    "task->tgid read as {} and {}, expected {pid} and {}",
+                    child_raw.tgid_via_offsets, gc_raw.tgid_via_offsets, gc_exit.pid
+                ),
+            ),
+            (
+                child_exit.ppid == me && gc_exit.ppid == pid,
+                format!(
+                    "parents read as {} and {}, expected {me} and {pid}",
+                    child_exit.ppid, gc_exit.ppid
+                ),
+            ),
+            (
+                child_exit.status == ExitStatus::Code(SelfCheckChild::CHILD_CODE)
+                    && gc_exit.status == ExitStatus::Code(SelfCheckChild::GRANDCHILD_CODE),
+                format!(
+                    "exit statuses read as {:?} and {:?}, expected codes {} and {}",
+                    child_exit.status,
+                    gc_exit.status,
+                    SelfCheckChild::CHILD_CODE,
+                    SelfCheckChild::GRANDCHILD_CODE
+                ),
+            ),
+            (
+                child_exit.comm == comm,
+                format!("comm read as {:?}, expected {comm:?}", child_exit.comm),
+            ),
+            (
+                child_exit.peak_rss_bytes > 0 && child_exit.peak_rss_bytes < (1 << 50),
+                format!("peak RSS read as {} bytes", child_exit.peak_rss_bytes),
+            ),
+        ];
+        for (ok, what) in checks {
+            if !ok {
+                return Err(fail(what));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A forked child for the self-check: it waits for a byte on a pipe, forks
+/// a grandchild that exits with [`Self::GRANDCHILD_CODE`], reaps it, and
+/// exits with [`Self::CHILD_CODE`].
+struct SelfCheckChild {
+    pid: u32,
+    release: std::os::fd::OwnedFd,
+}
+
+impl SelfCheckChild {
+    const CHILD_CODE: i32 = 42;
+    const GRANDCHILD_CODE: i32 = 43;
+
+    fn spawn() -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: fds is a valid array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 returned two fresh descriptors that we now own.
+        let (read_end, write_end) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        // SAFETY: the child calls only async-signal-safe functions (close,
+        // read, fork, waitpid, _exit) before it exits, as fork in a
+        // multi-threaded process requires.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            unsafe {
+                libc::close(write_end.as_raw_fd());
+                let mut byte = 0u8;
+                libc::read(read_end.as_raw_fd(), (&raw mut byte).cast(), 1);
+                let grandchild = libc::fork();
+                if grandchild == 0 {
+                    libc::_exit(Self::GRANDCHILD_CODE);
+                }
+                if grandchild > 0 {
+                    libc::waitpid(grandchild, std::ptr::null_mut(), 0);
+                }
+                libc::_exit(Self::CHILD_CODE);
+            }
+        }
+        drop(read_end);
+        Ok(Self {
+            pid: pid as u32,
+            release: write_end,
+        })
+    }
+
+    /// Lets the child go on and reaps it.
+    fn release_and_reap(self) -> io::Result<()> {
+        drop(self.release);
+        let mut status = 0;
+        loop {
+            // SAFETY: waiting for our own child with a valid status pointer.
+            let r = unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+            if r >= 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+        let got = ExitStatus::from_wait_status(status as u32);
+        if got != ExitStatus::Code(Self::CHILD_CODE) {
+            return Err(io::Error::other(format!("it ended with {got:?}")));
+        }
+        Ok(())
+    }
+}
+
+fn take_map<M, E: std::error::Error + 'static>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<M, E>,
+) -> Result<M, LoadError> {
+    let map = ebpf.take_map(name).ok_or(LoadError::Kernel {
+        what: "find a map in the kernel object",
+        detail: name.to_owned(),
+    })?;
+    convert(map).map_err(|e| LoadError::kernel("open a map of the kernel programs", e))
+}
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), LoadError> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::Kernel {
+            what: "find a program in the kernel object",
+            detail: program.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e| LoadError::kernel("open a kernel program", e))?;
+    prog.load()
+        .map_err(|e| LoadError::kernel("load a kernel program", e))?;
+    prog.attach(tracepoint)
+        .map_err(|e| LoadError::kernel("attach to a raw tracepoint", e))?;
+    Ok(())
+}
+
+/// Reads one ring-buffer record; `None` for a record of unknown size.
+fn decode(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: Event is plain integers, and the length was checked.
+    let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+    matches!(event.kind, EVENT_EXIT | EVENT_FORK).then_some(event)
+}
+
+fn comm_string(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Blocks until `fd` is readable or `timeout` passes (used only before the
+/// event loop runs, during the self-check).
+fn wait_readable(fd: &impl AsFd, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd. EINTR just makes the caller look again.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_records() {
+        let mut event = Event {
+            kind: EVENT_EXIT,
+            pid: 7,
+            ..Event::default()
+        };
+        event.comm[..2].copy_from_slice(b"sh");
+        // SAFETY: Event is plain integers.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<Event>())
+        };
+        assert_eq!(decode(bytes), Some(event));
+        assert_eq!(decode(&bytes[..10]), None, "short record");
+        assert_eq!(comm_string(&event.comm), "sh");
+        assert_eq!(comm_string(&[b'x'; COMM_LEN]), "x".repeat(COMM_LEN));
+        event.kind = 99;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<Event>())
+        };
+        assert_eq!(decode(bytes), None, "unknown kind");
+    }
+}

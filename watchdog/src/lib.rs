@@ -1,0 +1,32 @@
+//! watchdog: an eBPF-assisted memory watchdog and process supervisor.
+//!
+//! # Layout
+//! - [`cli`]: the command line; parses, sets up logging, dispatches.
+//! - [`audit`]: `watchdog audit`, process exits as JSON lines.
+//! - [`kernel`] (Linux): the kernel programs behind a typed API: BTF
+//!   offsets, loading and attaching, the watch table, the event stream.
+//! - [`event`]: what sensors report (exits, forks) and clock conversion.
+//! - [`exit`]: exit statuses decoded from wait(2) form.
+//! - [`jsonl`]: whole-line JSON output to stdout or an O_APPEND file.
+//! - [`privilege`] (Linux): capability checks before loading programs.
+//! - [`procs`] (Linux): process-table queries from /proc.
+
+pub mod audit;
+pub mod cli;
+pub mod event;
+pub mod exit;
+pub mod jsonl;
+#[cfg(target_os = "linux")]
+pub mod kernel;
+#[cfg(target_os = "linux")]
+pub mod privilege;
+#[cfg(target_os = "linux")]
+pub mod procs;
+
+/// Whether this binary carries the compiled kernel programs.
+pub fn kernel_programs_built_in() -> bool {
+    #[cfg(target_os = "linux")]
+    return kernel::built_in();
+    #[cfg(not(target_os = "linux"))]
+    return false;
+}

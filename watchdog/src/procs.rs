@@ -1,0 +1,53 @@
+//! Process-table queries from /proc.
+
+use std::collections::{HashMap, HashSet};
+
+/// Whether a process with this pid exists now.
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The live descendants of `root` (not including `root`), from one pass
+/// over /proc.
+pub fn descendants(root: u32) -> HashSet<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    let Ok(all) = procfs::process::all_processes() else {
+        return HashSet::new();
+    };
+    for process in all.flatten() {
+        // ENOENT / ESRCH: the process exited during the scan; skip it.
+        let Ok(stat) = process.stat() else { continue };
+        if let (Ok(pid), Ok(ppid)) = (u32::try_from(stat.pid), u32::try_from(stat.ppid)) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut found = HashSet::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for &child in children.get(&pid).map(Vec::as_slice).unwrap_or_default() {
+            if found.insert(child) {
+                stack.push(child);
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_own_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let found = descendants(std::process::id());
+        child.kill().ok();
+        child.wait().ok();
+        assert!(found.contains(&child.id()), "{found:?}");
+        assert!(!found.contains(&std::process::id()));
+        assert!(exists(std::process::id()));
+    }
+}

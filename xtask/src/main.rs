@@ -1,0 +1,474 @@
+//! Project tasks. `cargo xtask setup | build-ebpf | build | run | test`.
+//!
+//! These are the only commands a newcomer needs: `setup` installs whatever
+//! is missing (idempotently, saying what it does), and `run` and `test` run
+//! it first, so a fresh machine needs nothing done by hand.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// LLVM major version of the pinned nightly, which bpf-linker must match.
+const LLVM_MAJOR: u32 = 22;
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+];
+const APPLE_TARGETS: &[&str] = &["aarch64-apple-darwin", "x86_64-apple-darwin"];
+const EBPF_TARGET: &str = "bpfel-unknown-none";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "watchdog project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: the pinned nightly with rust-src, LLVM 22,
+    /// bpf-linker, the apple-darwin targets. Safe to run again.
+    Setup,
+    /// Build the kernel programs.
+    BuildEbpf,
+    /// Build the release binary with the kernel programs embedded.
+    Build,
+    /// Set up if needed, build, and run the binary as root (via `sudo -E`
+    /// when not root). Without arguments: `watchdog audit --all`.
+    Run {
+        /// Arguments for the watchdog binary.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up if needed, build, then fmt, clippy, unit and integration
+    /// tests (privileged ones included when root), and the macOS check.
+    Test,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let project = Project::locate()?;
+    match cli.command {
+        Task::Setup => project.setup(),
+        Task::BuildEbpf => project.build_ebpf().map(drop),
+        Task::Build => project.build().map(drop),
+        Task::Run { args } => project.run(args),
+        Task::Test => project.test(),
+    }
+}
+
+struct Project {
+    root: PathBuf,
+    /// The nightly the kernel programs build with, from their
+    /// rust-toolchain.toml (one source of truth).
+    nightly: String,
+}
+
+impl Project {
+    fn locate() -> Result<Self> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("xtask lives in the workspace")?
+            .to_path_buf();
+        let toolchain_file = root.join("watchdog-ebpf/rust-toolchain.toml");
+        let text = fs::read_to_string(&toolchain_file)
+            .with_context(|| format!("failed to read {}", toolchain_file.display()))?;
+        let nightly = text
+            .lines()
+            .find_map(|l| {
+                let value = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+                Some(value.trim().trim_matches('"').to_owned())
+            })
+            .with_context(|| format!("no channel in {}", toolchain_file.display()))?;
+        Ok(Self { root, nightly })
+    }
+
+    fn ebpf_dir(&self) -> PathBuf {
+        self.root.join("watchdog-ebpf")
+    }
+
+    fn ebpf_object(&self) -> PathBuf {
+        self.root
+            .join("target/ebpf")
+            .join(EBPF_TARGET)
+            .join("release/watchdog-ebpf")
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.root.join("target/release/watchdog")
+    }
+
+    // ---- setup -------------------------------------------------------
+
+    fn setup(&self) -> Result<()> {
+        let started = Instant::now();
+        self.setup_nightly()?;
+        self.setup_host_components()?;
+        setup_llvm()?;
+        setup_bpf_linker()?;
+        let elapsed = started.elapsed().as_secs_f32();
+        println!("setup: everything is in place ({elapsed:.1} s)");
+        Ok(())
+    }
+
+    fn setup_nightly(&self) -> Result<()> {
+        let tc = &self.nightly;
+        let installed = Command::new("rustup")
+            .args(["run", tc, "rustc", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !installed {
+            println!("setup: installing toolchain {tc} for the kernel programs");
+            run(Command::new("rustup").args(["toolchain", "install", tc, "--profile", "minimal"]))?;
+        }
+        // rustup does not add a rust-toolchain.toml's components to a
+        // toolchain that is already installed, so add them explicitly.
+        let components = installed_components(Some(tc))?;
+        for component in ["rust-src", "clippy"] {
+            if components.iter().any(|c| c.starts_with(component)) {
+                continue;
+            }
+            println!("setup: adding {component} to {tc}");
+            run(Command::new("rustup").args(["component", "add", component, "--toolchain", tc]))?;
+        }
+        println!("setup: toolchain {tc} with rust-src: ok");
+        Ok(())
+    }
+
+    fn setup_host_components(&self) -> Result<()> {
+        let components = installed_components(None)?;
+        for component in ["rustfmt", "clippy"] {
+            if !components.iter().any(|c| c.starts_with(component)) {
+                println!("setup: adding {component} to the default toolchain");
+                run(Command::new("rustup").current_dir(&self.root).args([
+                    "component",
+                    "add",
+                    component,
+                ]))?;
+            }
+        }
+        let targets = capture(Command::new("rustup").current_dir(&self.root).args([
+            "target",
+            "list",
+            "--installed",
+        ]))?;
+        for target in APPLE_TARGETS {
+            if !targets.lines().any(|t| t.trim() == *target) {
+                println!("setup: adding target {target} (for the macOS build check)");
+                run(Command::new("rustup")
+                    .current_dir(&self.root)
+                    .args(["target", "add", target]))?;
+            }
+        }
+        println!("setup: default toolchain with rustfmt, clippy, apple-darwin targets: ok");
+        Ok(())
+    }
+
+    // ---- build -------------------------------------------------------
+
+    fn build_ebpf(&self) -> Result<PathBuf> {
+        let mut cmd = Command::new("cargo");
+        cmd.arg(format!("+{}", self.nightly))
+            .args(["build", "--release", "--target-dir"])
+            .arg(self.root.join("target/ebpf"))
+            .current_dir(self.ebpf_dir());
+        clean_toolchain_env(&mut cmd);
+        run(&mut cmd).context("failed to build the kernel programs (try `cargo xtask setup`)")?;
+        let object = self.ebpf_object();
+        if !object.is_file() {
+            bail!("the kernel build did not produce {}", object.display());
+        }
+        Ok(object)
+    }
+
+    fn build(&self) -> Result<PathBuf> {
+        let object = self.build_ebpf()?;
+        run(Command::new("cargo")
+            .current_dir(&self.root)
+            .env("WATCHDOG_EBPF_OBJECT", &object)
+            .args(["build", "--release", "--package", "watchdog"]))?;
+        let binary = self.binary();
+        let embedded = capture(Command::new(&binary).arg("--version"))?;
+        if !embedded.contains("with kernel programs") {
+            bail!(
+                "{} was built without its kernel programs ({})",
+                binary.display(),
+                embedded.trim()
+            );
+        }
+        Ok(binary)
+    }
+
+    // ---- run ---------------------------------------------------------
+
+    fn run(&self, args: Vec<OsString>) -> Result<()> {
+        self.setup()?;
+        let binary = self.build()?;
+        let args = if args.is_empty() {
+            vec!["audit".into(), "--all".into()]
+        } else {
+            args
+        };
+        let mut cmd = if is_root() {
+            Command::new(&binary)
+        } else {
+            println!("run: not root, running through `sudo -E`");
+            let mut cmd = Command::new("sudo");
+            cmd.arg("-E").arg(&binary);
+            cmd
+        };
+        cmd.args(&args);
+        let err = cmd.exec();
+        Err(err).with_context(|| format!("failed to run {}", binary.display()))
+    }
+
+    // ---- test --------------------------------------------------------
+
+    fn test(&self) -> Result<()> {
+        let started = Instant::now();
+        self.setup()?;
+        let binary = self.build()?;
+        let object = self.ebpf_object();
+
+        step("cargo fmt --check");
+        run(Command::new("cargo")
+            .current_dir(&self.root)
+            .args(["fmt", "--all", "--check"]))?;
+        // The kernel crate is its own workspace; check it with the same
+        // rustfmt (its pinned nightly carries no rustfmt).
+        run(Command::new("rustfmt")
+            .current_dir(&self.root)
+            .args(["--edition", "2024", "--check"])
+            .arg(self.ebpf_dir().join("src/main.rs")))?;
+
+        step("clippy (warnings denied)");
+        run(Command::new("cargo")
+            .current_dir(&self.root)
+            .env("WATCHDOG_EBPF_OBJECT", &object)
+            .args([
+                "clippy",
+                "--release",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+        let mut ebpf_clippy = Command::new("cargo");
+        ebpf_clippy
+            .arg(format!("+{}", self.nightly))
+            .args(["clippy", "--release", "--target-dir"])
+            .arg(self.root.join("target/ebpf"))
+            .args(["--", "-D", "warnings"])
+            .current_dir(self.ebpf_dir());
+        clean_toolchain_env(&mut ebpf_clippy);
+        run(&mut ebpf_clippy)?;
+
+        step("unit and integration tests");
+        if is_root() {
+            println!("test: root, so the privileged (eBPF) tests run");
+        } else {
+            println!("test: not root, so the privileged (eBPF) tests skip with a reason");
+        }
+        run(Command::new("cargo")
+            .current_dir(&self.root)
+            .env("WATCHDOG_EBPF_OBJECT", &object)
+            .env("WATCHDOG_BIN", &binary)
+            .args(["test", "--release", "--workspace"]))?;
+
+        step("macOS build check");
+        for target in APPLE_TARGETS {
+            run(Command::new("cargo").current_dir(&self.root).args([
+                "check",
+                "--package",
+                "watchdog",
+                "--target",
+                target,
+            ]))?;
+        }
+        let elapsed = started.elapsed().as_secs();
+        println!("xtask test: every step passed in {elapsed} s");
+        Ok(())
+    }
+}
+
+fn setup_llvm() -> Result<()> {
+    let llvm_config = PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}/bin/llvm-config"));
+    let missing: Vec<&str> = LLVM_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() && llvm_config.is_file() {
+        println!("setup: LLVM {LLVM_MAJOR} development packages: ok");
+        return Ok(());
+    }
+    let has_apt = Path::new("/usr/bin/apt-get").exists();
+    let install = format!("apt-get install -y {}", LLVM_PACKAGES.join(" "));
+    if !has_apt {
+        bail!(
+            "LLVM {LLVM_MAJOR} (with llvm-config at {}) is needed to build bpf-linker; \
+             install it with your package manager",
+            llvm_config.display()
+        );
+    }
+    if !is_root() {
+        bail!(
+            "LLVM {LLVM_MAJOR} development packages are missing ({}); install them with:\n  \
+             sudo apt-get update && sudo {install}\nthen run `cargo xtask setup` again",
+            missing.join(", ")
+        );
+    }
+    println!("setup: installing {} with apt-get", missing.join(" "));
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(LLVM_PACKAGES))?;
+    if !llvm_config.is_file() {
+        bail!(
+            "apt-get installed LLVM but {} is missing",
+            llvm_config.display()
+        );
+    }
+    Ok(())
+}
+
+fn setup_bpf_linker() -> Result<()> {
+    let feature = format!("llvm-{LLVM_MAJOR}");
+    let version = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let right_version = version
+        .as_deref()
+        .is_some_and(|v| v.split_whitespace().last() == Some(BPF_LINKER_VERSION));
+    if right_version && bpf_linker_features().is_some_and(|f| f.contains(&feature)) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} ({feature}): ok");
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} \
+         (found: {}; takes about a minute)",
+        version.as_deref().unwrap_or("none")
+    );
+    let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![PathBuf::from(&prefix).join("bin")];
+    paths.extend(env::split_paths(&path));
+    let mut cmd = Command::new("cargo");
+    cmd.args(["install", "bpf-linker", "--locked", "--force", "--version"])
+        .arg(BPF_LINKER_VERSION)
+        .args(["--no-default-features", "--features", &feature])
+        .env("PATH", env::join_paths(paths)?)
+        // Without these it finds the system's default llvm-config instead.
+        .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix)
+        .env("LLVM_PREFIX", &prefix);
+    clean_toolchain_env(&mut cmd);
+    run(&mut cmd).context("failed to build bpf-linker")
+}
+
+/// The features bpf-linker was installed with, from cargo's install record.
+fn bpf_linker_features() -> Option<Vec<String>> {
+    let home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let text = fs::read_to_string(home.join(".crates2.json")).ok()?;
+    // {"installs":{"bpf-linker 0.13.0 (registry+...)":{..."features":["llvm-22"],...}}}
+    let start = text.find(&format!("\"bpf-linker {BPF_LINKER_VERSION} "))?;
+    let rest = &text[start..];
+    let features = rest.find("\"features\":[")? + "\"features\":[".len();
+    let end = rest[features..].find(']')? + features;
+    Some(
+        rest[features..end]
+            .split(',')
+            .map(|f| f.trim().trim_matches('"').to_owned())
+            .collect(),
+    )
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("install ok installed")
+        })
+}
+
+fn installed_components(toolchain: Option<&str>) -> Result<Vec<String>> {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["component", "list", "--installed"]);
+    if let Some(tc) = toolchain {
+        cmd.args(["--toolchain", tc]);
+    }
+    Ok(capture(&mut cmd)?.lines().map(str::to_owned).collect())
+}
+
+/// Removes what cargo sets for xtask itself, so that a nested cargo picks
+/// its own toolchain and flags.
+fn clean_toolchain_env(cmd: &mut Command) {
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn step(name: &str) {
+    println!("\n==> {name}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn capture(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
