@@ -12,9 +12,10 @@ use crate::{
 
 /// Arguments of `watchdog audit`.
 #[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("scope").required(true).multiple(false).args(["all", "pid"]))]
 pub struct AuditArgs {
     /// Report the exit of every process on the host.
-    #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
+    #[arg(long)]
     pub all: bool,
     /// Report the exits of this process and all of its descendants, present
     /// and future.

@@ -1,1 +1,114 @@
-fn main() {}
+//! A small, scriptable child process for the integration tests (no shell
+//! scripts): each argument is a step, run in order.
+//!
+//! Steps:
+//! - `wait-stdin`: block until a line (or end of input) on standard input
+//! - `sleep MS`: sleep
+//! - `alloc MIB`: allocate and touch MIB mebibytes of anonymous memory
+//! - `threads N`: start N threads and join them (they exit before we do)
+//! - `fork-child CODE`: fork a child that exits with CODE, and reap it
+//! - `leader-exits-first CODE`: the main thread exits alone (exit(2), not
+//!   exit_group); a second thread then exits alone with CODE, as the last
+//!   thread of the process
+//! - `core-limit on|off`: set RLIMIT_CORE to unlimited or 0
+//! - `segv`: die of SIGSEGV
+//! - `abort`: die of SIGABRT
+//! - `exit CODE`: exit with CODE
+
+use std::{hint::black_box, io::BufRead, process, thread, time::Duration};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut steps = args.iter().map(String::as_str);
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    while let Some(step) = steps.next() {
+        let mut number = |what: &str| -> i64 {
+            let arg = steps
+                .next()
+                .unwrap_or_else(|| usage(&format!("{step} needs {what}")));
+            arg.parse()
+                .unwrap_or_else(|_| usage(&format!("{step}: {arg:?} is not a number")))
+        };
+        match step {
+            "wait-stdin" => {
+                let mut line = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut line);
+            }
+            "sleep" => thread::sleep(Duration::from_millis(number("milliseconds") as u64)),
+            "alloc" => {
+                let bytes = number("mebibytes") as usize * 1024 * 1024;
+                let mut block = vec![0u8; bytes];
+                for i in (0..bytes).step_by(4096) {
+                    block[i] = 1;
+                }
+                kept.push(black_box(block));
+            }
+            "threads" => {
+                let n = number("a thread count");
+                let handles: Vec<_> = (0..n)
+                    .map(|i| {
+                        thread::spawn(move || thread::sleep(Duration::from_millis(20 + i as u64)))
+                    })
+                    .collect();
+                for h in handles {
+                    h.join().expect("thread panicked");
+                }
+            }
+            "fork-child" => {
+                let code = number("an exit code") as i32;
+                // SAFETY: single-threaded here; the child only calls _exit.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    unsafe { libc::_exit(code) };
+                }
+                assert!(pid > 0, "fork failed");
+                let mut status = 0;
+                // SAFETY: our own child, valid pointer.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+            }
+            "leader-exits-first" => {
+                let code = number("an exit code");
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(200));
+                    // SAFETY: SYS_exit ends only this thread.
+                    unsafe { libc::syscall(libc::SYS_exit, code) };
+                });
+                // SAFETY: SYS_exit ends only the main thread; the process
+                // lives on in the other one.
+                unsafe { libc::syscall(libc::SYS_exit, 0) };
+            }
+            "core-limit" => {
+                let value = match steps.next() {
+                    Some("on") => libc::RLIM_INFINITY,
+                    Some("off") => 0,
+                    _ => usage("core-limit needs on or off"),
+                };
+                let limit = libc::rlimit {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                // SAFETY: valid resource and pointer; raising may fail
+                // without privilege, which the tests account for.
+                unsafe { libc::setrlimit(libc::RLIMIT_CORE, &limit) };
+            }
+            "segv" => {
+                // The Rust runtime handles SIGSEGV (stack overflow checks) and
+                // would swallow a raised one: restore the default action.
+                // SAFETY: plain signal-disposition calls.
+                unsafe {
+                    libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+                    libc::raise(libc::SIGSEGV);
+                }
+                usage("still alive after SIGSEGV");
+            }
+            "abort" => process::abort(),
+            "exit" => process::exit(number("an exit code") as i32),
+            other => usage(&format!("unknown step {other:?}")),
+        }
+    }
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("wd-helper: {msg}");
+    process::exit(120);
+}
