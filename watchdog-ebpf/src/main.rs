@@ -13,15 +13,15 @@
 #![no_main]
 
 use aya_ebpf::{
+    Global,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, raw_tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
-    Global,
 };
 use watchdog_common::{
-    counter, Event, KernelOffsets, Watch, COMM_LEN, EVENT_EXIT, EVENT_FORK, MAX_WATCHED,
-    RINGBUF_BYTES, SIGNAL_GROUP_EXIT,
+    COMM_LEN, EVENT_EXIT, EVENT_FORK, Event, KernelOffsets, MAX_WATCHED, RINGBUF_BYTES,
+    SIGNAL_GROUP_EXIT, Watch, counter,
 };
 
 /// Watched processes, keyed by tgid.

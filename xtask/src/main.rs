@@ -283,11 +283,13 @@ impl Project {
         } else {
             println!("test: not root, so the privileged (eBPF) tests skip with a reason");
         }
-        run(Command::new("cargo")
-            .current_dir(&self.root)
-            .env("WATCHDOG_EBPF_OBJECT", &object)
-            .env("WATCHDOG_BIN", &binary)
-            .args(["test", "--release", "--workspace"]))?;
+        let tally = run_tests(
+            Command::new("cargo")
+                .current_dir(&self.root)
+                .env("WATCHDOG_EBPF_OBJECT", &object)
+                .env("WATCHDOG_BIN", &binary)
+                .args(["test", "--release", "--workspace"]),
+        )?;
 
         step("macOS build check");
         for target in APPLE_TARGETS {
@@ -300,7 +302,11 @@ impl Project {
             ]))?;
         }
         let elapsed = started.elapsed().as_secs();
-        println!("xtask test: every step passed in {elapsed} s");
+        println!("\nxtask test: every step passed in {elapsed} s");
+        println!(
+            "tests: {} passed, {} failed, {} ignored",
+            tally.passed, tally.failed, tally.ignored
+        );
         Ok(())
     }
 }
@@ -374,7 +380,7 @@ fn setup_bpf_linker() -> Result<()> {
     let mut paths = vec![PathBuf::from(&prefix).join("bin")];
     paths.extend(env::split_paths(&path));
     let mut cmd = Command::new("cargo");
-    cmd.args(["install", "bpf-linker", "--locked", "--force", "--version"])
+    cmd.args(["install", "bpf-linker", "--force", "--version"])
         .arg(BPF_LINKER_VERSION)
         .args(["--no-default-features", "--features", &feature])
         .env("PATH", env::join_paths(paths)?)
@@ -447,6 +453,50 @@ fn is_root() -> bool {
 
 fn step(name: &str) {
     println!("\n==> {name}");
+}
+
+/// Totals over every test binary of a `cargo test` run.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up the
+/// `test result:` lines of every test binary.
+fn run_tests(cmd: &mut Command) -> Result<Tally> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    let mut tally = Tally::default();
+    let stdout = child.stdout.take().context("piped stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match label {
+                    "passed" => tally.passed += n,
+                    "failed" => tally.failed += n,
+                    "ignored" => tally.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(tally)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

@@ -75,7 +75,15 @@ impl LoadError {
     /// Wraps an aya error, turning a permission failure into the clear
     /// privilege message.
     fn kernel(what: &'static str, err: impl std::error::Error + 'static) -> Self {
-        let detail = error_chain(&err);
+        let mut detail = error_chain(&err);
+        // A verifier rejection carries the whole verifier log: keep the
+        // message readable and leave the log to the debug level.
+        if detail.len() > 1000 {
+            tracing::debug!(what, log = %detail, "full kernel error");
+            let cut = detail.floor_char_boundary(1000);
+            detail.truncate(cut);
+            detail.push_str(" [...] (full text with WATCHDOG_LOG=debug)");
+        }
         if is_permission_error(&err) {
             return Self::Privilege { detail };
         }
