@@ -328,6 +328,23 @@ fn usage_errors_exit_2() {
         stderr.contains("no process with pid 2147483647"),
         "{stderr}"
     );
+    // A thread id is not a process: say which process it belongs to.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = tid_rx.recv().unwrap().to_string();
+    let (code, stderr) = run(&["audit", "--pid", &tid]);
+    done_tx.send(()).unwrap();
+    thread.join().unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("is a thread of process {}", std::process::id())),
+        "{stderr}"
+    );
     let (code, stderr) = run(&["frobnicate"]);
     assert_eq!(code, Some(2), "{stderr}");
 }

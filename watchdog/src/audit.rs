@@ -90,12 +90,20 @@ mod linux {
     };
 
     pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
-        if let Some(pid) = args.pid
-            && (pid == 0 || !procs::exists(pid))
-        {
-            return Err(CliError::Usage(format!(
-                "no process with pid {pid}: pass the pid of a running process to --pid"
-            )));
+        if let Some(pid) = args.pid {
+            match procs::tgid(pid) {
+                Some(tgid) if tgid == pid && pid != 0 => {}
+                Some(tgid) => {
+                    return Err(CliError::Usage(format!(
+                        "pid {pid} is a thread of process {tgid}: pass --pid {tgid}"
+                    )));
+                }
+                None => {
+                    return Err(CliError::Usage(format!(
+                        "no process with pid {pid}: pass the pid of a running process to --pid"
+                    )));
+                }
+            }
         }
         let sink = match &args.output {
             Some(path) => LineSink::append(path)

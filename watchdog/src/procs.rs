@@ -7,6 +7,16 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The thread group (process) id of `pid`, which differs from `pid` when it
+/// names a thread; `None` when there is no such task.
+pub fn tgid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The live descendants of `root` (not including `root`), from one pass
 /// over /proc.
 pub fn descendants(root: u32) -> HashSet<u32> {
@@ -49,5 +59,21 @@ mod tests {
         assert!(found.contains(&child.id()), "{found:?}");
         assert!(!found.contains(&std::process::id()));
         assert!(exists(std::process::id()));
+        assert_eq!(tgid(std::process::id()), Some(std::process::id()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let live = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send((unsafe { libc::gettid() }) as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        assert_eq!(
+            tgid(tid),
+            Some(std::process::id()),
+            "a thread maps to its process"
+        );
+        done_tx.send(()).unwrap();
+        live.join().unwrap();
     }
 }
