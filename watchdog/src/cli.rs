@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::audit;
+use crate::{audit, memcheck};
 
 /// eBPF-assisted memory watchdog and process supervisor.
 #[derive(Debug, Parser)]
@@ -28,6 +28,9 @@ pub enum Command {
     /// Stream process exits as JSON lines (one object per exit) until
     /// SIGINT or SIGTERM.
     Audit(audit::AuditArgs),
+    /// Read a process's (or process tree's) memory exactly, as the limits
+    /// see it. Exit 0 under the limit, 1 over it, 2 for usage errors.
+    MemCheck(memcheck::MemCheckArgs),
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -71,6 +74,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Audit(args) => audit::run(args).await,
+            Command::MemCheck(args) => memcheck::run(args),
         }
     });
     match result {

@@ -8,8 +8,11 @@
 //! - [`event`]: what sensors report (exits, forks) and clock conversion.
 //! - [`exit`]: exit statuses decoded from wait(2) form.
 //! - [`jsonl`]: whole-line JSON output to stdout or an O_APPEND file.
+//! - [`mem`]: exact memory readings (RssAnon+RssShmem, phys_footprint).
+//! - [`memcheck`]: `watchdog mem-check`.
+//! - [`size`]: byte sizes as users write them.
 //! - [`privilege`] (Linux): capability checks before loading programs.
-//! - [`procs`] (Linux): process-table queries from /proc.
+//! - [`procs`]: process-table queries (existence, command lines, trees).
 
 pub mod audit;
 pub mod cli;
@@ -18,10 +21,12 @@ pub mod exit;
 pub mod jsonl;
 #[cfg(target_os = "linux")]
 pub mod kernel;
+pub mod mem;
+pub mod memcheck;
 #[cfg(target_os = "linux")]
 pub mod privilege;
-#[cfg(target_os = "linux")]
 pub mod procs;
+pub mod size;
 
 /// Whether this binary carries the compiled kernel programs.
 pub fn kernel_programs_built_in() -> bool {

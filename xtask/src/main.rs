@@ -291,14 +291,17 @@ impl Project {
                 .args(["test", "--release", "--workspace"]),
         )?;
 
-        step("macOS build check");
+        step("macOS build check (clippy, warnings denied)");
         for target in APPLE_TARGETS {
             run(Command::new("cargo").current_dir(&self.root).args([
-                "check",
+                "clippy",
                 "--package",
                 "watchdog",
                 "--target",
                 target,
+                "--",
+                "-D",
+                "warnings",
             ]))?;
         }
         let elapsed = started.elapsed().as_secs();

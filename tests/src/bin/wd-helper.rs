@@ -13,6 +13,9 @@
 //! - `core-limit on|off`: set RLIMIT_CORE to unlimited or 0
 //! - `segv`: die of SIGSEGV
 //! - `abort`: die of SIGABRT
+//! - `tag WORD`: nothing; a word for tests to find the process by
+//! - `fork-alloc MIB`: fork a child that allocates MIB mebibytes and then
+//!   waits for a line (or end of input) on the shared standard input
 //! - `exit CODE`: exit with CODE
 
 use std::{hint::black_box, io::BufRead, process, thread, time::Duration};
@@ -35,14 +38,7 @@ fn main() {
                 let _ = std::io::stdin().lock().read_line(&mut line);
             }
             "sleep" => thread::sleep(Duration::from_millis(number("milliseconds") as u64)),
-            "alloc" => {
-                let bytes = number("mebibytes") as usize * 1024 * 1024;
-                let mut block = vec![0u8; bytes];
-                for i in (0..bytes).step_by(4096) {
-                    block[i] = 1;
-                }
-                kept.push(black_box(block));
-            }
+            "alloc" => kept.push(touch(number("mebibytes") as usize)),
             "threads" => {
                 let n = number("a thread count");
                 let handles: Vec<_> = (0..n)
@@ -102,10 +98,38 @@ fn main() {
                 usage("still alive after SIGSEGV");
             }
             "abort" => process::abort(),
+            "tag" => {
+                steps.next();
+            }
+            "fork-alloc" => {
+                let mib = number("mebibytes") as usize;
+                // SAFETY: single-threaded here; the child allocates, waits
+                // and exits without returning into the parent's steps.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    let block = touch(mib);
+                    let mut line = String::new();
+                    let _ = std::io::stdin().lock().read_line(&mut line);
+                    black_box(block);
+                    process::exit(0);
+                }
+                assert!(pid > 0, "fork failed");
+            }
             "exit" => process::exit(number("an exit code") as i32),
             other => usage(&format!("unknown step {other:?}")),
         }
     }
+}
+
+/// Allocates `mib` mebibytes and touches every page, so all of it is
+/// resident and charged.
+fn touch(mib: usize) -> Vec<u8> {
+    let bytes = mib * 1024 * 1024;
+    let mut block = vec![0u8; bytes];
+    for i in (0..bytes).step_by(4096) {
+        block[i] = 1;
+    }
+    black_box(block)
 }
 
 fn usage(msg: &str) -> ! {

@@ -1,6 +1,28 @@
-//! Process-table queries from /proc.
+//! Linux: from /proc.
 
 use std::collections::{HashMap, HashSet};
+
+/// Every pid in /proc now.
+pub fn all_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The command line, arguments joined by spaces; `None` for kernel threads
+/// (which have none) and processes that are gone.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
 
 /// Whether a process with this pid exists now.
 pub fn exists(pid: u32) -> bool {
@@ -59,6 +81,10 @@ mod tests {
         assert!(found.contains(&child.id()), "{found:?}");
         assert!(!found.contains(&std::process::id()));
         assert!(exists(std::process::id()));
+        assert!(all_pids().contains(&std::process::id()));
+        let me = cmdline(std::process::id()).unwrap();
+        assert!(me.contains("watchdog"), "{me}");
+        assert_eq!(cmdline(2), None, "kthreadd has no command line");
         assert_eq!(tgid(std::process::id()), Some(std::process::id()));
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();

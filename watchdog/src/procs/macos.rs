@@ -1,0 +1,109 @@
+//! macOS: from libproc and sysctl.
+
+use std::collections::HashSet;
+
+/// Whether a process with this pid exists now.
+pub fn exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks; EPERM means it exists but is not ours.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__error() == libc::EPERM }
+}
+
+/// Every pid now.
+pub fn all_pids() -> Vec<u32> {
+    list(|buf, size| unsafe { libc::proc_listallpids(buf, size) })
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(ppid) = libc::pid_t::try_from(pid) else {
+        return Vec::new();
+    };
+    list(|buf, size| unsafe { libc::proc_listchildpids(ppid, buf, size) })
+}
+
+/// Calls a libproc lister with a buffer that grows until it fits.
+fn list(call: impl Fn(*mut libc::c_void, libc::c_int) -> libc::c_int) -> Vec<u32> {
+    let mut capacity = 1024usize;
+    loop {
+        let mut buf = vec![0 as libc::pid_t; capacity];
+        let bytes = (capacity * size_of::<libc::pid_t>()) as libc::c_int;
+        let n = call(buf.as_mut_ptr().cast(), bytes);
+        if n < 0 {
+            return Vec::new();
+        }
+        let n = n as usize;
+        if n < capacity {
+            buf.truncate(n);
+            return buf
+                .into_iter()
+                .filter(|&p| p > 0)
+                .map(|p| p as u32)
+                .collect();
+        }
+        capacity *= 2;
+    }
+}
+
+/// The live descendants of `root` (not including `root`).
+pub fn descendants(root: u32) -> HashSet<u32> {
+    let mut found = HashSet::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        for child in children(pid) {
+            if found.insert(child) {
+                stack.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// The command line from KERN_PROCARGS2: argc, the executable path, NUL
+/// padding, then argc NUL-terminated arguments.
+pub fn cmdline(pid: u32) -> Option<String> {
+    let pid = libc::c_int::try_from(pid).ok()?;
+    let mut mib = [libc::CTL_KERN, libc::KERN_PROCARGS2, pid];
+    let mut size: libc::size_t = 0;
+    // SAFETY: size query with a null buffer.
+    let rc = unsafe {
+        libc::sysctl(
+            mib.as_mut_ptr(),
+            3,
+            std::ptr::null_mut(),
+            &mut size,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 || size < 4 {
+        return None;
+    }
+    let mut buf = vec![0u8; size];
+    // SAFETY: a buffer of the size the kernel asked for.
+    let rc = unsafe {
+        libc::sysctl(
+            mib.as_mut_ptr(),
+            3,
+            buf.as_mut_ptr().cast(),
+            &mut size,
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    buf.truncate(size);
+    let argc = i32::from_ne_bytes(buf.get(..4)?.try_into().ok()?);
+    let rest = &buf[4..];
+    let path_end = rest.iter().position(|&b| b == 0)?;
+    let args_start = path_end + rest[path_end..].iter().position(|&b| b != 0)?;
+    let args: Vec<String> = rest[args_start..]
+        .split(|&b| b == 0)
+        .take(usize::try_from(argc).ok()?)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}

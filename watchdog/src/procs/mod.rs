@@ -1,0 +1,27 @@
+//! Process-table queries: existence, command lines, descendants.
+
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "macos")]
+mod macos;
+
+#[cfg(target_os = "linux")]
+pub use linux::{all_pids, cmdline, descendants, exists, tgid};
+#[cfg(target_os = "macos")]
+pub use macos::{all_pids, cmdline, descendants, exists};
+
+/// The processes whose full command line (arguments joined by spaces)
+/// matches `pattern`, leaving out this process. Matching the whole command
+/// line, not the short name, is what finds `bun opencode` and `node
+/// opencode` alike.
+pub fn matching(pattern: &regex::Regex) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut found: Vec<(u32, String)> = all_pids()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| cmdline(pid).map(|cmd| (pid, cmd)))
+        .filter(|(_, cmd)| pattern.is_match(cmd))
+        .collect();
+    found.sort_unstable_by_key(|&(pid, _)| pid);
+    found
+}
