@@ -12,6 +12,14 @@ pub const COMM_LEN: usize = 16;
 pub const EVENT_EXIT: u32 = 1;
 /// [`Event::kind`]: a watched process forked a new process, now watched too.
 pub const EVENT_FORK: u32 = 2;
+/// [`Event::kind`]: a group's charged total crossed its limit upward while
+/// armed; the group is now disarmed until userspace re-arms it.
+pub const EVENT_CROSSING: u32 = 3;
+/// [`Event::kind`]: a group waiting to re-arm fell below its re-arm level
+/// and is armed again.
+pub const EVENT_REARMED: u32 = 4;
+/// [`Event::kind`]: a group's total moved by at least its step.
+pub const EVENT_CHANGED: u32 = 5;
 
 /// One record in the `EVENTS` ring buffer.
 ///
@@ -40,17 +48,58 @@ pub struct Event {
     pub tgid_via_offsets: u32,
     /// Exit: the process name (`group_leader->comm`), NUL padded.
     pub comm: [u8; COMM_LEN],
+    /// Crossing / re-armed / changed: the group's charged total in bytes.
+    pub bytes: i64,
+    /// Crossing: the limit it crossed.
+    pub limit: u64,
 }
 
 /// Value of the `WATCHED` map, keyed by tgid.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Watch {
-    /// The tgid at the root of the watched tree this process belongs to.
+    /// The group (a slot in the `GROUP_*` arrays, 1..MAX_GROUPS) whose
+    /// total this process is charged to; 0 for none (exits only).
     pub group: u32,
     /// Reserved, zero.
     pub flags: u32,
+    /// What this process last contributed to its group's total, in bytes
+    /// (RssAnon + RssShmem of its mm). Swapped atomically on every update,
+    /// so concurrent updates from its threads telescope to the right sum.
+    pub last_bytes: i64,
 }
+
+/// Number of group slots (slot 0 means "no group").
+pub const MAX_GROUPS: u32 = 4096;
+
+/// `GROUP_LIMITS` value: set by userspace, read by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Crossing upward fires [`EVENT_CROSSING`] when armed; 0 disables it.
+    pub limit: u64,
+    /// A group in [`GROUP_WAIT_BELOW`] re-arms when its total is below this.
+    pub rearm_below: u64,
+    /// Emit [`EVENT_CHANGED`] when the total moved this much since the last
+    /// one; 0 disables it.
+    pub step: u64,
+}
+
+/// `GROUP_COUNTERS` value: owned by the kernel programs once the group has
+/// members (userspace writes it only when creating the group).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupCounters {
+    /// Sum of the members' `last_bytes`.
+    pub total: i64,
+    /// The total at the last [`EVENT_CHANGED`].
+    pub step_base: i64,
+}
+
+/// `GROUP_STATE` values.
+pub const GROUP_DISARMED: u32 = 0;
+pub const GROUP_ARMED: u32 = 1;
+pub const GROUP_WAIT_BELOW: u32 = 2;
 
 /// Byte offsets of the kernel struct fields the programs read, resolved at
 /// start-up from the running kernel's BTF (`/sys/kernel/btf/vmlinux`), since
@@ -69,8 +118,19 @@ pub struct KernelOffsets {
     pub signal_flags: u32,
     pub signal_group_exit_code: u32,
     pub signal_maxrss: u32,
-    /// Reserved, zero; keeps the size a multiple of 8.
-    pub reserved: u32,
+    pub task_mm: u32,
+    /// Offset of `mm_struct::rss_stat`.
+    pub mm_rss_stat: u32,
+    /// Distance between two counters of `rss_stat` (a `percpu_counter`
+    /// since 6.2, an `atomic_long_t` before).
+    pub rss_stride: u32,
+    /// Offset of the value within one counter (`percpu_counter::count`).
+    pub rss_count: u32,
+    /// `MM_ANONPAGES` and `MM_SHMEMPAGES`.
+    pub anon_index: u32,
+    pub shmem_index: u32,
+    /// log2 of the page size.
+    pub page_shift: u32,
 }
 
 /// `signal_struct::flags` bit set once the whole thread group is exiting
@@ -97,14 +157,18 @@ pub const RINGBUF_BYTES: u32 = 1 << 20;
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), made only of integers, with no padding.
+    // SAFETY: all are repr(C), made only of integers, with no padding.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Watch {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::GroupLimits {}
+    unsafe impl aya::Pod for super::GroupCounters {}
 }
 
 // The layouts are part of the kernel/user contract: fail the build, not the
 // verifier, if they change by accident.
-const _: () = assert!(core::mem::size_of::<Event>() == 56);
-const _: () = assert!(core::mem::size_of::<Watch>() == 8);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 48);
+const _: () = assert!(core::mem::size_of::<Event>() == 72);
+const _: () = assert!(core::mem::size_of::<Watch>() == 16);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
+const _: () = assert!(core::mem::size_of::<GroupLimits>() == 24);
+const _: () = assert!(core::mem::size_of::<GroupCounters>() == 16);

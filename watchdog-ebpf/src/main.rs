@@ -11,17 +11,25 @@
 //! kernel's BTF) in the read-only global `OFFSETS`.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic types with read-modify-write methods (it
+// declares no compare-and-swap), but BPF ISA v3 has the instructions, and
+// the intrinsics emit them.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic intrinsics, see above")]
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, raw_tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use watchdog_common::{
-    COMM_LEN, EVENT_EXIT, EVENT_FORK, Event, KernelOffsets, MAX_WATCHED, RINGBUF_BYTES,
-    SIGNAL_GROUP_EXIT, Watch, counter,
+    COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_REARMED, Event,
+    GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters, GroupLimits, KernelOffsets,
+    MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES, SIGNAL_GROUP_EXIT, Watch, counter,
 };
 
 /// Watched processes, keyed by tgid.
@@ -31,6 +39,20 @@ static WATCHED: HashMap<u32, Watch> = HashMap::with_max_entries(MAX_WATCHED, 0);
 /// Events for userspace.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RINGBUF_BYTES, 0);
+
+/// Per-group limits, written by userspace.
+#[map]
+static GROUP_LIMITS: Array<GroupLimits> = Array::with_max_entries(MAX_GROUPS, 0);
+
+/// Per-group running totals, updated here with atomic adds.
+#[map]
+static GROUP_COUNTERS: Array<GroupCounters> = Array::with_max_entries(MAX_GROUPS, 0);
+
+/// Per-group trigger state (`GROUP_*`): armed, disarmed after a crossing,
+/// or waiting to fall below the re-arm level. Userspace re-arms; the
+/// programs disarm with a compare-and-swap, so one crossing fires once.
+#[map]
+static GROUP_STATE: Array<u32> = Array::with_max_entries(MAX_GROUPS, 0);
 
 /// Loss counters (`watchdog_common::counter`), per CPU so that counting never
 /// contends.
@@ -51,7 +73,13 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     signal_flags: 0,
     signal_group_exit_code: 0,
     signal_maxrss: 0,
-    reserved: 0,
+    task_mm: 0,
+    mm_rss_stat: 0,
+    rss_stride: 0,
+    rss_count: 0,
+    anon_index: 0,
+    shmem_index: 0,
+    page_shift: 12,
 });
 
 /// Non-zero: report the exit of every process on the host (`audit --all`).
@@ -129,8 +157,19 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
         // A new thread of the watched process, not a new process.
         return Ok(());
     }
-    if WATCHED.insert(tgid, watch, 0).is_err() {
+    let child_watch = Watch {
+        group: watch.group,
+        flags: 0,
+        last_bytes: 0,
+    };
+    if WATCHED.insert(tgid, child_watch, 0).is_err() {
         count(counter::WATCH_TABLE_FULL);
+    } else if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
+        // The copied address space is resident in the child from the start.
+        let mm = read_field::<*const u8>(child, off.task_mm)?;
+        if !mm.is_null() {
+            charge(entry, tgid, mm, &off)?;
+        }
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::RINGBUF_FULL);
@@ -140,6 +179,7 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
         kind: EVENT_FORK,
         pid: tgid,
         ppid: parent,
+        // SAFETY: the helper has no preconditions.
         ktime_ns: unsafe { bpf_ktime_get_ns() },
         group: watch.group,
         ..Event::default()
@@ -149,8 +189,15 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
 }
 
 fn report_exit(tgid: u32, task: *const u8, watch: Watch) -> Result<(), i64> {
-    // Forget the process first: even if the event cannot be sent, the tgid
-    // must not stay in the table to be reused by an unrelated process.
+    // Its memory no longer counts toward its group.
+    if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
+        // SAFETY: a valid map value; the swap is atomic against the
+        // process's other updates.
+        let last = unsafe { atomic::swap(&raw mut (*entry).last_bytes, 0) };
+        add_to_group(watch.group, tgid, -last);
+    }
+    // Forget the process: even if the event cannot be sent, the tgid must
+    // not stay in the table to be reused by an unrelated process.
     let _ = WATCHED.remove(tgid);
     let off = OFFSETS.load();
     let signal = read_field::<*const u8>(task, off.task_signal)?;
@@ -184,9 +231,142 @@ fn report_exit(tgid: u32, task: *const u8, watch: Watch) -> Result<(), i64> {
         group: watch.group,
         tgid_via_offsets,
         comm,
+        ..Event::default()
     });
     entry.submit(0);
     Ok(())
+}
+
+/// rss_stat: `(struct mm_struct *mm, int member)` (6.2+; before, a third
+/// `long count` follows, unused here). Fires on every change of an mm's
+/// resident counters, for every process on the host.
+#[raw_tracepoint(tracepoint = "rss_stat")]
+pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
+    let tgid = current_tgid();
+    let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
+        return 0;
+    };
+    let _ = on_rss_stat(&ctx, entry, tgid);
+    0
+}
+
+/// sched_process_exec: `(struct task_struct *p, pid_t old_pid, struct
+/// linux_binprm *bprm)`, after the new mm is in place: the process's
+/// contribution becomes that of its new address space.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
+    let tgid = current_tgid();
+    let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
+        return 0;
+    };
+    let off = OFFSETS.load();
+    if let Ok(mm) = current_mm(&off) {
+        let _ = charge(entry, tgid, mm, &off);
+    }
+    0
+}
+
+fn on_rss_stat(ctx: &RawTracePointContext, entry: *mut Watch, tgid: u32) -> Result<(), i64> {
+    let off = OFFSETS.load();
+    let member = ctx.arg::<u64>(1) as u32;
+    if member != off.anon_index && member != off.shmem_index {
+        return Ok(());
+    }
+    // Updates to another process's mm (kswapd, ptrace, process_vm_writev,
+    // an mm being torn down after exit) are not this process's doing.
+    let mm: *const u8 = ctx.arg(0);
+    if mm != current_mm(&off)? {
+        return Ok(());
+    }
+    charge(entry, tgid, mm, &off)
+}
+
+fn current_mm(off: &KernelOffsets) -> Result<*const u8, i64> {
+    // SAFETY: the helper returns the running task, valid while we run.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    read_field::<*const u8>(task, off.task_mm)
+}
+
+/// Sets the process's contribution to RssAnon + RssShmem of `mm` and adds
+/// the difference to its group.
+fn charge(entry: *mut Watch, tgid: u32, mm: *const u8, off: &KernelOffsets) -> Result<(), i64> {
+    let counters = mm.wrapping_add(off.mm_rss_stat as usize);
+    let anon = read_field::<i64>(counters, off.anon_index * off.rss_stride + off.rss_count)?;
+    let shmem = read_field::<i64>(counters, off.shmem_index * off.rss_stride + off.rss_count)?;
+    // The counters are approximate (per-CPU deltas not folded in) and can
+    // dip below zero; userspace confirms every decision exactly.
+    let pages = anon.max(0) + shmem.max(0);
+    let bytes = pages << (off.page_shift & 63);
+    // SAFETY: a valid map value; swapping (not read-then-write) makes
+    // concurrent updates from several threads telescope to the right sum.
+    let last = unsafe { atomic::swap(&raw mut (*entry).last_bytes, bytes) };
+    // SAFETY: as above; the group is copied out of the map value.
+    let group = unsafe { (*entry).group };
+    add_to_group(group, tgid, bytes - last);
+    Ok(())
+}
+
+/// Adds `delta` to a group's total and fires its edge-triggered events.
+fn add_to_group(group: u32, tgid: u32, delta: i64) {
+    if delta == 0 || group == 0 {
+        return;
+    }
+    let (Some(counters), Some(state), Some(limits)) = (
+        GROUP_COUNTERS.get_ptr_mut(group),
+        GROUP_STATE.get_ptr_mut(group),
+        GROUP_LIMITS.get(group),
+    ) else {
+        return;
+    };
+    // SAFETY (all atomics below): valid map values of this group, which
+    // the programs change only atomically.
+    let before = unsafe { atomic::fetch_add(&raw mut (*counters).total, delta) };
+    let total = before + delta;
+    let limit = limits.limit as i64;
+    let rearm_below = limits.rearm_below as i64;
+
+    // Re-arm first, judging by the total before or after this change, so a
+    // single jump from below the re-arm level to over the limit still fires.
+    if unsafe { atomic::load(state) } == GROUP_WAIT_BELOW
+        && (before < rearm_below || total < rearm_below)
+        && unsafe { atomic::cas(state, GROUP_WAIT_BELOW, GROUP_ARMED) }
+    {
+        emit(EVENT_REARMED, tgid, group, total, limits.limit);
+    }
+    if limit > 0
+        && total >= limit
+        && unsafe { atomic::load(state) } == GROUP_ARMED
+        && unsafe { atomic::cas(state, GROUP_ARMED, GROUP_DISARMED) }
+    {
+        emit(EVENT_CROSSING, tgid, group, total, limits.limit);
+    }
+    if limits.step > 0 {
+        let base_ref = unsafe { &raw mut (*counters).step_base };
+        let base = unsafe { atomic::load(base_ref) };
+        if (total - base).unsigned_abs() >= limits.step
+            && unsafe { atomic::cas(base_ref, base, total) }
+        {
+            emit(EVENT_CHANGED, tgid, group, total, limits.limit);
+        }
+    }
+}
+
+fn emit(kind: u32, tgid: u32, group: u32, bytes: i64, limit: u64) {
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(counter::RINGBUF_FULL);
+        return;
+    };
+    entry.write(Event {
+        kind,
+        pid: tgid,
+        // SAFETY: the helper has no preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        group,
+        bytes,
+        limit,
+        ..Event::default()
+    });
+    entry.submit(0);
 }
 
 #[inline(always)]
@@ -210,6 +390,48 @@ fn read_field<T>(base: *const u8, offset: u32) -> Result<T, i64> {
 fn read<T>(base: *const u8, ptr_offset: u32, offset: u32) -> Result<T, i64> {
     let inner = read_field::<*const u8>(base, ptr_offset)?;
     read_field(inner, offset)
+}
+
+/// Sequentially consistent atomics on map values.
+mod atomic {
+    use core::intrinsics::{self, AtomicOrdering::SeqCst};
+
+    /// Stores `value` and returns what was there.
+    ///
+    /// # Safety
+    /// `ptr` must be valid and aligned for the whole operation.
+    #[inline(always)]
+    pub unsafe fn swap(ptr: *mut i64, value: i64) -> i64 {
+        unsafe { intrinsics::atomic_xchg::<i64, { SeqCst }>(ptr, value) }
+    }
+
+    /// Adds `delta` and returns the value before.
+    ///
+    /// # Safety
+    /// As [`swap`].
+    #[inline(always)]
+    pub unsafe fn fetch_add(ptr: *mut i64, delta: i64) -> i64 {
+        unsafe { intrinsics::atomic_xadd::<i64, i64, { SeqCst }>(ptr, delta) }
+    }
+
+    /// Replaces `old` with `new`; whether it did.
+    ///
+    /// # Safety
+    /// As [`swap`].
+    #[inline(always)]
+    pub unsafe fn cas<T: Copy>(ptr: *mut T, old: T, new: T) -> bool {
+        unsafe { intrinsics::atomic_cxchg::<T, { SeqCst }, { SeqCst }>(ptr, old, new).1 }
+    }
+
+    /// A single aligned load (BPF has no seq_cst loads; an aligned load of
+    /// up to 8 bytes is never torn, and the cas that follows decides).
+    ///
+    /// # Safety
+    /// As [`swap`].
+    #[inline(always)]
+    pub unsafe fn load<T: Copy>(ptr: *const T) -> T {
+        unsafe { core::ptr::read_volatile(ptr) }
+    }
 }
 
 #[cfg(not(test))]

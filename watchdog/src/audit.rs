@@ -74,7 +74,7 @@ pub async fn run(_args: AuditArgs) -> Result<ExitCode, CliError> {
 
 #[cfg(target_os = "linux")]
 mod linux {
-    use std::{collections::HashSet, io, process::ExitCode, time::Duration};
+    use std::{io, process::ExitCode, time::Duration};
 
     use anyhow::Context;
     use tokio::signal::unix::{SignalKind, signal};
@@ -115,8 +115,19 @@ mod linux {
         })
         .context("cannot trace process exits")?;
         if let Some(root) = args.pid {
-            let count = watch_tree(&mut probes, root)?;
-            info!(pid = root, processes = count, "watching process tree");
+            let members = probes
+                .watch_tree(root, None, |_| 0)
+                .context("cannot watch the process tree")?;
+            if !members.contains(&root) {
+                return Err(CliError::Usage(format!(
+                    "process {root} exited before it could be watched"
+                )));
+            }
+            info!(
+                pid = root,
+                processes = members.len(),
+                "watching process tree"
+            );
         }
 
         let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
@@ -216,42 +227,6 @@ mod linux {
             );
         }
         *seen = now;
-    }
-
-    /// Watches `root` and its present descendants. The fork program is
-    /// already attached, so processes started from a watched one from now on
-    /// are watched by the kernel; repeating the /proc scan until it finds
-    /// nothing new catches those started before their parent was watched.
-    fn watch_tree(probes: &mut Probes, root: u32) -> Result<usize, CliError> {
-        probes
-            .watch(root, root)
-            .context("cannot watch the process")?;
-        if !procs::exists(root) {
-            return Err(CliError::Usage(format!(
-                "process {root} exited before it could be watched"
-            )));
-        }
-        let mut known = HashSet::from([root]);
-        loop {
-            let new: Vec<u32> = procs::descendants(root)
-                .into_iter()
-                .filter(|pid| !known.contains(pid))
-                .collect();
-            if new.is_empty() {
-                return Ok(known.len());
-            }
-            for pid in new {
-                probes
-                    .watch(pid, root)
-                    .context("cannot watch a descendant")?;
-                // ENOENT: it exited between the scan and now; do not leave a
-                // stale entry that a reused pid would inherit.
-                if !procs::exists(pid) {
-                    probes.unwatch(pid);
-                }
-                known.insert(pid);
-            }
-        }
     }
 }
 

@@ -286,6 +286,51 @@ impl Btf {
         Ok(None)
     }
 
+    /// Finds `member` in the struct or union with this type id (see
+    /// [`Btf::member`]).
+    pub fn member_of(&self, type_id: u32, member: &str) -> Result<Member, BtfError> {
+        let id = self.resolve(type_id)?;
+        self.member_in(id, member, 0)?
+            .ok_or_else(|| BtfError::Missing(format!("member {member} in type {id}")))
+    }
+
+    /// The element type and length, when the type is an array.
+    pub fn array(&self, type_id: u32) -> Result<Option<(u32, u32)>, BtfError> {
+        let ty = self.ty(self.resolve(type_id)?)?;
+        if ty.kind != kind::ARRAY {
+            return Ok(None);
+        }
+        Ok(Some((
+            self.resolve(self.word(ty.data))?,
+            self.word(ty.data + 8),
+        )))
+    }
+
+    /// The value of an enumerator (`MM_ANONPAGES`), from whichever enum
+    /// declares it.
+    pub fn enum_value(&self, name: &str) -> Option<i64> {
+        for ty in &self.types {
+            let (stride, wide) = match ty.kind {
+                kind::ENUM => (8, false),
+                kind::ENUM64 => (12, true),
+                _ => continue,
+            };
+            for i in 0..usize::from(ty.vlen) {
+                let at = ty.data + stride * i;
+                if self.name(self.word(at)) != name.as_bytes() {
+                    continue;
+                }
+                let low = self.word(at + 4);
+                return Some(if wide {
+                    (i64::from(self.word(at + 8)) << 32) | i64::from(low)
+                } else {
+                    i64::from(low as i32)
+                });
+            }
+        }
+        None
+    }
+
     /// The number of arguments a raw tracepoint passes to BPF programs, from
     /// the prototype of its `btf_trace_<name>` typedef (whose first parameter,
     /// the tracepoint's private data, BPF programs do not see).
@@ -410,6 +455,12 @@ mod tests {
         b.words(&[0, void_ptr, 0, ptr, 0, int]);
         let proto_ptr = b.record("", kind::PTR, 0, false, proto);
         b.record("btf_trace_exit", kind::TYPEDEF, 0, false, proto_ptr);
+        // enum { MM_FILEPAGES, MM_ANONPAGES }; long counters[2];
+        let (file, anon) = (b.string("MM_FILEPAGES"), b.string("MM_ANONPAGES"));
+        b.record("", kind::ENUM, 2, false, 4);
+        b.words(&[file, 0, anon, 1]);
+        b.record("", kind::ARRAY, 0, false, 0);
+        b.words(&[long, int, 2]);
         Btf::parse(b.finish()).unwrap()
     }
 
@@ -426,6 +477,19 @@ mod tests {
         );
         assert_eq!(btf.member("task", "hiwater").unwrap().offset, 16);
         assert_eq!(btf.member("task", "total").unwrap().offset, 24);
+    }
+
+    #[test]
+    fn reads_enums_and_arrays() {
+        let btf = sample();
+        assert_eq!(btf.enum_value("MM_ANONPAGES"), Some(1));
+        assert_eq!(btf.enum_value("MM_FILEPAGES"), Some(0));
+        assert_eq!(btf.enum_value("MM_NOPE"), None);
+        let array = btf.types.len() as u32 - 1;
+        let (elem, len) = btf.array(array).unwrap().unwrap();
+        assert_eq!((btf.size_of(elem).unwrap(), len), (8, 2));
+        assert_eq!(btf.size_of(array).unwrap(), 16);
+        assert_eq!(btf.array(1).unwrap(), None);
     }
 
     #[test]
@@ -463,6 +527,7 @@ mod tests {
         let comm = btf.member("task_struct", "comm").unwrap();
         assert_eq!(btf.size_of(comm.type_id).unwrap(), 16);
         assert!(btf.member("mm_struct", "rss_stat").is_ok(), "nested member");
+        assert_eq!(btf.enum_value("MM_FILEPAGES"), Some(0));
         assert!(btf.raw_tracepoint_args("sched_process_fork").unwrap() == 2);
     }
 }

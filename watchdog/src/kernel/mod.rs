@@ -19,11 +19,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::RawTracePoint,
 };
 use tokio::io::unix::AsyncFd;
-use watchdog_common::{COMM_LEN, EVENT_EXIT, EVENT_FORK, Event, Watch, counter};
+use watchdog_common::{
+    COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_REARMED, Event,
+    GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters, GroupLimits, MAX_GROUPS, Watch,
+    counter,
+};
 
 use crate::{
     event::{ProcessExit, ProcessFork},
@@ -127,6 +131,39 @@ pub struct ProbeOptions {
 pub enum KernelEvent {
     Exit(ProcessExit),
     Fork(ProcessFork),
+    /// A group's (approximate) total crossed its limit; the group is
+    /// disarmed until [`Probes::rearm`].
+    Crossing(GroupSignal),
+    /// A group waiting to re-arm fell below its re-arm level.
+    Rearmed(GroupSignal),
+    /// A group's total moved by at least its step.
+    Changed(GroupSignal),
+}
+
+/// A group-level event: which group, what its kernel total was, and which
+/// process's update caused it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupSignal {
+    pub group: GroupId,
+    pub pid: u32,
+    /// The kernel's running total (approximate: per-CPU deltas of the
+    /// counters are not folded in).
+    pub bytes: i64,
+    pub limit: u64,
+    pub monotonic_ns: u64,
+}
+
+/// A group slot in the kernel's group arrays (never 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u32);
+
+/// A group's thresholds, in bytes; 0 disables each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub limit: u64,
+    /// After a crossing, the group re-arms once its total is below this.
+    pub rearm_below: u64,
+    pub step: u64,
 }
 
 /// Counts of what the kernel side could not deliver or track.
@@ -144,6 +181,11 @@ pub struct Probes {
     _ebpf: Ebpf,
     watched: HashMap<MapData, u32, Watch>,
     counters: PerCpuArray<MapData, u64>,
+    group_limits: Array<MapData, GroupLimits>,
+    group_counters: Array<MapData, GroupCounters>,
+    group_state: Array<MapData, u32>,
+    /// Group slots not in use.
+    free_groups: Vec<u32>,
     ring: AsyncFd<RingBuf<MapData>>,
     /// Events read while looking for something else (during the self-check).
     pending: VecDeque<KernelEvent>,
@@ -173,6 +215,9 @@ impl Probes {
         let watched = take_map(&mut ebpf, "WATCHED", HashMap::try_from)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+        let group_limits = take_map(&mut ebpf, "GROUP_LIMITS", Array::try_from)?;
+        let group_counters = take_map(&mut ebpf, "GROUP_COUNTERS", Array::try_from)?;
+        let group_state = take_map(&mut ebpf, "GROUP_STATE", Array::try_from)?;
 
         let exit = if layout.exit_has_group_dead {
             "sched_process_exit"
@@ -181,6 +226,8 @@ impl Probes {
         };
         attach_raw(&mut ebpf, "sched_process_fork", "sched_process_fork")?;
         attach_raw(&mut ebpf, exit, "sched_process_exit")?;
+        attach_raw(&mut ebpf, "sched_process_exec", "sched_process_exec")?;
+        attach_raw(&mut ebpf, "rss_stat", "rss_stat")?;
 
         // SAFETY: the RingBuf owns its map descriptor for its whole life and
         // always reports the same one; the AsyncFd owns the RingBuf.
@@ -192,6 +239,10 @@ impl Probes {
             _ebpf: ebpf,
             watched,
             counters,
+            group_limits,
+            group_counters,
+            group_state,
+            free_groups: (1..MAX_GROUPS).rev().collect(),
             ring,
             pending: VecDeque::new(),
             page_size,
@@ -206,12 +257,156 @@ impl Probes {
         self.layout
     }
 
-    /// Starts watching `tgid` as a member of the tree rooted at `group`:
-    /// its exit is reported and the processes it starts are watched too.
-    pub fn watch(&mut self, tgid: u32, group: u32) -> Result<(), LoadError> {
+    /// Starts watching `tgid`: its exit is reported and the processes it
+    /// starts are watched too. With a group, its memory is charged to it,
+    /// starting from `charged_bytes` (what it has now, or 0 for a process
+    /// that has not run yet).
+    pub fn watch(
+        &mut self,
+        tgid: u32,
+        group: Option<GroupId>,
+        charged_bytes: u64,
+    ) -> Result<(), LoadError> {
+        let watch = Watch {
+            group: group.map_or(0, |g| g.0),
+            flags: 0,
+            last_bytes: i64::try_from(charged_bytes).unwrap_or(i64::MAX),
+        };
         self.watched
-            .insert(tgid, Watch { group, flags: 0 }, 0)
+            .insert(tgid, watch, 0)
             .map_err(|e| LoadError::kernel("add a process to the watch table", e))
+    }
+
+    /// Watches `root` and its present descendants, charging each to `group`
+    /// from `charged(pid)`, and returns the pids now watched. The fork
+    /// program is already attached, so processes started from a watched
+    /// one from now on are watched by the kernel; repeating the /proc scan
+    /// until it finds nothing new catches those started before their parent
+    /// was watched. A pid that exited meanwhile is left out, so that a reused
+    /// pid does not inherit a stale entry.
+    pub fn watch_tree(
+        &mut self,
+        root: u32,
+        group: Option<GroupId>,
+        mut charged: impl FnMut(u32) -> u64,
+    ) -> Result<std::collections::HashSet<u32>, LoadError> {
+        let mut known = std::collections::HashSet::new();
+        let mut next = vec![root];
+        while !next.is_empty() {
+            for pid in next {
+                self.watch(pid, group, charged(pid))?;
+                // ENOENT: it exited between the scan and now.
+                if crate::procs::exists(pid) {
+                    known.insert(pid);
+                } else {
+                    self.unwatch(pid);
+                }
+            }
+            if !known.contains(&root) {
+                break;
+            }
+            next = crate::procs::descendants(root)
+                .into_iter()
+                .filter(|pid| !known.contains(pid))
+                .collect();
+        }
+        Ok(known)
+    }
+
+    /// Creates a group whose members will be charged against `config`,
+    /// starting from `initial_bytes` (the sum of the `charged_bytes` its
+    /// first members are then watched with). It starts armed, unless it is
+    /// already at or over its limit, when it starts disarmed: the caller
+    /// decides what that means.
+    pub fn create_group(
+        &mut self,
+        config: GroupConfig,
+        initial_bytes: u64,
+    ) -> Result<GroupId, LoadError> {
+        let slot = self.free_groups.pop().ok_or(LoadError::Kernel {
+            what: "create a group",
+            detail: format!("all {} group slots are in use", MAX_GROUPS - 1),
+        })?;
+        let total = i64::try_from(initial_bytes).unwrap_or(i64::MAX);
+        let over = config.limit > 0 && initial_bytes >= config.limit;
+        let result = self
+            .set_limits_raw(slot, config)
+            .and_then(|()| {
+                self.group_counters.set(
+                    slot,
+                    GroupCounters {
+                        total,
+                        step_base: total,
+                    },
+                    0,
+                )
+            })
+            .and_then(|()| {
+                let state = if over { GROUP_DISARMED } else { GROUP_ARMED };
+                self.group_state.set(slot, state, 0)
+            });
+        if let Err(e) = result {
+            self.free_groups.push(slot);
+            return Err(LoadError::kernel("create a group", e));
+        }
+        Ok(GroupId(slot))
+    }
+
+    /// Changes a group's thresholds.
+    pub fn set_limits(&mut self, group: GroupId, config: GroupConfig) -> Result<(), LoadError> {
+        self.set_limits_raw(group.0, config)
+            .map_err(|e| LoadError::kernel("set group limits", e))
+    }
+
+    fn set_limits_raw(
+        &mut self,
+        slot: u32,
+        config: GroupConfig,
+    ) -> Result<(), aya::maps::MapError> {
+        let limits = GroupLimits {
+            limit: config.limit,
+            rearm_below: config.rearm_below,
+            step: config.step,
+        };
+        self.group_limits.set(slot, limits, 0)
+    }
+
+    /// The kernel's running total for a group.
+    pub fn group_total(&self, group: GroupId) -> i64 {
+        self.group_counters.get(&group.0, 0).map_or(0, |c| c.total)
+    }
+
+    /// Re-arms a group after a crossing was handled: it fires again once
+    /// its total has been below its re-arm level (at once, if it is below
+    /// it now). With `immediately`, it is armed without waiting (for a
+    /// crossing that did not confirm, once the total is back under the
+    /// limit).
+    pub fn rearm(&mut self, group: GroupId, immediately: bool) -> Result<(), LoadError> {
+        let rearm_below = self
+            .group_limits
+            .get(&group.0, 0)
+            .map_or(0, |l| l.rearm_below);
+        let below = self.group_total(group) < i64::try_from(rearm_below).unwrap_or(i64::MAX);
+        let state = if immediately || below {
+            GROUP_ARMED
+        } else {
+            GROUP_WAIT_BELOW
+        };
+        self.group_state
+            .set(group.0, state, 0)
+            .map_err(|e| LoadError::kernel("re-arm a group", e))
+    }
+
+    /// Frees a group slot. Its members should be unwatched first.
+    pub fn remove_group(&mut self, group: GroupId) {
+        let _ = self.group_state.set(group.0, GROUP_DISARMED, 0);
+        let _ = self.set_limits_raw(group.0, GroupConfig::default());
+        let _ = self
+            .group_counters
+            .set(group.0, GroupCounters::default(), 0);
+        if !self.free_groups.contains(&group.0) {
+            self.free_groups.push(group.0);
+        }
     }
 
     /// Stops watching `tgid` (a no-op when it was not watched).
@@ -265,7 +460,17 @@ impl Probes {
     }
 
     fn convert(&self, raw: &Event) -> KernelEvent {
+        let signal = || GroupSignal {
+            group: GroupId(raw.group),
+            pid: raw.pid,
+            bytes: raw.bytes,
+            limit: raw.limit,
+            monotonic_ns: raw.ktime_ns,
+        };
         match raw.kind {
+            EVENT_CROSSING => KernelEvent::Crossing(signal()),
+            EVENT_REARMED => KernelEvent::Rearmed(signal()),
+            EVENT_CHANGED => KernelEvent::Changed(signal()),
             EVENT_FORK => KernelEvent::Fork(ProcessFork {
                 parent: raw.ppid,
                 child: raw.pid,
@@ -298,22 +503,43 @@ impl Probes {
 
         let child = SelfCheckChild::spawn().map_err(|e| fail(format!("fork failed: {e}")))?;
         let pid = child.pid;
-        let registered = self.watch(pid, pid);
+        // The child's memory goes to a group whose limit is what it has now
+        // plus half of what it will touch: proof that the mm offsets and
+        // counter indices are right, and that crossings fire.
+        let start = crate::mem::read(pid, crate::mem::Metric::Charged)
+            .map(|r| r.charged_bytes)
+            .unwrap_or(0);
+        let limit = start + SelfCheckChild::TOUCH_BYTES as u64 / 2;
+        let registered = self
+            .create_group(
+                GroupConfig {
+                    limit,
+                    ..GroupConfig::default()
+                },
+                start,
+            )
+            .and_then(|group| self.watch(pid, Some(group), start).map(|()| group));
         let released = child.release_and_reap();
-        registered?;
+        let group = registered?;
         released.map_err(|e| fail(format!("self-check child failed: {e}")))?;
 
         let deadline = Instant::now() + Duration::from_secs(3);
         let (mut fork, mut child_exit, mut grandchild_exit) = (None, None, None);
-        while fork.is_none() || child_exit.is_none() || grandchild_exit.is_none() {
+        let mut crossing = None;
+        while fork.is_none()
+            || child_exit.is_none()
+            || grandchild_exit.is_none()
+            || crossing.is_none()
+        {
             let Some(raw) = self.ring.get_mut().next().map(|item| decode(&item)) else {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(fail(format!(
-                        "no event from the kernel programs within 3 s \
-                         (fork seen: {}, exits seen: {})",
+                        "not every event came from the kernel programs within 3 s \
+                         (fork seen: {}, exits seen: {}, memory crossing seen: {})",
                         fork.is_some(),
-                        usize::from(child_exit.is_some()) + usize::from(grandchild_exit.is_some())
+                        usize::from(child_exit.is_some()) + usize::from(grandchild_exit.is_some()),
+                        crossing.is_some(),
                     )));
                 }
                 wait_readable(self.ring.get_ref(), left);
@@ -323,6 +549,8 @@ impl Probes {
             let grandchild = fork.map(|f: ProcessFork| f.child);
             match self.convert(&raw) {
                 KernelEvent::Fork(f) if f.parent == pid => fork = Some(f),
+                KernelEvent::Crossing(c) if c.group == group => crossing = Some(c),
+                KernelEvent::Rearmed(c) | KernelEvent::Changed(c) if c.group == group => {}
                 KernelEvent::Exit(e) if e.pid == pid => child_exit = Some((e, raw)),
                 KernelEvent::Exit(e) if Some(e.pid) == grandchild || e.ppid == pid => {
                     grandchild_exit = Some((e, raw))
@@ -331,16 +559,32 @@ impl Probes {
             }
         }
         self.unwatch(pid);
+        let total_after = self.group_total(group);
+        self.remove_group(group);
 
-        let (Some(fork), Some((child_exit, child_raw)), Some((gc_exit, gc_raw))) =
-            (fork, child_exit, grandchild_exit)
+        let (Some(fork), Some((child_exit, child_raw)), Some((gc_exit, gc_raw)), Some(crossing)) =
+            (fork, child_exit, grandchild_exit, crossing)
         else {
-            unreachable!("loop ends only when all three were seen");
+            unreachable!("loop ends only when all four were seen");
         };
+        // What the child touched, plus slack for the counters' per-CPU lag.
+        let most = (start + SelfCheckChild::TOUCH_BYTES as u64 + (64 << 20)) as i64;
         let checks = [
             (
-                fork.group == pid,
-                format!("fork reported group {}, expected {pid}", fork.group),
+                fork.group == group.0,
+                format!("fork reported group {}, expected {}", fork.group, group.0),
+            ),
+            (
+                crossing.pid == pid && crossing.bytes >= limit as i64 && crossing.bytes <= most,
+                format!(
+                    "memory crossing of pid {} at {} bytes, expected pid {pid} between {limit} \
+                     and {most} (mm_struct.rss_stat offsets or MM_* indices wrong?)",
+                    crossing.pid, crossing.bytes
+                ),
+            ),
+            (
+                total_after.unsigned_abs() <= 64 << 20,
+                format!("group total {total_after} bytes after every member exited, expected ~0"),
             ),
             (
                 gc_exit.pid == fork.child,
@@ -392,8 +636,9 @@ impl Probes {
     }
 }
 
-/// A forked child for the self-check: it waits for a byte on a pipe, forks
-/// a grandchild that exits with [`Self::GRANDCHILD_CODE`], reaps it, and
+/// A forked child for the self-check: it waits for a byte on a pipe, maps
+/// and touches [`Self::TOUCH_BYTES`] of anonymous memory, forks a
+/// grandchild that exits with [`Self::GRANDCHILD_CODE`], reaps it, and
 /// exits with [`Self::CHILD_CODE`].
 struct SelfCheckChild {
     pid: u32,
@@ -403,6 +648,7 @@ struct SelfCheckChild {
 impl SelfCheckChild {
     const CHILD_CODE: i32 = 42;
     const GRANDCHILD_CODE: i32 = 43;
+    const TOUCH_BYTES: usize = 8 << 20;
 
     fn spawn() -> io::Result<Self> {
         use std::os::fd::FromRawFd;
@@ -419,8 +665,8 @@ impl SelfCheckChild {
             )
         };
         // SAFETY: the child calls only async-signal-safe functions (close,
-        // read, fork, waitpid, _exit) before it exits, as fork in a
-        // multi-threaded process requires.
+        // read, mmap, fork, waitpid, _exit) and writes to its own mapping
+        // before it exits, as fork in a multi-threaded process requires.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(io::Error::last_os_error());
@@ -430,6 +676,19 @@ impl SelfCheckChild {
                 libc::close(write_end.as_raw_fd());
                 let mut byte = 0u8;
                 libc::read(read_end.as_raw_fd(), (&raw mut byte).cast(), 1);
+                let block = libc::mmap(
+                    std::ptr::null_mut(),
+                    Self::TOUCH_BYTES,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if block != libc::MAP_FAILED {
+                    for offset in (0..Self::TOUCH_BYTES).step_by(4096) {
+                        block.cast::<u8>().add(offset).write_volatile(1);
+                    }
+                }
                 let grandchild = libc::fork();
                 if grandchild == 0 {
                     libc::_exit(Self::GRANDCHILD_CODE);
@@ -505,7 +764,11 @@ fn decode(bytes: &[u8]) -> Option<Event> {
     }
     // SAFETY: Event is plain integers, and the length was checked.
     let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
-    matches!(event.kind, EVENT_EXIT | EVENT_FORK).then_some(event)
+    matches!(
+        event.kind,
+        EVENT_EXIT | EVENT_FORK | EVENT_CROSSING | EVENT_REARMED | EVENT_CHANGED
+    )
+    .then_some(event)
 }
 
 fn comm_string(comm: &[u8; COMM_LEN]) -> String {

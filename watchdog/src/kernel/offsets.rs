@@ -28,6 +28,7 @@ const MEMBERS: &[(&str, &str, u32)] = &[
     ("signal_struct", "flags", 4),
     ("signal_struct", "group_exit_code", 4),
     ("signal_struct", "maxrss", 8),
+    ("task_struct", "mm", 8),
 ];
 
 impl KernelLayout {
@@ -56,7 +57,9 @@ impl KernelLayout {
             signal_flags,
             signal_group_exit_code,
             signal_maxrss,
+            task_mm,
         ] = found;
+        let rss = RssCounters::resolve(btf)?;
 
         let exit_has_group_dead = match btf.raw_tracepoint_args("sched_process_exit")? {
             1 => false,
@@ -86,11 +89,78 @@ impl KernelLayout {
                 signal_flags,
                 signal_group_exit_code,
                 signal_maxrss,
-                reserved: 0,
+                task_mm,
+                mm_rss_stat: rss.offset,
+                rss_stride: rss.stride,
+                rss_count: rss.count,
+                anon_index: rss.anon,
+                shmem_index: rss.shmem,
+                page_shift: page_shift(),
             },
             exit_has_group_dead,
         })
     }
+}
+
+/// Where an mm's resident-page counters are.
+struct RssCounters {
+    offset: u32,
+    stride: u32,
+    count: u32,
+    anon: u32,
+    shmem: u32,
+}
+
+impl RssCounters {
+    /// `mm->rss_stat` is `struct percpu_counter rss_stat[NR_MM_COUNTERS]`
+    /// since 6.2 (read `.count`: the folded value, without per-CPU deltas),
+    /// and `struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }`
+    /// before (read `.counter`).
+    fn resolve(btf: &Btf) -> Result<Self, BtfError> {
+        let member = btf.member("mm_struct", "rss_stat")?;
+        let (offset, array) = match btf.array(member.type_id)? {
+            Some(_) => (member.offset, member.type_id),
+            None => {
+                let inner = btf.member_of(member.type_id, "count")?;
+                (member.offset + inner.offset, inner.type_id)
+            }
+        };
+        let Some((elem, len)) = btf.array(array)? else {
+            return Err(BtfError::Malformed(
+                "mm_struct.rss_stat is not an array".into(),
+            ));
+        };
+        let count = btf
+            .member_of(elem, "count")
+            .or_else(|_| btf.member_of(elem, "counter"))?;
+        if btf.size_of(count.type_id)? != 8 {
+            return Err(BtfError::Malformed(
+                "rss_stat counters are not 64-bit".into(),
+            ));
+        }
+        let index = |name: &str| -> Result<u32, BtfError> {
+            let value = btf
+                .enum_value(name)
+                .ok_or_else(|| BtfError::Missing(format!("enumerator {name}")))?;
+            u32::try_from(value)
+                .ok()
+                .filter(|&v| v < len)
+                .ok_or_else(|| BtfError::Malformed(format!("{name} = {value} is out of range")))
+        };
+        Ok(Self {
+            offset,
+            stride: btf.size_of(elem)?,
+            count: count.offset,
+            anon: index("MM_ANONPAGES")?,
+            shmem: index("MM_SHMEMPAGES")?,
+        })
+    }
+}
+
+fn page_shift() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).map_or(12, |s| s.trailing_zeros())
 }
 
 #[cfg(test)]
@@ -122,5 +192,8 @@ mod tests {
         }
         // tgid follows pid in every kernel since 2.6.
         assert_eq!(o.task_tgid, o.task_pid + 4);
+        assert!(o.rss_stride == 8 || o.rss_stride >= 16, "{o:?}");
+        assert_ne!(o.anon_index, o.shmem_index);
+        assert_eq!(1u32 << o.page_shift, 4096);
     }
 }
