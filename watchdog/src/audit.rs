@@ -8,6 +8,7 @@ use crate::{
     cli::CliError,
     event::{ProcessExit, WallClock, rfc3339},
     exit::StatusFields,
+    sensor::Source,
 };
 
 /// Arguments of `watchdog audit`.
@@ -40,11 +41,11 @@ pub struct ExitLine<'a> {
     pub peak_rss_bytes: u64,
     /// CLOCK_MONOTONIC nanoseconds of the exit, for ordering and latency.
     pub monotonic_ns: u64,
-    pub source: &'static str,
+    pub source: Source,
 }
 
 impl<'a> ExitLine<'a> {
-    pub fn new(exit: &'a ProcessExit, clock: &WallClock, source: &'static str) -> Self {
+    pub fn new(exit: &'a ProcessExit, clock: &WallClock, source: Source) -> Self {
         Self {
             ts: rfc3339(clock.at(exit.monotonic_ns)),
             event: "exited",
@@ -87,6 +88,7 @@ mod linux {
         jsonl::LineSink,
         kernel::{KernelEvent, Losses, ProbeOptions, Probes},
         procs,
+        sensor::Source,
     };
 
     pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
@@ -186,7 +188,7 @@ mod linux {
             };
             match self
                 .sink
-                .write_line(&ExitLine::new(exit, &self.clock, "ebpf"))
+                .write_line(&ExitLine::new(exit, &self.clock, Source::Ebpf))
             {
                 Ok(()) => {
                     if self.failing {
@@ -252,7 +254,7 @@ mod tests {
             monotonic_ns: 5,
             group: 0,
         };
-        let text = serde_json::to_string(&ExitLine::new(&exit, &clock, "ebpf")).unwrap();
+        let text = serde_json::to_string(&ExitLine::new(&exit, &clock, Source::Ebpf)).unwrap();
         let order = [
             "ts",
             "event",

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{audit, memcheck};
+use crate::{audit, memcheck, watch};
 
 /// eBPF-assisted memory watchdog and process supervisor.
 #[derive(Debug, Parser)]
@@ -31,6 +31,10 @@ pub enum Command {
     /// Read a process's (or process tree's) memory exactly, as the limits
     /// see it. Exit 0 under the limit, 1 over it, 2 for usage errors.
     MemCheck(memcheck::MemCheckArgs),
+    /// Watch running process trees against a memory limit; report
+    /// crossings and exits as JSON lines until SIGINT or SIGTERM, or until
+    /// every watched process has exited.
+    Watch(watch::WatchArgs),
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -75,6 +79,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Audit(args) => audit::run(args).await,
             Command::MemCheck(args) => memcheck::run(args),
+            Command::Watch(args) => watch::run(args).await,
         }
     });
     match result {

@@ -9,6 +9,9 @@ pub enum ExitStatus {
     Code(i32),
     /// A signal ended it; `core_dumped` says whether it left a core dump.
     Signal { signal: i32, core_dumped: bool },
+    /// It is gone, but how it ended could not be learned (a sampler sees
+    /// the exit of a process that is not its child, but not its status).
+    Unknown,
 }
 
 impl ExitStatus {
@@ -30,14 +33,14 @@ impl ExitStatus {
     pub fn code(self) -> Option<i32> {
         match self {
             Self::Code(code) => Some(code),
-            Self::Signal { .. } => None,
+            Self::Signal { .. } | Self::Unknown => None,
         }
     }
 
     /// The signal that ended the process, if one did.
     pub fn signal(self) -> Option<i32> {
         match self {
-            Self::Code(_) => None,
+            Self::Code(_) | Self::Unknown => None,
             Self::Signal { signal, .. } => Some(signal),
         }
     }

@@ -11,8 +11,11 @@
 //! - [`mem`]: exact memory readings (RssAnon+RssShmem, phys_footprint).
 //! - [`memcheck`]: `watchdog mem-check`.
 //! - [`size`]: byte sizes as users write them.
+//! - [`watch`]: `watchdog watch`, memory limits on running process trees.
 //! - [`privilege`] (Linux): capability checks before loading programs.
 //! - [`procs`]: process-table queries (existence, command lines, trees).
+//! - [`sensor`]: one event stream (crossings, exits, forks) from the kernel
+//!   programs or a sampler, with exact confirmation.
 
 pub mod audit;
 pub mod cli;
@@ -26,7 +29,9 @@ pub mod memcheck;
 #[cfg(target_os = "linux")]
 pub mod privilege;
 pub mod procs;
+pub mod sensor;
 pub mod size;
+pub mod watch;
 
 /// Whether this binary carries the compiled kernel programs.
 pub fn kernel_programs_built_in() -> bool {

@@ -1,7 +1,7 @@
 //! `watchdog mem-check`: one exact reading of a process (tree), or of every
 //! process whose command line matches, against an optional limit.
 
-use std::{collections::HashSet, process::ExitCode};
+use std::process::ExitCode;
 
 use serde::Serialize;
 
@@ -80,7 +80,7 @@ pub fn run(args: MemCheckArgs) -> Result<ExitCode, CliError> {
                 )));
             }
             if args.tree {
-                outermost(&matched)
+                procs::outermost(&matched)
             } else {
                 matched
             }
@@ -155,20 +155,6 @@ pub fn run(args: MemCheckArgs) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// The matched pids that do not descend from another matched pid (their
-/// memory is counted in that ancestor's tree).
-fn outermost(matched: &[u32]) -> Vec<u32> {
-    let mut inside = HashSet::new();
-    for &pid in matched {
-        inside.extend(procs::descendants(pid));
-    }
-    matched
-        .iter()
-        .copied()
-        .filter(|p| !inside.contains(p))
-        .collect()
 }
 
 fn print_table(report: &Report, tree: bool) {

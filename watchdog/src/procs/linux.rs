@@ -39,9 +39,74 @@ pub fn tgid(pid: u32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The live descendants of `root` (not including `root`), from one pass
-/// over /proc.
+/// The parent of `pid`.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The process name (`comm`).
+pub fn name(pid: u32) -> Option<String> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(comm.trim_end_matches('\n').to_owned())
+}
+
+/// The direct children of `pid`, from the `children` file of each of its
+/// threads (CONFIG_PROC_CHILDREN, present in distribution kernels); `None`
+/// when the kernel has no such files.
+pub fn children(pid: u32) -> Option<Vec<u32>> {
+    let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks,
+        // ENOENT: the process is gone, so it has no children.
+        Err(_) => return Some(Vec::new()),
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        match std::fs::read_to_string(task.path().join("children")) {
+            Ok(text) => out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !has_children_files() => {
+                return None;
+            }
+            // The thread exited meanwhile.
+            Err(_) => {}
+        }
+    }
+    Some(out)
+}
+
+fn has_children_files() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let me = std::process::id();
+        std::path::Path::new(&format!("/proc/{me}/task/{me}/children")).exists()
+    })
+}
+
+/// The live descendants of `root` (not including `root`): by walking the
+/// children files when the kernel has them, else from one pass over /proc.
 pub fn descendants(root: u32) -> HashSet<u32> {
+    if has_children_files() {
+        let mut found = HashSet::new();
+        let mut stack = vec![root];
+        while let Some(pid) = stack.pop() {
+            for child in children(pid).unwrap_or_default() {
+                if found.insert(child) {
+                    stack.push(child);
+                }
+            }
+        }
+        return found;
+    }
+    descendants_by_scan(root)
+}
+
+fn descendants_by_scan(root: u32) -> HashSet<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     let Ok(all) = procfs::process::all_processes() else {
         return HashSet::new();
@@ -79,6 +144,8 @@ mod tests {
         child.kill().ok();
         child.wait().ok();
         assert!(found.contains(&child.id()), "{found:?}");
+        assert!(descendants_by_scan(std::process::id()).contains(&child.id()));
+        assert!(children(std::process::id()).unwrap().contains(&child.id()));
         assert!(!found.contains(&std::process::id()));
         assert!(exists(std::process::id()));
         assert!(all_pids().contains(&std::process::id()));
@@ -86,6 +153,7 @@ mod tests {
         assert!(me.contains("watchdog"), "{me}");
         assert_eq!(cmdline(2), None, "kthreadd has no command line");
         assert_eq!(tgid(std::process::id()), Some(std::process::id()));
+        assert_eq!(ppid(child.id()), Some(std::process::id()));
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let live = std::thread::spawn(move || {

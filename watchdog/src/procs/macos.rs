@@ -16,11 +16,42 @@ pub fn all_pids() -> Vec<u32> {
     list(|buf, size| unsafe { libc::proc_listallpids(buf, size) })
 }
 
-fn children(pid: u32) -> Vec<u32> {
+/// The direct children of `pid`.
+pub fn children(pid: u32) -> Option<Vec<u32>> {
     let Ok(ppid) = libc::pid_t::try_from(pid) else {
-        return Vec::new();
+        return Some(Vec::new());
     };
-    list(|buf, size| unsafe { libc::proc_listchildpids(ppid, buf, size) })
+    Some(list(|buf, size| unsafe {
+        libc::proc_listchildpids(ppid, buf, size)
+    }))
+}
+
+/// The parent of `pid`.
+pub fn ppid(pid: u32) -> Option<u32> {
+    let pid = libc::c_int::try_from(pid).ok()?;
+    let mut info = std::mem::MaybeUninit::<libc::proc_bsdinfo>::zeroed();
+    let size = size_of::<libc::proc_bsdinfo>() as libc::c_int;
+    // SAFETY: a buffer of the size passed, for this flavor.
+    let n = unsafe {
+        libc::proc_pidinfo(
+            pid,
+            libc::PROC_PIDTBSDINFO,
+            0,
+            info.as_mut_ptr().cast(),
+            size,
+        )
+    };
+    // SAFETY: filled when the whole struct was returned.
+    (n == size).then(|| unsafe { info.assume_init() }.pbi_ppid)
+}
+
+/// The process name.
+pub fn name(pid: u32) -> Option<String> {
+    let pid = libc::c_int::try_from(pid).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: a buffer of the size passed.
+    let n = unsafe { libc::proc_name(pid, buf.as_mut_ptr().cast(), buf.len() as u32) };
+    (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 /// Calls a libproc lister with a buffer that grows until it fits.
@@ -51,7 +82,7 @@ pub fn descendants(root: u32) -> HashSet<u32> {
     let mut found = HashSet::new();
     let mut stack = vec![root];
     while let Some(pid) = stack.pop() {
-        for child in children(pid) {
+        for child in children(pid).unwrap_or_default() {
             if found.insert(child) {
                 stack.push(child);
             }

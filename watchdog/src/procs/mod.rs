@@ -6,9 +6,9 @@ mod linux;
 mod macos;
 
 #[cfg(target_os = "linux")]
-pub use linux::{all_pids, cmdline, descendants, exists, tgid};
+pub use linux::{all_pids, children, cmdline, descendants, exists, name, ppid, tgid};
 #[cfg(target_os = "macos")]
-pub use macos::{all_pids, cmdline, descendants, exists};
+pub use macos::{all_pids, children, cmdline, descendants, exists, name, ppid};
 
 /// The processes whose full command line (arguments joined by spaces)
 /// matches `pattern`, leaving out this process. Matching the whole command
@@ -24,4 +24,17 @@ pub fn matching(pattern: &regex::Regex) -> Vec<(u32, String)> {
         .collect();
     found.sort_unstable_by_key(|&(pid, _)| pid);
     found
+}
+
+/// The pids of `pids` that do not descend from another of them: counting
+/// each one's tree then counts every process once.
+pub fn outermost(pids: &[u32]) -> Vec<u32> {
+    let mut inside = std::collections::HashSet::new();
+    for &pid in pids {
+        inside.extend(descendants(pid));
+    }
+    pids.iter()
+        .copied()
+        .filter(|p| !inside.contains(p))
+        .collect()
 }

@@ -1,0 +1,262 @@
+//! One typed event stream (memory crossings, exits, forks) from whichever
+//! sensor works here: the kernel programs (Linux, privileged), or sampling
+//! (procfs on Linux, task_info / proc_pid_rusage on macOS).
+//!
+//! Memory is watched per group: a root process and all its descendants,
+//! charged the sum of their exact readings. A group fires once when it
+//! crosses its limit, then stays quiet until [`Sensor::rearm`] and a dip
+//! below `limit - hysteresis`, so a value hovering at the limit cannot
+//! flood anyone.
+
+#[cfg(target_os = "linux")]
+mod ebpf;
+mod exits;
+mod sampler;
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::event::{ProcessExit, ProcessFork};
+
+pub use sampler::SamplingOptions;
+
+/// Which sensor to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SensorChoice {
+    /// The kernel programs when they load, else sampling with one warning.
+    #[default]
+    Auto,
+    /// The kernel programs, or fail.
+    Ebpf,
+    /// Sampling only.
+    Sampling,
+}
+
+/// Which sensor produced an event (the audit log's `source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Ebpf,
+    Procfs,
+    Macos,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ebpf => "ebpf",
+            Self::Procfs => "procfs",
+            Self::Macos => "macos",
+        })
+    }
+}
+
+/// A group's thresholds, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// The group fires when its charged total reaches this; 0: never.
+    pub limit: u64,
+    /// After firing, it re-arms once it is below `limit - hysteresis`.
+    pub hysteresis: u64,
+    /// Report changes of at least this much ([`SensorEvent::Changed`]);
+    /// 0: off.
+    pub step: u64,
+}
+
+impl Limits {
+    /// `limit` with the default hysteresis (5% of it).
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            hysteresis: limit / 20,
+            step: 0,
+        }
+    }
+
+    pub fn rearm_below(&self) -> u64 {
+        self.limit.saturating_sub(self.hysteresis)
+    }
+}
+
+/// A watched group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u32);
+
+/// A confirmed crossing: the group's exact charged total is at or over its
+/// limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    pub group: GroupId,
+    /// The process whose growth crossed the line, when known.
+    pub pid: Option<u32>,
+    /// The exact total when confirmed.
+    pub charged_bytes: u64,
+    pub limit_bytes: u64,
+    /// CLOCK_MONOTONIC ns when the crossing was sensed (the kernel's
+    /// timestamp, or the sample's).
+    pub sensed_ns: u64,
+    /// CLOCK_MONOTONIC ns when the exact reading confirmed it.
+    pub confirmed_ns: u64,
+    /// Members read for the confirmation.
+    pub members: usize,
+}
+
+/// What the sensor reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SensorEvent {
+    OverLimit(Crossing),
+    /// A group that fired fell below its re-arm level and is armed again.
+    Rearmed {
+        group: GroupId,
+        charged_bytes: u64,
+    },
+    /// A group's total moved by at least its step.
+    Changed {
+        group: GroupId,
+        charged_bytes: u64,
+    },
+    /// A watched process exited (`group` is its group, if any).
+    Exit {
+        group: Option<GroupId>,
+        exit: ProcessExit,
+    },
+    Fork {
+        group: Option<GroupId>,
+        fork: ProcessFork,
+    },
+}
+
+/// Counters a status page shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SensorStats {
+    /// Kernel crossings that exact readings did not confirm (re-armed).
+    pub unconfirmed_crossings: u64,
+    /// Events the kernel could not deliver (ring buffer full).
+    pub lost_events: u64,
+    /// Samples taken (sampling sensors).
+    pub samples: u64,
+}
+
+/// Why a sensor could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum SensorError {
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::LoadError),
+    #[error("the kernel programs are only available on Linux")]
+    NoKernelPrograms,
+    #[error("no process with pid {0}")]
+    NoProcess(u32),
+    #[error("unknown group {0:?}")]
+    UnknownGroup(GroupId),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The sensor in use.
+pub enum Sensor {
+    #[cfg(target_os = "linux")]
+    Ebpf(Box<ebpf::EbpfSensor>),
+    Sampler(sampler::Sampler),
+}
+
+impl Sensor {
+    /// Opens the chosen sensor. `Auto` falls back to sampling with one
+    /// warning that says why. Must be called inside a tokio runtime.
+    pub fn open(choice: SensorChoice, sampling: SamplingOptions) -> Result<Self, SensorError> {
+        match choice {
+            SensorChoice::Sampling => Ok(Self::Sampler(sampler::Sampler::new(sampling))),
+            SensorChoice::Ebpf => Self::open_ebpf(),
+            SensorChoice::Auto => match Self::open_ebpf() {
+                Ok(sensor) => Ok(sensor),
+                Err(err) => {
+                    tracing::warn!(
+                        reason = %format!("{err:#}"),
+                        interval = ?sampling.interval,
+                        "kernel programs unavailable, sampling memory instead \
+                         (slower to notice, costs more CPU)"
+                    );
+                    Ok(Self::Sampler(sampler::Sampler::new(sampling)))
+                }
+            },
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn open_ebpf() -> Result<Self, SensorError> {
+        Ok(Self::Ebpf(Box::new(ebpf::EbpfSensor::open()?)))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn open_ebpf() -> Result<Self, SensorError> {
+        Err(SensorError::NoKernelPrograms)
+    }
+
+    pub fn source(&self) -> Source {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(_) => Source::Ebpf,
+            Self::Sampler(_) => sampler::SOURCE,
+        }
+    }
+
+    /// Watches a running process and its descendants as one group,
+    /// registered with their current memory.
+    pub fn watch_tree(&mut self, root: u32, limits: Limits) -> Result<GroupId, SensorError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.watch_tree(root, limits),
+            Self::Sampler(s) => s.watch_tree(root, limits),
+        }
+    }
+
+    /// Re-arms a group after its crossing was handled.
+    pub fn rearm(&mut self, group: GroupId) -> Result<(), SensorError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.rearm(group),
+            Self::Sampler(s) => s.rearm(group),
+        }
+    }
+
+    /// Stops watching a group and its members.
+    pub fn remove_group(&mut self, group: GroupId) {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.remove_group(group),
+            Self::Sampler(s) => s.remove_group(group),
+        }
+    }
+
+    /// The group's members now.
+    pub fn members(&self, group: GroupId) -> Vec<u32> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.members(group),
+            Self::Sampler(s) => s.members(group),
+        }
+    }
+
+    pub fn stats(&self) -> SensorStats {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.stats(),
+            Self::Sampler(s) => s.stats(),
+        }
+    }
+
+    /// The next event.
+    pub async fn next(&mut self) -> Result<SensorEvent, SensorError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.next().await,
+            Self::Sampler(s) => s.next().await,
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC now, in ns.
+fn now_ns() -> u64 {
+    crate::event::monotonic_now().as_nanos() as u64
+}

@@ -1,0 +1,329 @@
+//! The sampling sensor: exact readings at an interval that shortens as a
+//! group nears its limit, and exits from pidfds / kqueue. Used where the
+//! kernel programs cannot be (no privilege, macOS), or when asked for.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    time::{Duration, Instant},
+};
+
+use super::{
+    Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, Source, exits::ExitWatcher,
+    now_ns,
+};
+use crate::{
+    event::ProcessExit,
+    mem::{self, Metric},
+    procs,
+};
+
+#[cfg(target_os = "linux")]
+pub const SOURCE: Source = Source::Procfs;
+#[cfg(not(target_os = "linux"))]
+pub const SOURCE: Source = Source::Macos;
+
+/// How often to sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SamplingOptions {
+    /// The interval while a group is far (under half) from its limit.
+    pub interval: Duration,
+    /// The shortest interval, reached as a group nears its limit.
+    pub min_interval: Duration,
+}
+
+impl Default for SamplingOptions {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            min_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+impl SamplingOptions {
+    /// The interval for a group at `charged` of `limit`: `interval` up to
+    /// half the limit, then shrinking linearly to `min_interval` at it.
+    pub fn interval_for(&self, charged: u64, limit: u64) -> Duration {
+        let min = self.min_interval.min(self.interval);
+        if limit == 0 {
+            return self.interval;
+        }
+        let ratio = charged as f64 / limit as f64;
+        if ratio <= 0.5 {
+            self.interval
+        } else if ratio >= 1.0 {
+            min
+        } else {
+            let span = (self.interval - min).as_secs_f64();
+            min + Duration::from_secs_f64(span * (1.0 - ratio) / 0.5)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    Armed,
+    Disarmed,
+    WaitBelow,
+}
+
+struct Group {
+    roots: Vec<u32>,
+    members: HashSet<u32>,
+    limits: Limits,
+    trigger: Trigger,
+    due: Instant,
+    charged: u64,
+    step_base: u64,
+}
+
+/// What is remembered of a member for its exit report.
+struct MemberInfo {
+    group: GroupId,
+    ppid: u32,
+    comm: String,
+    peak_rss: u64,
+}
+
+pub struct Sampler {
+    options: SamplingOptions,
+    groups: HashMap<GroupId, Group>,
+    members: HashMap<u32, MemberInfo>,
+    exits: ExitWatcher,
+    queue: VecDeque<SensorEvent>,
+    next_id: u32,
+    stats: SensorStats,
+}
+
+impl Sampler {
+    pub fn new(options: SamplingOptions) -> Self {
+        Self {
+            options,
+            groups: HashMap::new(),
+            members: HashMap::new(),
+            exits: ExitWatcher::new(),
+            queue: VecDeque::new(),
+            next_id: 1,
+            stats: SensorStats::default(),
+        }
+    }
+
+    pub fn watch_tree(&mut self, root: u32, limits: Limits) -> Result<GroupId, SensorError> {
+        if !procs::exists(root) {
+            return Err(SensorError::NoProcess(root));
+        }
+        let id = GroupId(self.next_id);
+        self.next_id += 1;
+        self.groups.insert(
+            id,
+            Group {
+                roots: vec![root],
+                members: HashSet::new(),
+                limits,
+                trigger: Trigger::Armed,
+                due: Instant::now(),
+                charged: 0,
+                step_base: 0,
+            },
+        );
+        // The first sample now: members known, exits watched, and a group
+        // that is already over reports so at once.
+        self.sample(id, Instant::now())?;
+        Ok(id)
+    }
+
+    pub fn rearm(&mut self, group: GroupId) -> Result<(), SensorError> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        g.trigger = if g.charged < g.limits.rearm_below() {
+            Trigger::Armed
+        } else {
+            Trigger::WaitBelow
+        };
+        Ok(())
+    }
+
+    pub fn remove_group(&mut self, group: GroupId) {
+        if let Some(g) = self.groups.remove(&group) {
+            for pid in g.members {
+                self.exits.unwatch(pid);
+                self.members.remove(&pid);
+            }
+        }
+    }
+
+    pub fn members(&self, group: GroupId) -> Vec<u32> {
+        self.groups
+            .get(&group)
+            .map(|g| g.members.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> SensorStats {
+        self.stats
+    }
+
+    pub async fn next(&mut self) -> Result<SensorEvent, SensorError> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(event);
+            }
+            let due = self.groups.values().map(|g| g.due).min();
+            let sleep = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                (pid, status) = self.exits.next() => {
+                    if let Some(event) = self.exited(pid, status) {
+                        return Ok(event);
+                    }
+                }
+                () = sleep => {
+                    let now = Instant::now();
+                    let due: Vec<GroupId> = self
+                        .groups
+                        .iter()
+                        .filter(|(_, g)| g.due <= now)
+                        .map(|(&id, _)| id)
+                        .collect();
+                    for id in due {
+                        self.sample(id, now)?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn exited(&mut self, pid: u32, status: crate::exit::ExitStatus) -> Option<SensorEvent> {
+        let info = self.members.remove(&pid)?;
+        if let Some(g) = self.groups.get_mut(&info.group) {
+            g.members.remove(&pid);
+            g.roots.retain(|&r| r != pid || procs::exists(r));
+        }
+        Some(SensorEvent::Exit {
+            group: Some(info.group),
+            exit: ProcessExit {
+                pid,
+                ppid: info.ppid,
+                comm: info.comm,
+                status,
+                peak_rss_bytes: info.peak_rss,
+                monotonic_ns: now_ns(),
+                group: info.group.0,
+            },
+        })
+    }
+
+    /// Reads a group: its members now (roots and their descendants), their
+    /// exact total, and what that means for its trigger.
+    fn sample(&mut self, id: GroupId, now: Instant) -> Result<(), SensorError> {
+        let Some(g) = self.groups.get_mut(&id) else {
+            return Ok(());
+        };
+        g.roots.retain(|&r| procs::exists(r));
+        let mut current: HashMap<u32, u32> = HashMap::new();
+        let mut stack: Vec<u32> = g.roots.clone();
+        for &root in &g.roots {
+            current.insert(root, procs::ppid(root).unwrap_or(0));
+        }
+        while let Some(pid) = stack.pop() {
+            let kids = procs::children(pid)
+                .unwrap_or_else(|| procs::descendants(pid).into_iter().collect());
+            for child in kids {
+                if current.insert(child, pid).is_none() {
+                    stack.push(child);
+                }
+            }
+        }
+        for (&pid, &ppid) in &current {
+            if g.members.insert(pid) {
+                self.members.insert(
+                    pid,
+                    MemberInfo {
+                        group: id,
+                        ppid,
+                        comm: procs::name(pid).unwrap_or_default(),
+                        peak_rss: 0,
+                    },
+                );
+                self.exits.watch(pid)?;
+            }
+        }
+        let reading = mem::read_group(current.keys().copied(), Metric::Charged);
+        for r in &reading.members {
+            if let Some(info) = self.members.get_mut(&r.pid) {
+                info.peak_rss = info.peak_rss.max(r.vm_rss_bytes.unwrap_or(r.charged_bytes));
+            }
+        }
+        self.stats.samples += 1;
+        let charged = reading.charged_bytes;
+        g.charged = charged;
+        let limits = g.limits;
+        match g.trigger {
+            Trigger::Armed if limits.limit > 0 && charged >= limits.limit => {
+                g.trigger = Trigger::Disarmed;
+                let at = now_ns();
+                self.queue.push_back(SensorEvent::OverLimit(Crossing {
+                    group: id,
+                    pid: None,
+                    charged_bytes: charged,
+                    limit_bytes: limits.limit,
+                    sensed_ns: at,
+                    confirmed_ns: at,
+                    members: current.len(),
+                }));
+            }
+            Trigger::WaitBelow if charged < limits.rearm_below() => {
+                g.trigger = Trigger::Armed;
+                self.queue.push_back(SensorEvent::Rearmed {
+                    group: id,
+                    charged_bytes: charged,
+                });
+            }
+            _ => {}
+        }
+        if limits.step > 0 && charged.abs_diff(g.step_base) >= limits.step {
+            g.step_base = charged;
+            self.queue.push_back(SensorEvent::Changed {
+                group: id,
+                charged_bytes: charged,
+            });
+        }
+        g.due = now + self.options.interval_for(charged, limits.limit);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_shrinks_near_the_limit() {
+        let o = SamplingOptions {
+            interval: Duration::from_secs(1),
+            min_interval: Duration::from_millis(100),
+        };
+        assert_eq!(o.interval_for(0, 1000), Duration::from_secs(1));
+        assert_eq!(o.interval_for(500, 1000), Duration::from_secs(1));
+        assert_eq!(o.interval_for(1000, 1000), Duration::from_millis(100));
+        assert_eq!(o.interval_for(5000, 1000), Duration::from_millis(100));
+        let mid = o.interval_for(750, 1000);
+        assert!((540..=560).contains(&mid.as_millis()), "{mid:?}");
+        assert_eq!(
+            o.interval_for(999_999, 0),
+            Duration::from_secs(1),
+            "no limit"
+        );
+        let inverted = SamplingOptions {
+            interval: Duration::from_millis(10),
+            min_interval: Duration::from_secs(1),
+        };
+        assert_eq!(inverted.interval_for(1000, 1000), Duration::from_millis(10));
+    }
+}
