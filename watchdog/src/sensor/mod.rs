@@ -158,7 +158,7 @@ pub enum SensorError {
 pub enum Sensor {
     #[cfg(target_os = "linux")]
     Ebpf(Box<ebpf::EbpfSensor>),
-    Sampler(sampler::Sampler),
+    Sampler(Box<sampler::Sampler>),
 }
 
 impl Sensor {
@@ -166,7 +166,7 @@ impl Sensor {
     /// warning that says why. Must be called inside a tokio runtime.
     pub fn open(choice: SensorChoice, sampling: SamplingOptions) -> Result<Self, SensorError> {
         match choice {
-            SensorChoice::Sampling => Ok(Self::Sampler(sampler::Sampler::new(sampling))),
+            SensorChoice::Sampling => Ok(Self::Sampler(Box::new(sampler::Sampler::new(sampling)))),
             SensorChoice::Ebpf => Self::open_ebpf(),
             SensorChoice::Auto => match Self::open_ebpf() {
                 Ok(sensor) => Ok(sensor),
@@ -177,7 +177,7 @@ impl Sensor {
                         "kernel programs unavailable, sampling memory instead \
                          (slower to notice, costs more CPU)"
                     );
-                    Ok(Self::Sampler(sampler::Sampler::new(sampling)))
+                    Ok(Self::Sampler(Box::new(sampler::Sampler::new(sampling))))
                 }
             },
         }
