@@ -79,14 +79,20 @@ pub struct Watchdog {
     ready: Receiver<()>,
 }
 
-/// What `watchdog` logs on stderr once it is attached and streaming.
+/// What `watchdog audit` logs on stderr once it is attached and streaming.
 pub const READY: &str = "streaming exit events";
+/// What `watchdog watch` logs once it watches.
+pub const WATCHING: &str = "watching memory";
 
 impl Watchdog {
-    /// Starts `watchdog ARGS`.
+    /// Starts `watchdog ARGS`; ready when it logs [`READY`].
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(watchdog_bin())
-            .args(args)
+        Self::spawn(Command::new(watchdog_bin()).args(args), READY)
+    }
+
+    /// Starts a prepared `watchdog` command; ready when it logs `ready`.
+    pub fn spawn(cmd: &mut Command, marker: &'static str) -> Self {
+        let mut child = cmd
             .env("WATCHDOG_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -113,7 +119,7 @@ impl Watchdog {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("watchdog: {line}");
-                if line.contains(READY) {
+                if line.contains(marker) {
                     let _ = ready_tx.send(());
                 }
                 log_writer.lock().unwrap().push(line);
@@ -208,6 +214,35 @@ impl Drop for Watchdog {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A command running the watchdog binary without privilege: as root, a
+/// copy that `nobody` can execute, run as `nobody`; otherwise the binary as
+/// the current (unprivileged) user. Keep the directory while it runs.
+pub fn unprivileged_watchdog() -> (TempDir, Command) {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let dir = TempDir::new("unpriv");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("watchdog");
+    std::fs::copy(watchdog_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(&bin);
+    cmd.current_dir(dir.path());
+    if is_root() {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    (dir, cmd)
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

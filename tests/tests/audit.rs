@@ -2,10 +2,7 @@
 //! and its behaviour without privilege and on bad input (everywhere).
 
 use std::{
-    os::unix::{
-        fs::PermissionsExt,
-        process::{CommandExt, ExitStatusExt},
-    },
+    os::unix::process::ExitStatusExt,
     process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant, SystemTime},
 };
@@ -264,27 +261,9 @@ fn output_file_gets_whole_lines() {
 /// current (unprivileged) user.
 #[test]
 fn unprivileged_run_fails_clearly() {
-    let dir = TempDir::new("unpriv");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (dir, mut cmd) = watchdog_tests::unprivileged_watchdog();
     let bin = dir.path().join("watchdog");
-    std::fs::copy(watchdog_bin(), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut cmd = Command::new(&bin);
-    cmd.args(["audit", "--all"]).current_dir(dir.path());
-    if watchdog_tests::is_root() {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(65534) != 0
-                    || libc::setuid(65534) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    cmd.args(["audit", "--all"]);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");

@@ -4,7 +4,12 @@
 //! Steps:
 //! - `wait-stdin`: block until a line (or end of input) on standard input
 //! - `sleep MS`: sleep
-//! - `alloc MIB`: allocate and touch MIB mebibytes of anonymous memory
+//! - `alloc MIB`: map and touch MIB mebibytes of anonymous memory
+//! - `free`: unmap everything `alloc` mapped (the memory goes back at once)
+//! - `thread-alloc N MIB`: N threads at once each map and touch MIB
+//!   mebibytes, kept until exit
+//! - `exec STEPS...`: replace this program with a fresh copy of itself
+//!   running STEPS
 //! - `threads N`: start N threads and join them (they exit before we do)
 //! - `fork-child CODE`: fork a child that exits with CODE, and reap it
 //! - `leader-exits-first CODE`: the main thread exits alone (exit(2), not
@@ -18,12 +23,51 @@
 //!   waits for a line (or end of input) on the shared standard input
 //! - `exit CODE`: exit with CODE
 
-use std::{hint::black_box, io::BufRead, process, thread, time::Duration};
+use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
+
+/// An anonymous mapping, touched page by page so all of it is resident.
+struct Block {
+    addr: usize,
+    len: usize,
+}
+
+impl Block {
+    fn touch(mib: usize) -> Self {
+        let len = mib << 20;
+        // SAFETY: a fresh private anonymous mapping.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED, "mmap failed");
+        for offset in (0..len).step_by(4096) {
+            // SAFETY: inside the mapping.
+            unsafe { addr.cast::<u8>().add(offset).write_volatile(1) };
+        }
+        Self {
+            addr: addr as usize,
+            len,
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut steps = args.iter().map(String::as_str);
-    let mut kept: Vec<Vec<u8>> = Vec::new();
+    let mut kept: Vec<Block> = Vec::new();
     while let Some(step) = steps.next() {
         let mut number = |what: &str| -> i64 {
             let arg = steps
@@ -38,7 +82,30 @@ fn main() {
                 let _ = std::io::stdin().lock().read_line(&mut line);
             }
             "sleep" => thread::sleep(Duration::from_millis(number("milliseconds") as u64)),
-            "alloc" => kept.push(touch(number("mebibytes") as usize)),
+            "alloc" => kept.push(Block::touch(number("mebibytes") as usize)),
+            "free" => kept.clear(),
+            "thread-alloc" => {
+                let n = number("a thread count") as usize;
+                let mib = number("mebibytes") as usize;
+                let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+                let handles: Vec<_> = (0..n)
+                    .map(|_| {
+                        let barrier = std::sync::Arc::clone(&barrier);
+                        thread::spawn(move || {
+                            barrier.wait();
+                            Block::touch(mib)
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    kept.push(h.join().expect("thread panicked"));
+                }
+            }
+            "exec" => {
+                let rest: Vec<&str> = steps.by_ref().collect();
+                let err = process::Command::new("/proc/self/exe").args(rest).exec();
+                usage(&format!("exec failed: {err}"));
+            }
             "threads" => {
                 let n = number("a thread count");
                 let handles: Vec<_> = (0..n)
@@ -107,10 +174,10 @@ fn main() {
                 // and exits without returning into the parent's steps.
                 let pid = unsafe { libc::fork() };
                 if pid == 0 {
-                    let block = touch(mib);
+                    let block = Block::touch(mib);
                     let mut line = String::new();
                     let _ = std::io::stdin().lock().read_line(&mut line);
-                    black_box(block);
+                    drop(block);
                     process::exit(0);
                 }
                 assert!(pid > 0, "fork failed");
@@ -119,17 +186,6 @@ fn main() {
             other => usage(&format!("unknown step {other:?}")),
         }
     }
-}
-
-/// Allocates `mib` mebibytes and touches every page, so all of it is
-/// resident and charged.
-fn touch(mib: usize) -> Vec<u8> {
-    let bytes = mib * 1024 * 1024;
-    let mut block = vec![0u8; bytes];
-    for i in (0..bytes).step_by(4096) {
-        block[i] = 1;
-    }
-    black_box(block)
 }
 
 fn usage(msg: &str) -> ! {

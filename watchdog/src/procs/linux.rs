@@ -141,11 +141,15 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let found = descendants(std::process::id());
+        let scanned = descendants_by_scan(std::process::id());
+        let direct = children(std::process::id()).unwrap();
+        let parent = ppid(child.id());
         child.kill().ok();
         child.wait().ok();
         assert!(found.contains(&child.id()), "{found:?}");
-        assert!(descendants_by_scan(std::process::id()).contains(&child.id()));
-        assert!(children(std::process::id()).unwrap().contains(&child.id()));
+        assert!(scanned.contains(&child.id()), "{scanned:?}");
+        assert!(direct.contains(&child.id()), "{direct:?}");
+        assert_eq!(parent, Some(std::process::id()));
         assert!(!found.contains(&std::process::id()));
         assert!(exists(std::process::id()));
         assert!(all_pids().contains(&std::process::id()));
@@ -153,7 +157,6 @@ mod tests {
         assert!(me.contains("watchdog"), "{me}");
         assert_eq!(cmdline(2), None, "kthreadd has no command line");
         assert_eq!(tgid(std::process::id()), Some(std::process::id()));
-        assert_eq!(ppid(child.id()), Some(std::process::id()));
         let (tx, rx) = std::sync::mpsc::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let live = std::thread::spawn(move || {
