@@ -283,3 +283,23 @@ fn threads_are_counted_once() {
         }
     }
 }
+
+/// `--step` reports each move of the total by at least that much.
+#[test]
+fn steps_report_changes() {
+    for mode in modes("steps_report_changes") {
+        let steps = ["alloc", "16", "sleep", "300", "alloc", "16", "wait-stdin"];
+        let s = Scenario::start(mode, &steps, "1GiB", &["--step", "8MiB"]);
+        let first = s.expect_memory("memory_changed", Duration::from_secs(3));
+        let second = s.expect_memory("memory_changed", Duration::from_secs(3));
+        let (a, b) = (
+            first["charged_bytes"].as_u64().unwrap(),
+            second["charged_bytes"].as_u64().unwrap(),
+        );
+        assert!(
+            a >= 8 * MIB && b >= a + 8 * MIB,
+            "{mode:?}: {first} then {second}"
+        );
+        s.finish();
+    }
+}

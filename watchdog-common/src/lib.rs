@@ -63,11 +63,22 @@ pub struct Watch {
     pub group: u32,
     /// Reserved, zero.
     pub flags: u32,
-    /// What this process last contributed to its group's total, in bytes
-    /// (RssAnon + RssShmem of its mm). Swapped atomically on every update,
-    /// so concurrent updates from its threads telescope to the right sum.
-    pub last_bytes: i64,
+    /// What this process last contributed to its group, in pages, per
+    /// counter (MM_ANONPAGES, MM_SHMEMPAGES). Swapped atomically, so
+    /// concurrent updates from its threads telescope to the right sum.
+    pub last_anon: i64,
+    pub last_shmem: i64,
+    /// The process's mm, learned on its first update (0 until then), so
+    /// that updates to other address spaces are told apart without
+    /// reading `current->mm` on every page fault.
+    pub mm: u64,
 }
+
+/// A process's contribution is brought up to date when a counter moved by
+/// at least this many pages since (64 KiB with 4 KiB pages): most page
+/// faults then cost a read and a compare. Totals lag by less than this
+/// per counter and process, well inside the counters' own per-CPU slack.
+pub const GRANULE_PAGES: i64 = 16;
 
 /// Number of group slots (slot 0 means "no group").
 pub const MAX_GROUPS: u32 = 4096;
@@ -168,7 +179,7 @@ mod pod {
 // The layouts are part of the kernel/user contract: fail the build, not the
 // verifier, if they change by accident.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
-const _: () = assert!(core::mem::size_of::<Watch>() == 16);
+const _: () = assert!(core::mem::size_of::<Watch>() == 32);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
 const _: () = assert!(core::mem::size_of::<GroupLimits>() == 24);
 const _: () = assert!(core::mem::size_of::<GroupCounters>() == 16);

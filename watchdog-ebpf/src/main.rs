@@ -28,13 +28,20 @@ use aya_ebpf::{
 };
 use watchdog_common::{
     COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_REARMED, Event,
-    GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters, GroupLimits, KernelOffsets,
-    MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES, SIGNAL_GROUP_EXIT, Watch, counter,
+    GRANULE_PAGES, GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters, GroupLimits,
+    KernelOffsets, MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES, SIGNAL_GROUP_EXIT, Watch, counter,
 };
 
 /// Watched processes, keyed by tgid.
 #[map]
 static WATCHED: HashMap<u32, Watch> = HashMap::with_max_entries(MAX_WATCHED, 0);
+
+/// One byte per possible tgid, non-zero when it is in `WATCHED`: the
+/// unwatched path is an array load the verifier inlines (a bounds check
+/// and a byte read), not a hash lookup. Sized to pid_max by the loader;
+/// a tgid past it (pid_max raised later) falls through to `WATCHED`.
+#[map]
+static WATCH_FILTER: Array<u8> = Array::with_max_entries(1, 0);
 
 /// Events for userspace.
 #[map]
@@ -124,6 +131,9 @@ pub fn sched_process_exit_legacy(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     let parent = current_tgid();
+    if !maybe_watched(parent) {
+        return 0;
+    }
     // SAFETY: the value is copied out before the map can change under it.
     let Some(watch) = (unsafe { WATCHED.get(parent) }).copied() else {
         return 0;
@@ -138,12 +148,32 @@ fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// The unwatched path: one global load and one hash lookup.
+/// The first test of every program: whether `tgid` may be watched.
+#[inline(always)]
+fn maybe_watched(tgid: u32) -> bool {
+    WATCH_FILTER.get(tgid).is_none_or(|&flag| flag != 0)
+}
+
+/// Marks `tgid` in the filter (it was just added to `WATCHED`).
+#[inline(always)]
+fn set_filter(tgid: u32, value: u8) {
+    if let Some(flag) = WATCH_FILTER.get_ptr_mut(tgid) {
+        // SAFETY: a valid map value; a single byte store.
+        unsafe { *flag = value };
+    }
+}
+
+/// The unwatched path: a global load and a filter load.
 #[inline(always)]
 fn lookup_for_exit(tgid: u32) -> Option<Watch> {
-    // SAFETY: the value is copied out before the map can change under it.
-    match unsafe { WATCHED.get(tgid) } {
-        Some(w) => Some(*w),
+    let watched = if maybe_watched(tgid) {
+        // SAFETY: the value is copied out before the map can change.
+        unsafe { WATCHED.get(tgid) }.copied()
+    } else {
+        None
+    };
+    match watched {
+        Some(w) => Some(w),
         None if WATCH_ALL.load() != 0 => Some(Watch::default()),
         None => None,
     }
@@ -159,16 +189,19 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
     }
     let child_watch = Watch {
         group: watch.group,
-        flags: 0,
-        last_bytes: 0,
+        ..Watch::default()
     };
     if WATCHED.insert(tgid, child_watch, 0).is_err() {
         count(counter::WATCH_TABLE_FULL);
-    } else if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
-        // The copied address space is resident in the child from the start.
-        let mm = read_field::<*const u8>(child, off.task_mm)?;
-        if !mm.is_null() {
-            charge(entry, tgid, mm, &off)?;
+    } else {
+        set_filter(tgid, 1);
+        if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
+            // The copied address space is resident in the child from the
+            // start.
+            let mm = read_field::<*const u8>(child, off.task_mm)?;
+            if !mm.is_null() {
+                recharge(entry, tgid, mm, &off)?;
+            }
         }
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
@@ -189,17 +222,21 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
 }
 
 fn report_exit(tgid: u32, task: *const u8, watch: Watch) -> Result<(), i64> {
+    let off = OFFSETS.load();
     // Its memory no longer counts toward its group.
     if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
-        // SAFETY: a valid map value; the swap is atomic against the
+        // SAFETY: a valid map value; the swaps are atomic against the
         // process's other updates.
-        let last = unsafe { atomic::swap(&raw mut (*entry).last_bytes, 0) };
-        add_to_group(watch.group, tgid, -last);
+        let pages = unsafe {
+            atomic::swap(&raw mut (*entry).last_anon, 0)
+                + atomic::swap(&raw mut (*entry).last_shmem, 0)
+        };
+        add_to_group(watch.group, tgid, -(pages << (off.page_shift & 63)));
     }
     // Forget the process: even if the event cannot be sent, the tgid must
     // not stay in the table to be reused by an unrelated process.
+    set_filter(tgid, 0);
     let _ = WATCHED.remove(tgid);
-    let off = OFFSETS.load();
     let signal = read_field::<*const u8>(task, off.task_signal)?;
     let leader = read_field::<*const u8>(task, off.task_group_leader)?;
     let flags = read_field::<u32>(signal, off.signal_flags)?;
@@ -243,6 +280,9 @@ fn report_exit(tgid: u32, task: *const u8, watch: Watch) -> Result<(), i64> {
 #[raw_tracepoint(tracepoint = "rss_stat")]
 pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     let tgid = current_tgid();
+    if !maybe_watched(tgid) {
+        return 0;
+    }
     let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
         return 0;
     };
@@ -256,12 +296,15 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     let tgid = current_tgid();
+    if !maybe_watched(tgid) {
+        return 0;
+    }
     let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
         return 0;
     };
     let off = OFFSETS.load();
     if let Ok(mm) = current_mm(&off) {
-        let _ = charge(entry, tgid, mm, &off);
+        let _ = recharge(entry, tgid, mm, &off);
     }
     0
 }
@@ -269,16 +312,43 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
 fn on_rss_stat(ctx: &RawTracePointContext, entry: *mut Watch, tgid: u32) -> Result<(), i64> {
     let off = OFFSETS.load();
     let member = ctx.arg::<u64>(1) as u32;
-    if member != off.anon_index && member != off.shmem_index {
+    // SAFETY: a valid map value; each field is read once.
+    let last = if member == off.anon_index {
+        unsafe { &raw mut (*entry).last_anon }
+    } else if member == off.shmem_index {
+        unsafe { &raw mut (*entry).last_shmem }
+    } else {
         return Ok(());
-    }
+    };
     // Updates to another process's mm (kswapd, ptrace, process_vm_writev,
-    // an mm being torn down after exit) are not this process's doing.
+    // an mm being torn down after exit) are not this process's doing. The
+    // process's own mm is learned once, and changes only at exec.
     let mm: *const u8 = ctx.arg(0);
-    if mm != current_mm(&off)? {
+    // SAFETY: as above.
+    let known = unsafe { atomic::load(&raw const (*entry).mm) };
+    if known == 0 {
+        if mm != current_mm(&off)? {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        unsafe { (*entry).mm = mm as u64 };
+    } else if known != mm as u64 {
         return Ok(());
     }
-    charge(entry, tgid, mm, &off)
+    let pages = read_counter(mm, member, &off)?;
+    // Most faults stop here: the counter moved less than a granule since
+    // this process's contribution was last brought up to date.
+    // SAFETY: as above.
+    if (pages - unsafe { atomic::load(last) }).abs() < GRANULE_PAGES {
+        return Ok(());
+    }
+    // SAFETY: as above. Swapping (not read-then-write) makes concurrent
+    // updates from several threads telescope to the right sum.
+    let before = unsafe { atomic::swap(last, pages) };
+    // SAFETY: as above.
+    let group = unsafe { (*entry).group };
+    add_to_group(group, tgid, (pages - before) << (off.page_shift & 63));
+    Ok(())
 }
 
 fn current_mm(off: &KernelOffsets) -> Result<*const u8, i64> {
@@ -287,22 +357,35 @@ fn current_mm(off: &KernelOffsets) -> Result<*const u8, i64> {
     read_field::<*const u8>(task, off.task_mm)
 }
 
-/// Sets the process's contribution to RssAnon + RssShmem of `mm` and adds
-/// the difference to its group.
-fn charge(entry: *mut Watch, tgid: u32, mm: *const u8, off: &KernelOffsets) -> Result<(), i64> {
-    let counters = mm.wrapping_add(off.mm_rss_stat as usize);
-    let anon = read_field::<i64>(counters, off.anon_index * off.rss_stride + off.rss_count)?;
-    let shmem = read_field::<i64>(counters, off.shmem_index * off.rss_stride + off.rss_count)?;
-    // The counters are approximate (per-CPU deltas not folded in) and can
-    // dip below zero; userspace confirms every decision exactly.
-    let pages = anon.max(0) + shmem.max(0);
-    let bytes = pages << (off.page_shift & 63);
-    // SAFETY: a valid map value; swapping (not read-then-write) makes
-    // concurrent updates from several threads telescope to the right sum.
-    let last = unsafe { atomic::swap(&raw mut (*entry).last_bytes, bytes) };
-    // SAFETY: as above; the group is copied out of the map value.
+/// One resident-page counter of `mm`. The counters are approximate
+/// (per-CPU deltas not folded in) and can dip below zero; userspace
+/// confirms every decision exactly.
+#[inline(always)]
+fn read_counter(mm: *const u8, member: u32, off: &KernelOffsets) -> Result<i64, i64> {
+    let at = off.mm_rss_stat + member * off.rss_stride + off.rss_count;
+    Ok(read_field::<i64>(mm, at)?.max(0))
+}
+
+/// Makes `mm` the process's address space (a new process, or exec) and
+/// its contribution that of `mm`'s counters, adding the difference to its
+/// group.
+fn recharge(entry: *mut Watch, tgid: u32, mm: *const u8, off: &KernelOffsets) -> Result<(), i64> {
+    let anon = read_counter(mm, off.anon_index, off)?;
+    let shmem = read_counter(mm, off.shmem_index, off)?;
+    // SAFETY: a valid map value; the swaps are atomic against the
+    // process's other updates.
+    let before = unsafe {
+        (*entry).mm = mm as u64;
+        atomic::swap(&raw mut (*entry).last_anon, anon)
+            + atomic::swap(&raw mut (*entry).last_shmem, shmem)
+    };
+    // SAFETY: as above.
     let group = unsafe { (*entry).group };
-    add_to_group(group, tgid, bytes - last);
+    add_to_group(
+        group,
+        tgid,
+        (anon + shmem - before) << (off.page_shift & 63),
+    );
     Ok(())
 }
 
@@ -366,8 +449,13 @@ fn emit(kind: u32, tgid: u32, group: u32, bytes: i64, limit: u64) {
         limit,
         ..Event::default()
     });
-    entry.submit(0);
+    // Group events are rare and waited for: wake the reader now rather
+    // than leave it to the ring buffer's adaptive notification.
+    entry.submit(BPF_RB_FORCE_WAKEUP);
 }
+
+/// `bpf_ringbuf_submit` flag (include/uapi/linux/bpf.h).
+const BPF_RB_FORCE_WAKEUP: u64 = 1 << 1;
 
 #[inline(always)]
 fn count(index: u32) {

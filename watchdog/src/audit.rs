@@ -86,7 +86,7 @@ mod linux {
         cli::CliError,
         event::WallClock,
         jsonl::LineSink,
-        kernel::{KernelEvent, Losses, ProbeOptions, Probes},
+        kernel::{Charge, KernelEvent, Losses, ProbeOptions, Probes},
         procs,
         sensor::Source,
     };
@@ -118,7 +118,7 @@ mod linux {
         .context("cannot trace process exits")?;
         if let Some(root) = args.pid {
             let members = probes
-                .watch_tree(root, None, |_| 0)
+                .watch_tree(root, None, |_| Charge::default())
                 .context("cannot watch the process tree")?;
             if !members.contains(&root) {
                 return Err(CliError::Usage(format!(

@@ -65,6 +65,7 @@ pub fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help / --version.
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    raise_nofile();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,6 +92,23 @@ pub fn main() -> ExitCode {
         Err(CliError::Failed(err)) => {
             eprintln!("watchdog: error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one: watching a thousand
+/// processes by pidfd needs more than the usual 1,024.
+fn raise_nofile() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointers; failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
 }

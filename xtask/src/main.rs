@@ -1,4 +1,4 @@
-//! Project tasks. `cargo xtask setup | build-ebpf | build | run | test`.
+//! Project tasks. `cargo xtask setup | build-ebpf | build | run | test | bench`.
 //!
 //! These are the only commands a newcomer needs: `setup` installs whatever
 //! is missing (idempotently, saying what it does), and `run` and `test` run
@@ -15,6 +15,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 /// LLVM major version of the pinned nightly, which bpf-linker must match.
@@ -56,6 +58,9 @@ enum Task {
     /// Set up if needed, build, then fmt, clippy, unit and integration
     /// tests (privileged ones included when root), and the macOS check.
     Test,
+    /// Measure detection latency, page-fault overhead, idle CPU and memory
+    /// against same-run baselines; write BENCHMARKS.md. Needs root.
+    Bench,
 }
 
 fn main() -> Result<()> {
@@ -67,6 +72,7 @@ fn main() -> Result<()> {
         Task::Build => project.build().map(drop),
         Task::Run { args } => project.run(args),
         Task::Test => project.test(),
+        Task::Bench => bench::bench(&project),
     }
 }
 

@@ -21,6 +21,13 @@
 //! - `tag WORD`: nothing; a word for tests to find the process by
 //! - `fork-alloc MIB`: fork a child that allocates MIB mebibytes and then
 //!   waits for a line (or end of input) on the shared standard input
+//! - `cross-cycles N LIMIT_MIB HOLD_MS REST_MS`: N times: grow until the
+//!   charged memory (RssAnon + RssShmem) crosses LIMIT_MIB, page by page
+//!   near the line, print `cross <CLOCK_MONOTONIC ns>` taken right after
+//!   the write that crossed, hold HOLD_MS, free it all, rest REST_MS
+//! - `fault-bench MIB ROUNDS`: ROUNDS times map MIB, touch every page,
+//!   unmap; print `fault-bench faults=<n> median_ns=<ns per fault>
+//!   min_ns=<ns per fault>`
 //! - `exit CODE`: exit with CODE
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -182,10 +189,121 @@ fn main() {
                 }
                 assert!(pid > 0, "fork failed");
             }
+            "cross-cycles" => {
+                let n = number("a cycle count");
+                let limit = (number("a limit in MiB") as u64) << 20;
+                let hold = Duration::from_millis(number("milliseconds") as u64);
+                let rest = Duration::from_millis(number("milliseconds") as u64);
+                for _ in 0..n {
+                    let at = cross(limit);
+                    println!("cross {at}");
+                    thread::sleep(hold);
+                    KEPT.with(|k| k.borrow_mut().clear());
+                    thread::sleep(rest);
+                }
+            }
+            "fault-bench" => {
+                let mib = number("mebibytes") as usize;
+                let rounds = number("a round count").max(1) as usize;
+                let pages = (mib << 20) / 4096;
+                let mut per_fault: Vec<f64> = (0..rounds)
+                    .map(|_| {
+                        let start = monotonic_ns();
+                        drop(Block::touch(mib));
+                        (monotonic_ns() - start) as f64 / pages as f64
+                    })
+                    .collect();
+                per_fault.sort_by(f64::total_cmp);
+                println!(
+                    "fault-bench faults={} median_ns={:.1} min_ns={:.1}",
+                    pages * rounds,
+                    per_fault[rounds / 2],
+                    per_fault[0]
+                );
+            }
             "exit" => process::exit(number("an exit code") as i32),
             other => usage(&format!("unknown step {other:?}")),
         }
     }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock and out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// RssAnon + RssShmem of this process, in bytes.
+fn charged() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    ["RssAnon:", "RssShmem:"]
+        .iter()
+        .map(|field| {
+            let line = status.lines().find(|l| l.starts_with(field)).expect(field);
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1024
+        })
+        .sum()
+}
+
+/// Grows this process until its charged memory reaches `limit`: most of
+/// the way in one mapping, the last stretch page by page. Returns the
+/// CLOCK_MONOTONIC time right after the write that crossed, and keeps the
+/// memory (dropped by the caller).
+fn cross(limit: u64) -> u64 {
+    const SLOW: u64 = 256 << 10;
+    let now = charged();
+    assert!(
+        now + SLOW < limit,
+        "already at {now} bytes, over {limit} minus a margin"
+    );
+    let bulk = (limit - now - SLOW) >> 20;
+    if bulk > 0 {
+        KEPT.with(|k| k.borrow_mut().push(Block::touch(bulk as usize)));
+    }
+    let remaining = limit.saturating_sub(charged());
+    // The last stretch, page by page, plus as much again beyond the line.
+    let len = ((remaining as usize * 2 + (1 << 20)) + 4095) & !4095;
+    // SAFETY: a fresh private anonymous mapping.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap failed");
+    let mut crossed_at = 0;
+    for (i, offset) in (0..len).step_by(4096).enumerate() {
+        // SAFETY: inside the mapping.
+        unsafe { addr.cast::<u8>().add(offset).write_volatile(1) };
+        if crossed_at == 0 && (i as u64 + 1) * 4096 >= remaining {
+            crossed_at = monotonic_ns();
+        }
+    }
+    KEPT.with(|k| {
+        k.borrow_mut().push(Block {
+            addr: addr as usize,
+            len,
+        })
+    });
+    crossed_at
+}
+
+thread_local! {
+    /// What `cross` mapped, until the caller frees it.
+    static KEPT: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn usage(msg: &str) -> ! {

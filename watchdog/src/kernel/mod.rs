@@ -153,6 +153,32 @@ pub struct GroupSignal {
     pub monotonic_ns: u64,
 }
 
+/// What a process is charged when it starts being watched: its resident
+/// anonymous and shmem memory, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Charge {
+    pub anon_bytes: u64,
+    pub shmem_bytes: u64,
+}
+
+impl Charge {
+    /// A running process's exact charge now (nothing if it cannot be read;
+    /// the kernel programs correct it on its next update).
+    pub fn of(pid: u32) -> Self {
+        match crate::mem::read(pid, crate::mem::Metric::Charged) {
+            Ok(r) => Self {
+                anon_bytes: r.anon_bytes.unwrap_or(r.charged_bytes),
+                shmem_bytes: r.shmem_bytes.unwrap_or(0),
+            },
+            Err(_) => Self::default(),
+        }
+    }
+
+    pub fn total(self) -> u64 {
+        self.anon_bytes + self.shmem_bytes
+    }
+}
+
 /// A group slot in the kernel's group arrays (never 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupId(pub u32);
@@ -180,6 +206,7 @@ pub struct Probes {
     // Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
     watched: HashMap<MapData, u32, Watch>,
+    filter: Array<MapData, u8>,
     counters: PerCpuArray<MapData, u64>,
     group_limits: Array<MapData, GroupLimits>,
     group_counters: Array<MapData, GroupCounters>,
@@ -206,6 +233,7 @@ impl Probes {
         let layout = KernelLayout::resolve(&Btf::from_kernel()?)?;
         let watch_all = u32::from(options.watch_all);
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries("WATCH_FILTER", pid_max())
             .override_global("OFFSETS", &layout.offsets, true)
             .override_global("WATCH_ALL", &watch_all, true)
             .load(object)
@@ -213,6 +241,7 @@ impl Probes {
 
         // Maps first: the programs write to them as soon as they attach.
         let watched = take_map(&mut ebpf, "WATCHED", HashMap::try_from)?;
+        let filter = take_map(&mut ebpf, "WATCH_FILTER", Array::try_from)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let group_limits = take_map(&mut ebpf, "GROUP_LIMITS", Array::try_from)?;
@@ -238,6 +267,7 @@ impl Probes {
         let mut probes = Self {
             _ebpf: ebpf,
             watched,
+            filter,
             counters,
             group_limits,
             group_counters,
@@ -249,6 +279,7 @@ impl Probes {
             layout,
         };
         probes.self_check()?;
+        release_freed_memory();
         Ok(probes)
     }
 
@@ -259,22 +290,31 @@ impl Probes {
 
     /// Starts watching `tgid`: its exit is reported and the processes it
     /// starts are watched too. With a group, its memory is charged to it,
-    /// starting from `charged_bytes` (what it has now, or 0 for a process
+    /// starting from `start` (what it has now, or nothing for a process
     /// that has not run yet).
     pub fn watch(
         &mut self,
         tgid: u32,
         group: Option<GroupId>,
-        charged_bytes: u64,
+        start: Charge,
     ) -> Result<(), LoadError> {
+        let pages = |bytes: u64| i64::try_from(bytes / self.page_size).unwrap_or(i64::MAX);
         let watch = Watch {
             group: group.map_or(0, |g| g.0),
-            flags: 0,
-            last_bytes: i64::try_from(charged_bytes).unwrap_or(i64::MAX),
+            last_anon: pages(start.anon_bytes),
+            last_shmem: pages(start.shmem_bytes),
+            ..Watch::default()
         };
         self.watched
             .insert(tgid, watch, 0)
-            .map_err(|e| LoadError::kernel("add a process to the watch table", e))
+            .map_err(|e| LoadError::kernel("add a process to the watch table", e))?;
+        // After the entry exists: the programs look in the filter first.
+        if let Err(e) = self.filter.set(tgid, 1, 0) {
+            // A tgid past the filter (pid_max was raised): the programs
+            // look it up in WATCHED directly.
+            tracing::debug!(tgid, error = %e, "tgid outside the watch filter");
+        }
+        Ok(())
     }
 
     /// Watches `root` and its present descendants, charging each to `group`
@@ -288,7 +328,7 @@ impl Probes {
         &mut self,
         root: u32,
         group: Option<GroupId>,
-        mut charged: impl FnMut(u32) -> u64,
+        mut charged: impl FnMut(u32) -> Charge,
     ) -> Result<std::collections::HashSet<u32>, LoadError> {
         let mut known = std::collections::HashSet::new();
         let mut next = vec![root];
@@ -411,7 +451,9 @@ impl Probes {
 
     /// Stops watching `tgid` (a no-op when it was not watched).
     pub fn unwatch(&mut self, tgid: u32) {
-        // ENOENT: it already exited, and the exit program removed it.
+        // ENOENT / out of range: it already exited, and the exit program
+        // removed it, or it was never in the filter.
+        let _ = self.filter.set(tgid, 0, 0);
         let _ = self.watched.remove(&tgid);
     }
 
@@ -506,17 +548,15 @@ impl Probes {
         // The child's memory goes to a group whose limit is what it has now
         // plus half of what it will touch: proof that the mm offsets and
         // counter indices are right, and that crossings fire.
-        let start = crate::mem::read(pid, crate::mem::Metric::Charged)
-            .map(|r| r.charged_bytes)
-            .unwrap_or(0);
-        let limit = start + SelfCheckChild::TOUCH_BYTES as u64 / 2;
+        let start = Charge::of(pid);
+        let limit = start.total() + SelfCheckChild::TOUCH_BYTES as u64 / 2;
         let registered = self
             .create_group(
                 GroupConfig {
                     limit,
                     ..GroupConfig::default()
                 },
-                start,
+                start.total(),
             )
             .and_then(|group| self.watch(pid, Some(group), start).map(|()| group));
         let released = child.release_and_reap();
@@ -568,7 +608,7 @@ impl Probes {
             unreachable!("loop ends only when all four were seen");
         };
         // What the child touched, plus slack for the counters' per-CPU lag.
-        let most = (start + SelfCheckChild::TOUCH_BYTES as u64 + (64 << 20)) as i64;
+        let most = (start.total() + SelfCheckChild::TOUCH_BYTES as u64 + (64 << 20)) as i64;
         let checks = [
             (
                 fork.group == group.0,
@@ -727,6 +767,26 @@ impl SelfCheckChild {
         }
         Ok(())
     }
+}
+
+/// Loading parses the kernel's BTF twice (here for offsets, in aya for
+/// relocations): tens of MiB, all freed by now. Hand them back to the
+/// system so a daemon that waits for weeks does not sit on them.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The number of pids the kernel can hand out (/proc/sys/kernel/pid_max),
+/// which sizes the watch filter: one byte each.
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 22)
 }
 
 fn take_map<M, E: std::error::Error + 'static>(

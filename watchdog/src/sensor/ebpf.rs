@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, now_ns};
-use crate::kernel::{self, GroupConfig, KernelEvent, ProbeOptions, Probes};
+use crate::kernel::{self, Charge, GroupConfig, KernelEvent, ProbeOptions, Probes};
 
 /// How often an unconfirmed kernel crossing is re-checked while the
 /// kernel's approximate total stays over the limit.
@@ -47,16 +47,16 @@ impl EbpfSensor {
         }
         // Read the tree first: the group starts from the sum of what its
         // members have now, each member from its own reading.
-        let mut start: HashMap<u32, u64> = crate::procs::descendants(root)
+        let mut start: HashMap<u32, Charge> = crate::procs::descendants(root)
             .into_iter()
             .chain([root])
-            .map(|pid| (pid, exact_total([pid])))
+            .map(|pid| (pid, Charge::of(pid)))
             .collect();
-        let initial: u64 = start.values().sum();
+        let initial: u64 = start.values().map(|c| c.total()).sum();
         let id = self.probes.create_group(config(limits), initial)?;
         let members = match self
             .probes
-            .watch_tree(root, Some(id), |pid| start.remove(&pid).unwrap_or(0))
+            .watch_tree(root, Some(id), |pid| start.remove(&pid).unwrap_or_default())
         {
             Ok(members) => members,
             Err(err) => {
