@@ -19,6 +19,7 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_MMAPABLE,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -36,12 +37,14 @@ use watchdog_common::{
 #[map]
 static WATCHED: HashMap<u32, Watch> = HashMap::with_max_entries(MAX_WATCHED, 0);
 
-/// One byte per possible tgid, non-zero when it is in `WATCHED`: the
-/// unwatched path is an array load the verifier inlines (a bounds check
-/// and a byte read), not a hash lookup. Sized to pid_max by the loader;
-/// a tgid past it (pid_max raised later) falls through to `WATCHED`.
+/// One byte per possible tgid, non-zero when it is in `WATCHED`, packed
+/// eight to an element: the unwatched path is an array load the verifier
+/// inlines (a bounds check and a byte read), not a hash lookup. Sized to
+/// pid_max / 8 by the loader (a tgid past it, after pid_max was raised,
+/// falls through to `WATCHED`). Userspace maps it (BPF_F_MMAPABLE) and
+/// stores single bytes, so neither side ever rewrites the other's bytes.
 #[map]
-static WATCH_FILTER: Array<u8> = Array::with_max_entries(1, 0);
+static WATCH_FILTER: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// Events for userspace.
 #[map]
@@ -151,15 +154,19 @@ fn current_tgid() -> u32 {
 /// The first test of every program: whether `tgid` may be watched.
 #[inline(always)]
 fn maybe_watched(tgid: u32) -> bool {
-    WATCH_FILTER.get(tgid).is_none_or(|&flag| flag != 0)
+    match WATCH_FILTER.get_ptr(tgid >> 3) {
+        // SAFETY: a byte inside a valid map value.
+        Some(word) => unsafe { *word.cast::<u8>().add((tgid & 7) as usize) != 0 },
+        None => true,
+    }
 }
 
-/// Marks `tgid` in the filter (it was just added to `WATCHED`).
+/// Sets `tgid`'s byte in the filter.
 #[inline(always)]
 fn set_filter(tgid: u32, value: u8) {
-    if let Some(flag) = WATCH_FILTER.get_ptr_mut(tgid) {
-        // SAFETY: a valid map value; a single byte store.
-        unsafe { *flag = value };
+    if let Some(word) = WATCH_FILTER.get_ptr_mut(tgid >> 3) {
+        // SAFETY: a byte inside a valid map value; a single byte store.
+        unsafe { *word.cast::<u8>().add((tgid & 7) as usize) = value };
     }
 }
 

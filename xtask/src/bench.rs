@@ -52,7 +52,7 @@ pub fn bench(project: &Project) -> Result<()> {
     };
 
     println!("bench: detection latency (eBPF)");
-    let ebpf = b.latency(Sensor::Ebpf, 60)?;
+    let ebpf = b.latency(Sensor::Ebpf, 200)?;
     println!("bench: detection latency (sampling every 100 ms)");
     let s100 = b.latency(Sensor::Sampling(Duration::from_millis(100)), 50)?;
     println!("bench: detection latency (sampling every 1 s)");

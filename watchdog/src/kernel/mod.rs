@@ -206,7 +206,7 @@ pub struct Probes {
     // Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
     watched: HashMap<MapData, u32, Watch>,
-    filter: Array<MapData, u8>,
+    filter: Filter,
     counters: PerCpuArray<MapData, u64>,
     group_limits: Array<MapData, GroupLimits>,
     group_counters: Array<MapData, GroupCounters>,
@@ -233,7 +233,7 @@ impl Probes {
         let layout = KernelLayout::resolve(&Btf::from_kernel()?)?;
         let watch_all = u32::from(options.watch_all);
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("WATCH_FILTER", pid_max())
+            .map_max_entries("WATCH_FILTER", pid_max().div_ceil(8))
             .override_global("OFFSETS", &layout.offsets, true)
             .override_global("WATCH_ALL", &watch_all, true)
             .load(object)
@@ -241,7 +241,7 @@ impl Probes {
 
         // Maps first: the programs write to them as soon as they attach.
         let watched = take_map(&mut ebpf, "WATCHED", HashMap::try_from)?;
-        let filter = take_map(&mut ebpf, "WATCH_FILTER", Array::try_from)?;
+        let filter = take_map(&mut ebpf, "WATCH_FILTER", Filter::map)?;
         let counters = take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?;
         let ring = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let group_limits = take_map(&mut ebpf, "GROUP_LIMITS", Array::try_from)?;
@@ -309,11 +309,7 @@ impl Probes {
             .insert(tgid, watch, 0)
             .map_err(|e| LoadError::kernel("add a process to the watch table", e))?;
         // After the entry exists: the programs look in the filter first.
-        if let Err(e) = self.filter.set(tgid, 1, 0) {
-            // A tgid past the filter (pid_max was raised): the programs
-            // look it up in WATCHED directly.
-            tracing::debug!(tgid, error = %e, "tgid outside the watch filter");
-        }
+        self.filter.set(tgid, true);
         Ok(())
     }
 
@@ -453,7 +449,7 @@ impl Probes {
     pub fn unwatch(&mut self, tgid: u32) {
         // ENOENT / out of range: it already exited, and the exit program
         // removed it, or it was never in the filter.
-        let _ = self.filter.set(tgid, 0, 0);
+        self.filter.set(tgid, false);
         let _ = self.watched.remove(&tgid);
     }
 
@@ -777,6 +773,69 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only returns free heap memory to the system.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// The `WATCH_FILTER` array, mapped into this process: one byte per tgid,
+/// written with single-byte stores so that the kernel's own stores to
+/// neighbouring bytes (for forks) are never overwritten.
+struct Filter {
+    _map: MapData,
+    bytes: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only touched through
+// atomic byte stores.
+unsafe impl Send for Filter {}
+
+impl Filter {
+    fn map(map: aya::maps::Map) -> Result<Self, io::Error> {
+        let aya::maps::Map::Array(data) = map else {
+            return Err(io::Error::other("WATCH_FILTER is not an array"));
+        };
+        let info = data.info().map_err(io::Error::other)?;
+        let len = info.max_entries() as usize * info.value_size() as usize;
+        // SAFETY: mapping a BPF_F_MMAPABLE array's own descriptor, shared,
+        // for exactly its size.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let bytes = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| io::Error::other("null"))?;
+        Ok(Self {
+            _map: data,
+            bytes,
+            len,
+        })
+    }
+
+    /// Marks or clears `tgid`. A tgid past the filter (pid_max raised since
+    /// loading) needs nothing: the programs look it up in WATCHED.
+    fn set(&mut self, tgid: u32, watched: bool) {
+        let index = tgid as usize;
+        if index < self.len {
+            // SAFETY: inside the mapping; a single atomic byte store.
+            let byte =
+                unsafe { std::sync::atomic::AtomicU8::from_ptr(self.bytes.as_ptr().add(index)) };
+            byte.store(u8::from(watched), std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.bytes.as_ptr().cast(), self.len) };
     }
 }
 

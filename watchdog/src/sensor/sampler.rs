@@ -203,7 +203,7 @@ impl Sampler {
         let info = self.members.remove(&pid)?;
         if let Some(g) = self.groups.get_mut(&info.group) {
             g.members.remove(&pid);
-            g.roots.retain(|&r| r != pid || procs::exists(r));
+            g.roots.retain(|&r| r != pid);
         }
         Some(SensorEvent::Exit {
             group: Some(info.group),
@@ -225,17 +225,28 @@ impl Sampler {
         let Some(g) = self.groups.get_mut(&id) else {
             return Ok(());
         };
-        g.roots.retain(|&r| procs::exists(r));
+        // Members stay members until their exit is reported, even when
+        // reparented after their parent died (as with the kernel programs);
+        // their new children join too. One that is gone but not yet
+        // reported simply reads as nothing.
         let mut current: HashMap<u32, u32> = HashMap::new();
-        let mut stack: Vec<u32> = g.roots.clone();
-        for &root in &g.roots {
-            current.insert(root, procs::ppid(root).unwrap_or(0));
+        for &pid in &g.members {
+            if let Some(info) = self.members.get(&pid) {
+                current.insert(pid, info.ppid);
+            }
         }
+        for &root in &g.roots {
+            current
+                .entry(root)
+                .or_insert_with(|| procs::ppid(root).unwrap_or(0));
+        }
+        let mut stack: Vec<u32> = current.keys().copied().collect();
         while let Some(pid) = stack.pop() {
             let kids = procs::children(pid)
                 .unwrap_or_else(|| procs::descendants(pid).into_iter().collect());
             for child in kids {
-                if current.insert(child, pid).is_none() {
+                if let std::collections::hash_map::Entry::Vacant(slot) = current.entry(child) {
+                    slot.insert(pid);
                     stack.push(child);
                 }
             }
