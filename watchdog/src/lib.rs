@@ -10,6 +10,8 @@
 //! - [`jsonl`]: whole-line JSON output to stdout or an O_APPEND file.
 //! - [`mem`]: exact memory readings (RssAnon+RssShmem, phys_footprint).
 //! - [`memcheck`]: `watchdog mem-check`.
+//! - [`policy`]: the respawn policy, a pure state machine (inputs and time
+//!   in, actions out).
 //! - [`size`]: byte sizes as users write them.
 //! - [`watch`]: `watchdog watch`, memory limits on running process trees.
 //! - [`privilege`] (Linux): capability checks before loading programs.
@@ -26,6 +28,7 @@ pub mod jsonl;
 pub mod kernel;
 pub mod mem;
 pub mod memcheck;
+pub mod policy;
 #[cfg(target_os = "linux")]
 pub mod privilege;
 pub mod procs;
