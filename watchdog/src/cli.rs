@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{audit, memcheck, watch};
+use crate::{audit, memcheck, supervise, watch};
 
 /// eBPF-assisted memory watchdog and process supervisor.
 #[derive(Debug, Parser)]
@@ -35,6 +35,10 @@ pub enum Command {
     /// crossings and exits as JSON lines until SIGINT or SIGTERM, or until
     /// every watched process has exited.
     Watch(watch::WatchArgs),
+    /// Run one service in the foreground: keep it under its memory budget,
+    /// restart it by the policy, write every decision to the audit log.
+    /// SIGTERM / SIGINT drain it and exit 0; giving up exits 1.
+    Supervise(Box<supervise::SuperviseArgs>),
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -81,6 +85,7 @@ pub fn main() -> ExitCode {
             Command::Audit(args) => audit::run(args).await,
             Command::MemCheck(args) => memcheck::run(args),
             Command::Watch(args) => watch::run(args).await,
+            Command::Supervise(args) => supervise::run(*args).await,
         }
     });
     match result {

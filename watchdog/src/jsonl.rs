@@ -53,6 +53,11 @@ impl LineSink {
         self.path.as_deref()
     }
 
+    /// Makes what was written durable (fdatasync).
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     /// Writes `value` as one JSON line with one write(2).
     pub fn write_line<T: Serialize>(&mut self, value: &T) -> io::Result<()> {
         self.buf.clear();

@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`cli`]: the command line; parses, sets up logging, dispatches.
 //! - [`audit`]: `watchdog audit`, process exits as JSON lines.
+//! - [`auditlog`]: the supervisor's audit log (append, fsync, reopen).
+//! - [`runner`]: spawning, holding before exec, reaping, killing trees.
+//! - [`supervise`]: `watchdog supervise`, one service in the foreground.
 //! - [`kernel`] (Linux): the kernel programs behind a typed API: BTF
 //!   offsets, loading and attaching, the watch table, the event stream.
 //! - [`event`]: what sensors report (exits, forks) and clock conversion.
@@ -20,6 +23,7 @@
 //!   programs or a sampler, with exact confirmation.
 
 pub mod audit;
+pub mod auditlog;
 pub mod cli;
 pub mod event;
 pub mod exit;
@@ -32,8 +36,10 @@ pub mod policy;
 #[cfg(target_os = "linux")]
 pub mod privilege;
 pub mod procs;
+pub mod runner;
 pub mod sensor;
 pub mod size;
+pub mod supervise;
 pub mod watch;
 
 /// Whether this binary carries the compiled kernel programs.

@@ -58,6 +58,8 @@ pub fn bench(project: &Project) -> Result<()> {
     println!("bench: detection latency (sampling every 1 s)");
     let s1 = b.latency(Sensor::Sampling(Duration::from_secs(1)), 50)?;
 
+    println!("bench: supervisor reaction (drain and respawn)");
+    let reaction = b.reaction()?;
     println!("bench: starting {IDLE_PROCESSES} idle processes");
     let idle = Idle::start(&b.helper, IDLE_PROCESSES)?;
     println!("bench: page-fault cost");
@@ -68,6 +70,7 @@ pub fn bench(project: &Project) -> Result<()> {
     drop(idle);
 
     let report = Report {
+        reaction,
         ebpf,
         s100,
         s1,
@@ -298,6 +301,94 @@ impl Bench {
 
 const FAULT_ARGS: [&str; 3] = ["fault-bench", "64", "20"];
 
+/// Supervisor reaction times in microseconds, sorted.
+struct Reaction {
+    /// memory_over_limit -> drain_started (the drain signal follows at once).
+    to_drain: Vec<f64>,
+    /// exited -> started.
+    to_respawn: Vec<f64>,
+}
+
+impl Bench {
+    /// A leaker under `watchdog supervise` for a few seconds: every run
+    /// crosses the limit, is drained and respawned; the audit log's
+    /// timestamps give the reaction times.
+    fn reaction(&self) -> Result<Reaction> {
+        let dir = std::env::temp_dir().join(format!("watchdog-bench-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let log = dir.join("audit.jsonl");
+        let mut child = Command::new(&self.watchdog)
+            .args([
+                "supervise",
+                "--sensor",
+                "ebpf",
+                "--max-rss",
+                "32MiB",
+                "--grace",
+                "5s",
+            ])
+            .args(["--clean-budget", "100000", "--audit-log"])
+            .arg(&log)
+            .arg("--")
+            .arg(&self.helper)
+            .args(["leak", "48", "1", "sleep", "100000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("failed to start watchdog supervise")?;
+        thread::sleep(Duration::from_secs(10));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait()?;
+        let text = fs::read_to_string(&log)?;
+        let _ = fs::remove_dir_all(&dir);
+        let lines: Vec<(String, f64)> = text
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                Some((
+                    v["event"].as_str()?.to_owned(),
+                    seconds_of_day(v["ts"].as_str()?)?,
+                ))
+            })
+            .collect();
+        let mut to_drain = Vec::new();
+        let mut to_respawn = Vec::new();
+        for pair in lines.windows(2) {
+            let ((a, ta), (b, tb)) = (&pair[0], &pair[1]);
+            let us = (tb - ta).rem_euclid(86_400.0) * 1e6;
+            match (a.as_str(), b.as_str()) {
+                ("memory_over_limit", "drain_started") => to_drain.push(us),
+                ("exited", "started") => to_respawn.push(us),
+                _ => {}
+            }
+        }
+        if to_drain.len() < 20 || to_respawn.len() < 20 {
+            bail!(
+                "too few drains ({}) or respawns ({}) in 10 s",
+                to_drain.len(),
+                to_respawn.len()
+            );
+        }
+        to_drain.sort_by(f64::total_cmp);
+        to_respawn.sort_by(f64::total_cmp);
+        Ok(Reaction {
+            to_drain,
+            to_respawn,
+        })
+    }
+}
+
+/// `2026-11-24T22:14:07.774317Z` -> seconds since midnight.
+fn seconds_of_day(ts: &str) -> Option<f64> {
+    let time = ts.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 struct Faults {
     baseline: f64,
     unwatched: f64,
@@ -484,6 +575,7 @@ fn raise_nofile() {
 }
 
 struct Report {
+    reaction: Reaction,
     ebpf: Latency,
     s100: Latency,
     s1: Latency,
@@ -578,6 +670,22 @@ impl Report {
             us(e50),
             us(e99),
             met(e99 <= 1000.0)
+        );
+        let r = &self.reaction;
+        let _ = writeln!(
+            out,
+            "| supervise: confirmed crossing -> drain signal, p50 / p99 (n={}) | {} / {} | - | - \
+             | - | |",
+            r.to_drain.len(),
+            us(percentile(&r.to_drain, 0.5)),
+            us(percentile(&r.to_drain, 0.99))
+        );
+        let _ = writeln!(
+            out,
+            "| supervise: service exit -> respawned, p50 / p99 (n={}) | {} / {} | - | - | - | |",
+            r.to_respawn.len(),
+            us(percentile(&r.to_respawn, 0.5)),
+            us(percentile(&r.to_respawn, 0.99))
         );
         let f = &self.faults;
         let unwatched = f.unwatched / f.baseline;

@@ -28,6 +28,8 @@
 //! - `fault-bench MIB ROUNDS`: ROUNDS times map MIB, touch every page,
 //!   unmap; print `fault-bench faults=<n> median_ns=<ns per fault>
 //!   min_ns=<ns per fault>`
+//! - `leak MIB STEP_MS`: one more mebibyte every STEP_MS, MIB times
+//! - `ignore-term`: ignore SIGTERM from now on
 //! - `exit CODE`: exit with CODE
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -220,6 +222,18 @@ fn main() {
                     per_fault[rounds / 2],
                     per_fault[0]
                 );
+            }
+            "leak" => {
+                let total = number("mebibytes");
+                let step = Duration::from_millis(number("milliseconds") as u64);
+                for _ in 0..total {
+                    kept.push(Block::touch(1));
+                    thread::sleep(step);
+                }
+            }
+            "ignore-term" => {
+                // SAFETY: setting a signal disposition.
+                unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
             }
             "exit" => process::exit(number("an exit code") as i32),
             other => usage(&format!("unknown step {other:?}")),

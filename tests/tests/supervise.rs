@@ -1,0 +1,343 @@
+//! `watchdog supervise`: drains and respawns of leakers, kills after grace,
+//! crash-loop backoff and giving up, the clean-restart budget, shutdown;
+//! each with the kernel programs (as root) and with the sampler.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use watchdog_tests::{TempDir, privileged, watchdog_bin};
+
+const HELPER: &str = env!("CARGO_BIN_EXE_wd-helper");
+
+fn sensors(test: &str) -> Vec<&'static str> {
+    let mut sensors = vec!["sampling"];
+    if privileged(test) {
+        sensors.insert(0, "ebpf");
+    }
+    sensors
+}
+
+/// A running `watchdog supervise` writing its audit log to a temp file.
+struct Supervisor {
+    child: Child,
+    log: std::path::PathBuf,
+    tag: String,
+    _dir: TempDir,
+}
+
+impl Supervisor {
+    fn start(sensor: &str, options: &[&str], steps: &[&str]) -> Self {
+        let dir = TempDir::new("supervise");
+        let log = dir.path().join("audit.jsonl");
+        // A word on every run's command line, to find leftovers by: the
+        // temp dir's name is unique.
+        let tag = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let child = Command::new(watchdog_bin())
+            .args(["supervise", "--audit-log"])
+            .arg(&log)
+            .args([
+                "--sensor",
+                sensor,
+                "--interval",
+                "100ms",
+                "--min-interval",
+                "20ms",
+            ])
+            .args(options)
+            .arg("--")
+            .arg(HELPER)
+            .args(["tag", &tag])
+            .args(steps)
+            .env("WATCHDOG_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            log,
+            tag,
+            _dir: dir,
+        }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line ({e}): {l:?}")))
+            .collect()
+    }
+
+    /// Waits until the audit log has lines whose events start with `events`
+    /// (as a subsequence, in order).
+    fn wait_for(&self, events: &[&str], timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            let mut want = events.iter().peekable();
+            for line in &lines {
+                if want.peek().is_some_and(|e| line["event"] == **e) {
+                    want.next();
+                }
+            }
+            if want.peek().is_none() {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {events:?} within {timeout:?}; log: {:#?}",
+                lines.iter().map(|l| l["event"].clone()).collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("supervise did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Processes of the service (any run) still alive.
+    fn leftovers(&self) -> Vec<u32> {
+        let mut left = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            if !zombie && String::from_utf8_lossy(&cmd).contains(&self.tag) {
+                left.push(pid);
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn events(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| l["event"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_leaker_is_drained_and_respawned() {
+    for sensor in sensors("a_leaker_is_drained_and_respawned") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &["--max-rss", "32MiB", "--grace", "5s"],
+            &["leak", "64", "5", "sleep", "100000"],
+        );
+        let seq = [
+            "started",
+            "memory_over_limit",
+            "drain_started",
+            "exited",
+            "started",
+        ];
+        let lines = sv.wait_for(&seq, Duration::from_secs(20));
+        let exit = lines.iter().find(|l| l["event"] == "exited").unwrap();
+        assert_eq!(exit["cause"], "memory_drain", "{sensor}: {exit}");
+        assert_eq!(exit["crash_count"], 0, "{exit}");
+        assert_eq!(exit["restart_in_ms"], 0, "restarted at once: {exit}");
+        assert!(
+            exit["charged_bytes"].as_u64().unwrap() >= 32 << 20,
+            "{exit}"
+        );
+        assert_eq!(exit["limit_bytes"], 32u64 << 20);
+        assert_eq!(exit["signal_name"], "SIGTERM");
+        for field in [
+            "ts",
+            "service",
+            "pid",
+            "uptime_ms",
+            "peak_rss_bytes",
+            "source",
+        ] {
+            assert!(exit.get(field).is_some(), "{field} in {exit}");
+        }
+        let over = lines
+            .iter()
+            .find(|l| l["event"] == "memory_over_limit")
+            .unwrap();
+        assert_eq!(over["pid"], exit["pid"]);
+        assert!(sv.stop().success(), "SIGTERM exits 0");
+        assert_eq!(
+            sv.leftovers(),
+            Vec::<u32>::new(),
+            "{sensor}: nothing of the tree remains"
+        );
+    }
+}
+
+#[test]
+fn a_term_ignorer_is_killed_with_its_tree() {
+    for sensor in sensors("a_term_ignorer_is_killed_with_its_tree") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &[
+                "--max-rss",
+                "32MiB",
+                "--grace",
+                "500ms",
+                "--restart",
+                "never",
+            ],
+            &[
+                "ignore-term",
+                "fork-alloc",
+                "4",
+                "leak",
+                "64",
+                "5",
+                "sleep",
+                "100000",
+            ],
+        );
+        let status = sv.wait_exit(Duration::from_secs(20));
+        assert!(
+            status.success(),
+            "{sensor}: ends after its only run: {status:?}"
+        );
+        let lines = sv.lines();
+        let seq = events(&lines);
+        assert_eq!(
+            seq,
+            [
+                "started",
+                "memory_over_limit",
+                "drain_started",
+                "escalated_kill",
+                "exited"
+            ],
+            "{sensor}"
+        );
+        let exit = lines.last().unwrap();
+        assert_eq!(exit["cause"], "memory_kill", "{exit}");
+        assert_eq!(exit["signal"], 9, "{exit}");
+        assert_eq!(
+            sv.leftovers(),
+            Vec::<u32>::new(),
+            "{sensor}: the forked child went too"
+        );
+    }
+}
+
+#[test]
+fn crash_loops_back_off_and_give_up() {
+    for sensor in sensors("crash_loops_back_off_and_give_up") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &["--max-crashes", "4", "--backoff-floor", "100ms"],
+            &["sleep", "20", "exit", "3"],
+        );
+        let status = sv.wait_exit(Duration::from_secs(20));
+        assert_eq!(status.code(), Some(1), "{sensor}: giving up exits 1");
+        let lines = sv.lines();
+        let exits: Vec<&Value> = lines.iter().filter(|l| l["event"] == "exited").collect();
+        assert_eq!(exits.len(), 4, "{sensor}: {:?}", events(&lines));
+        let delays: Vec<u64> = exits[..3]
+            .iter()
+            .map(|e| e["restart_in_ms"].as_u64().unwrap())
+            .collect();
+        assert!(
+            delays.windows(2).all(|w| w[1] > w[0]),
+            "growing: {delays:?}"
+        );
+        assert!(delays[0] >= 100, "{delays:?}");
+        for (i, e) in exits.iter().enumerate() {
+            assert_eq!(e["cause"], "crash");
+            assert_eq!(e["exit_code"], 3);
+            assert_eq!(e["crash_count"], i as u64 + 1);
+        }
+        assert_eq!(lines.last().unwrap()["event"], "max_crashes_exceeded");
+    }
+}
+
+#[test]
+fn clean_exits_past_the_budget_warn() {
+    for sensor in sensors("clean_exits_past_the_budget_warn") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &[
+                "--clean-budget",
+                "3",
+                "--clean-window",
+                "60s",
+                "--backoff-floor",
+                "100ms",
+            ],
+            &["sleep", "30", "exit", "0"],
+        );
+        let lines = sv.wait_for(&["health_warn"], Duration::from_secs(20));
+        let warn = lines.iter().find(|l| l["event"] == "health_warn").unwrap();
+        assert_eq!(warn["reason"], "clean_restart_budget_exceeded", "{warn}");
+        let exits: Vec<&Value> = lines.iter().filter(|l| l["event"] == "exited").collect();
+        assert_eq!(exits.len(), 4, "{sensor}: warned at the 4th clean exit");
+        assert!(exits[..3].iter().all(|e| e["restart_in_ms"] == 0));
+        assert!(exits[3]["restart_in_ms"].as_u64().unwrap() >= 100);
+        assert!(
+            exits
+                .iter()
+                .all(|e| e["cause"] == "clean_exit" && e["crash_count"] == 0)
+        );
+        assert!(sv.stop().success());
+    }
+}
+
+#[test]
+fn sigterm_drains_the_child_and_exits_0() {
+    for sensor in sensors("sigterm_drains_the_child_and_exits_0") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &["--grace", "5s"],
+            &["fork-alloc", "4", "sleep", "100000"],
+        );
+        sv.wait_for(&["started"], Duration::from_secs(10));
+        let asked = Instant::now();
+        assert!(sv.stop().success());
+        assert!(asked.elapsed() < Duration::from_secs(5), "within grace");
+        let lines = sv.lines();
+        let exit = lines.last().unwrap();
+        assert_eq!(exit["event"], "exited");
+        assert_eq!(exit["cause"], "shutdown", "{exit}");
+        assert_eq!(sv.leftovers(), Vec::<u32>::new(), "{sensor}");
+    }
+}
