@@ -341,3 +341,138 @@ fn sigterm_drains_the_child_and_exits_0() {
         assert_eq!(sv.leftovers(), Vec::<u32>::new(), "{sensor}");
     }
 }
+
+/// The kernel's OOM killer is told apart from any other SIGKILL: the run is
+/// moved into a memory cgroup too small for it.
+#[test]
+fn oom_kills_are_told_apart() {
+    if !privileged("oom_kills_are_told_apart") {
+        return;
+    }
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory");
+    let (cgroup, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
+        (
+            v1.join(format!("watchdog-test-{}", std::process::id())),
+            "memory.limit_in_bytes",
+        )
+    } else {
+        (
+            std::path::Path::new("/sys/fs/cgroup")
+                .join(format!("watchdog-test-{}", std::process::id())),
+            "memory.max",
+        )
+    };
+    std::fs::create_dir_all(&cgroup).expect("create a memory cgroup");
+    let _cleanup = CgroupDir(cgroup.clone());
+    std::fs::write(cgroup.join(limit_file), "48M").expect("set the cgroup's memory limit");
+    let mut sv = Supervisor::start(
+        "ebpf",
+        &["--restart", "never"],
+        &["sleep", "500", "alloc", "96", "sleep", "100000"],
+    );
+    let lines = sv.wait_for(&["started"], Duration::from_secs(10));
+    let pid = lines[0]["pid"].as_u64().unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).expect("move the run");
+    let status = sv.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let exit = sv
+        .lines()
+        .into_iter()
+        .find(|l| l["event"] == "exited")
+        .unwrap();
+    assert_eq!(exit["cause"], "oom_kill", "{exit}");
+    assert_eq!(exit["reason"], "ebpf_mark_victim", "{exit}");
+    assert_eq!(exit["signal"], 9, "{exit}");
+}
+
+/// Removes a cgroup directory once its processes are gone.
+struct CgroupDir(std::path::PathBuf);
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// SIGHUP reopens the audit log, as logrotate expects.
+#[test]
+fn sighup_reopens_the_audit_log() {
+    let mut sv = Supervisor::start(
+        "sampling",
+        &[
+            "--max-crashes",
+            "1000",
+            "--backoff-floor",
+            "50ms",
+            "--backoff-cap",
+            "50ms",
+        ],
+        &["sleep", "20", "exit", "1"],
+    );
+    sv.wait_for(&["exited", "exited"], Duration::from_secs(10));
+    let rotated = sv.log.with_extension("jsonl.1");
+    std::fs::rename(&sv.log, &rotated).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(sv.child.id() as i32, libc::SIGHUP) };
+    let fresh = sv.wait_for(&["exited"], Duration::from_secs(10));
+    assert!(!fresh.is_empty());
+    assert!(sv.stop().success());
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    for line in old
+        .lines()
+        .chain(std::fs::read_to_string(&sv.log).unwrap().lines())
+    {
+        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("torn ({e}): {line:?}"));
+    }
+}
+
+/// `--user` runs the service as that user.
+#[test]
+fn user_drops_privileges() {
+    if !privileged("user_drops_privileges") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // A copy of the helper that `nobody` may execute wherever the tree is.
+    let dir = TempDir::new("user");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let helper = dir.path().join("wd-helper");
+    std::fs::copy(HELPER, &helper).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut child = Command::new(watchdog_bin())
+        .args(["supervise", "--user", "nobody", "--cwd", "/", "--audit-log"])
+        .arg(&log)
+        .arg("--")
+        .arg(&helper)
+        .args(["sleep", "100000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            break v["pid"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_owned();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let uids: Vec<&str> = uid_line.split_whitespace().skip(1).collect();
+    assert_eq!(uids, ["65534"; 4], "{uid_line}");
+}

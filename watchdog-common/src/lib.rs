@@ -20,6 +20,8 @@ pub const EVENT_CROSSING: u32 = 3;
 pub const EVENT_REARMED: u32 = 4;
 /// [`Event::kind`]: a group's total moved by at least its step.
 pub const EVENT_CHANGED: u32 = 5;
+/// [`Event::kind`]: the kernel's OOM killer chose a watched process.
+pub const EVENT_OOM_VICTIM: u32 = 6;
 
 /// One record in the `EVENTS` ring buffer.
 ///

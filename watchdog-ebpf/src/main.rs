@@ -28,9 +28,10 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use watchdog_common::{
-    COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_REARMED, Event,
-    GRANULE_PAGES, GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters, GroupLimits,
-    KernelOffsets, MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES, SIGNAL_GROUP_EXIT, Watch, counter,
+    COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_OOM_VICTIM,
+    EVENT_REARMED, Event, GRANULE_PAGES, GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW,
+    GroupCounters, GroupLimits, KernelOffsets, MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES,
+    SIGNAL_GROUP_EXIT, Watch, counter,
 };
 
 /// Watched processes, keyed by tgid.
@@ -279,6 +280,38 @@ fn report_exit(tgid: u32, task: *const u8, watch: Watch) -> Result<(), i64> {
     });
     entry.submit(0);
     Ok(())
+}
+
+/// mark_victim: `(struct task_struct *task, uid_t uid)` (6.8+): the OOM
+/// killer chose `task`; it runs in whichever task hit the OOM, so the victim
+/// comes from the argument, not from `current`. A rare event.
+#[raw_tracepoint(tracepoint = "mark_victim")]
+pub fn mark_victim(ctx: RawTracePointContext) -> i32 {
+    let task: *const u8 = ctx.arg(0);
+    let off = OFFSETS.load();
+    if let Ok(tgid) = read_field::<u32>(task, off.task_tgid) {
+        report_oom_victim(tgid);
+    }
+    0
+}
+
+/// mark_victim before 6.8: `(int pid)`, the victim's pid.
+#[raw_tracepoint(tracepoint = "mark_victim")]
+pub fn mark_victim_pid(ctx: RawTracePointContext) -> i32 {
+    let pid: u64 = ctx.arg(0);
+    report_oom_victim(pid as u32);
+    0
+}
+
+fn report_oom_victim(tgid: u32) {
+    if !maybe_watched(tgid) {
+        return;
+    }
+    // SAFETY: the value is copied out before the map can change.
+    let Some(watch) = (unsafe { WATCHED.get(tgid) }).copied() else {
+        return;
+    };
+    emit(EVENT_OOM_VICTIM, tgid, watch.group, 0, 0);
 }
 
 /// rss_stat: `(struct mm_struct *mm, int member)` (6.2+; before, a third

@@ -248,6 +248,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
     // The cgroup's OOM-kill count now, to tell a kernel OOM kill from any
     // other SIGKILL later.
     let mut oom_seen = oom_kill_count();
+    let mut oom_victims = std::collections::HashSet::new();
     let mut policy = Policy::new(cfg);
     let mut current: Option<Current> = None;
     let mut last_pid = 0;
@@ -264,13 +265,13 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                 Action::Spawn => {
                     let group_slot = &mut None;
                     let started = runner::spawn(&spec, |pid| {
-                        if let Some(limits) = limits {
-                            *group_slot = Some(
-                                sensor
-                                    .watch_tree(pid, limits)
-                                    .map_err(|e| std::io::Error::other(e.to_string()))?,
-                            );
-                        }
+                        // Watched even without a limit: its exits, forks and
+                        // OOM kills are sensed too.
+                        *group_slot = Some(
+                            sensor
+                                .watch_tree(pid, limits.unwrap_or_default())
+                                .map_err(|e| std::io::Error::other(e.to_string()))?,
+                        );
                         Ok(())
                     })
                     .await;
@@ -364,9 +365,22 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                 // Whatever the run left behind goes with it.
                 runner::kill_descendants(50, None);
                 let oom_now = oom_kill_count();
-                let oom_killed = status.signal() == Some(libc::SIGKILL)
-                    && matches!((oom_now, oom_seen), (Some(now), Some(before)) if now > before);
+                let killed = status.signal() == Some(libc::SIGKILL);
+                let run_pid = ended.as_ref().map(|c| c.run.pid);
+                // The kernel programs saw the OOM killer choose it; else the
+                // cgroup's count of OOM kills grew meanwhile.
+                let oom_evidence = if killed && run_pid.is_some_and(|p| oom_victims.contains(&p)) {
+                    Some("ebpf_mark_victim")
+                } else if killed
+                    && matches!((oom_now, oom_seen), (Some(now), Some(before)) if now > before)
+                {
+                    Some("cgroup_memory_events_oom_kill")
+                } else {
+                    None
+                };
                 oom_seen = oom_now;
+                oom_victims.clear();
+                let oom_killed = oom_evidence.is_some();
                 let now = Instant::now();
                 let actions = policy.handle(Input::Exited { status, oom_killed }, now);
                 // The exit line carries what only the runner measured.
@@ -375,7 +389,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                         Action::Record(mut record) if record.event == "exited" => {
                             if record.cause == Some(Cause::OomKill) {
                                 // Say what the verdict rests on.
-                                record.reason = Some("cgroup_memory_events_oom_kill");
+                                record.reason = oom_evidence;
                             }
                             let line = line(&record, &service, last_pid, &clock, source, Some(peak_rss_bytes));
                             audit.write(&line);
@@ -404,6 +418,9 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                         // the hysteresis level (for signal / marker, or a
                         // deferred decision).
                         let _ = sensor.rearm(c.group);
+                    }
+                    SensorEvent::OomVictim { pid, .. } => {
+                        oom_victims.insert(pid);
                     }
                     SensorEvent::Rearmed { group, .. } if current.as_ref().and_then(|r| r.group) == Some(group) => {
                         pending.extend(policy.handle(Input::BelowLimit, Instant::now()));

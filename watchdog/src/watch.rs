@@ -201,7 +201,7 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
                 }
                 written
             }
-            SensorEvent::Fork { .. } => Ok(()),
+            SensorEvent::Fork { .. } | SensorEvent::OomVictim { .. } => Ok(()),
         };
         if let Err(e) = written {
             if e.kind() == std::io::ErrorKind::BrokenPipe && sink.path().is_none() {

@@ -24,9 +24,9 @@ use aya::{
 };
 use tokio::io::unix::AsyncFd;
 use watchdog_common::{
-    COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_REARMED, Event,
-    GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters, GroupLimits, MAX_GROUPS, Watch,
-    counter,
+    COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_OOM_VICTIM,
+    EVENT_REARMED, Event, GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW, GroupCounters,
+    GroupLimits, MAX_GROUPS, Watch, counter,
 };
 
 use crate::{
@@ -138,6 +138,11 @@ pub enum KernelEvent {
     Rearmed(GroupSignal),
     /// A group's total moved by at least its step.
     Changed(GroupSignal),
+    /// The kernel's OOM killer chose this watched process.
+    OomVictim {
+        pid: u32,
+        group: GroupId,
+    },
 }
 
 /// A group-level event: which group, what its kernel total was, and which
@@ -257,6 +262,12 @@ impl Probes {
         attach_raw(&mut ebpf, exit, "sched_process_exit")?;
         attach_raw(&mut ebpf, "sched_process_exec", "sched_process_exec")?;
         attach_raw(&mut ebpf, "rss_stat", "rss_stat")?;
+        let oom = if layout.oom_victim_is_task {
+            "mark_victim"
+        } else {
+            "mark_victim_pid"
+        };
+        attach_raw(&mut ebpf, oom, "mark_victim")?;
 
         // SAFETY: the RingBuf owns its map descriptor for its whole life and
         // always reports the same one; the AsyncFd owns the RingBuf.
@@ -509,6 +520,10 @@ impl Probes {
             EVENT_CROSSING => KernelEvent::Crossing(signal()),
             EVENT_REARMED => KernelEvent::Rearmed(signal()),
             EVENT_CHANGED => KernelEvent::Changed(signal()),
+            EVENT_OOM_VICTIM => KernelEvent::OomVictim {
+                pid: raw.pid,
+                group: GroupId(raw.group),
+            },
             EVENT_FORK => KernelEvent::Fork(ProcessFork {
                 parent: raw.ppid,
                 child: raw.pid,
@@ -587,6 +602,7 @@ impl Probes {
                 KernelEvent::Fork(f) if f.parent == pid => fork = Some(f),
                 KernelEvent::Crossing(c) if c.group == group => crossing = Some(c),
                 KernelEvent::Rearmed(c) | KernelEvent::Changed(c) if c.group == group => {}
+                KernelEvent::OomVictim { pid: victim, .. } if victim == pid => {}
                 KernelEvent::Exit(e) if e.pid == pid => child_exit = Some((e, raw)),
                 KernelEvent::Exit(e) if Some(e.pid) == grandchild || e.ppid == pid => {
                     grandchild_exit = Some((e, raw))
@@ -885,7 +901,7 @@ fn decode(bytes: &[u8]) -> Option<Event> {
     let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
     matches!(
         event.kind,
-        EVENT_EXIT | EVENT_FORK | EVENT_CROSSING | EVENT_REARMED | EVENT_CHANGED
+        EVENT_EXIT | EVENT_FORK | EVENT_CROSSING | EVENT_REARMED | EVENT_CHANGED | EVENT_OOM_VICTIM
     )
     .then_some(event)
 }

@@ -12,6 +12,8 @@ pub struct KernelLayout {
     /// sched_process_exit passes `group_dead` (Linux >= 6.16); before that
     /// the program works it out from `signal->live`.
     pub exit_has_group_dead: bool,
+    /// mark_victim passes the task (6.8+), not just its pid.
+    pub oom_victim_is_task: bool,
 }
 
 /// Members read by the programs, with the size each must have.
@@ -76,7 +78,9 @@ impl KernelLayout {
                 "sched_process_fork has {fork_args} arguments, expected 2"
             )));
         }
+        let oom_victim_is_task = btf.raw_tracepoint_args("mark_victim")? >= 2;
         Ok(Self {
+            oom_victim_is_task,
             offsets: KernelOffsets {
                 task_pid,
                 task_tgid,

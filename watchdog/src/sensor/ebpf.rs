@@ -185,6 +185,10 @@ impl EbpfSensor {
                         charged_bytes: signal.bytes.max(0) as u64,
                     })
             }
+            KernelEvent::OomVictim { pid, group } => Some(SensorEvent::OomVictim {
+                group: self.group_of(group.0),
+                pid,
+            }),
             KernelEvent::Changed(signal) => {
                 self.group_of(signal.group.0)
                     .map(|group| SensorEvent::Changed {

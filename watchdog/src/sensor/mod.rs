@@ -125,6 +125,12 @@ pub enum SensorEvent {
         group: Option<GroupId>,
         fork: ProcessFork,
     },
+    /// The kernel's OOM killer chose this watched process (kernel programs
+    /// only; its exit follows).
+    OomVictim {
+        group: Option<GroupId>,
+        pid: u32,
+    },
 }
 
 /// Counters a status page shows.
