@@ -446,7 +446,16 @@ fn user_drops_privileges() {
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = dir.path().join("audit.jsonl");
     let mut child = Command::new(watchdog_bin())
-        .args(["supervise", "--user", "nobody", "--cwd", "/", "--audit-log"])
+        .args([
+            "supervise",
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+            "--cwd",
+            "/",
+        ])
+        .arg("--audit-log")
         .arg(&log)
         .arg("--")
         .arg(&helper)
@@ -473,6 +482,52 @@ fn user_drops_privileges() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
+    let gid_line = status
+        .lines()
+        .find(|l| l.starts_with("Gid:"))
+        .unwrap()
+        .to_owned();
     let uids: Vec<&str> = uid_line.split_whitespace().skip(1).collect();
     assert_eq!(uids, ["65534"; 4], "{uid_line}");
+    let gids: Vec<&str> = gid_line.split_whitespace().skip(1).collect();
+    assert_eq!(gids, ["65534"; 4], "{gid_line}");
+}
+
+/// `--on-memory marker` writes the marker and leaves the run alone.
+#[test]
+fn marker_recommends_without_touching() {
+    for sensor in sensors("marker_recommends_without_touching") {
+        let marker_dir = TempDir::new("marker");
+        let marker = marker_dir.path().join("respawn.json");
+        let marker_arg = marker.to_string_lossy().into_owned();
+        let mut sv = Supervisor::start(
+            sensor,
+            &[
+                "--max-rss",
+                "32MiB",
+                "--on-memory",
+                "marker",
+                "--marker-file",
+                &marker_arg,
+            ],
+            &["leak", "48", "2", "sleep", "100000"],
+        );
+        let lines = sv.wait_for(
+            &["started", "memory_over_limit", "respawn_recommended"],
+            Duration::from_secs(20),
+        );
+        let pid = lines[0]["pid"].clone();
+        let written: Value =
+            serde_json::from_str(&std::fs::read_to_string(&marker).unwrap()).unwrap();
+        assert_eq!(written["pid"], pid, "{written}");
+        assert_eq!(written["reason"], "memory_over_limit");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            sv.lines()
+                .iter()
+                .all(|l| l["event"] != "exited" && l["event"] != "drain_started"),
+            "{sensor}: the run was touched"
+        );
+        assert!(sv.stop().success());
+    }
 }

@@ -36,6 +36,35 @@ pub struct User {
 }
 
 impl User {
+    /// Runs with this group as the primary one instead of the user's.
+    pub fn with_group(mut self, name: &str) -> io::Result<Self> {
+        let cname = CString::new(name).map_err(|_| io::Error::other("group name has a NUL"))?;
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: valid buffers of the sizes given.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc != 0 || result.is_null() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no group named {name:?}"),
+            ));
+        }
+        self.gid = grp.gr_gid;
+        if !self.groups.contains(&grp.gr_gid) {
+            self.groups.push(grp.gr_gid);
+        }
+        Ok(self)
+    }
+
     /// Looks up a user by name (its primary and supplementary groups too).
     pub fn lookup(name: &str) -> io::Result<Self> {
         let cname = CString::new(name).map_err(|_| io::Error::other("user name has a NUL"))?;

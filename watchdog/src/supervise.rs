@@ -85,6 +85,9 @@ pub struct SuperviseArgs {
     /// Run the service as this user (and its groups).
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+    /// With --user: this group as the primary one instead of the user's.
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
     /// Working directory of the service.
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
@@ -182,7 +185,15 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
         ));
     }
     let user = match &args.user {
-        Some(name) => Some(User::lookup(name).map_err(|e| CliError::Usage(e.to_string()))?),
+        Some(name) => {
+            let mut user = User::lookup(name).map_err(|e| CliError::Usage(e.to_string()))?;
+            if let Some(group) = &args.group {
+                user = user
+                    .with_group(group)
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+            }
+            Some(user)
+        }
         None => None,
     };
     let memory = args.max_rss.map(|limit| MemoryPolicy {
