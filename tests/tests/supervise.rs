@@ -531,3 +531,62 @@ fn marker_recommends_without_touching() {
         assert!(sv.stop().success());
     }
 }
+
+/// `--on-memory exec` runs the hook with what it is about, and leaves the
+/// run alone.
+#[test]
+fn exec_hook_runs_with_its_context() {
+    for sensor in sensors("exec_hook_runs_with_its_context") {
+        let out_dir = TempDir::new("hook");
+        let out = out_dir.path().join("hook.env");
+        let out_arg = out.to_string_lossy().into_owned();
+        let mut sv = Supervisor::start(
+            sensor,
+            &[
+                "--name",
+                "hooked",
+                "--max-rss",
+                "32MiB",
+                "--on-memory",
+                "exec",
+                "--hook",
+                HELPER,
+                "--hook-arg",
+                "write-env",
+                "--hook-arg",
+                &out_arg,
+            ],
+            &["leak", "48", "2", "sleep", "100000"],
+        );
+        let lines = sv.wait_for(&["started", "memory_over_limit"], Duration::from_secs(20));
+        let pid = lines[0]["pid"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&out)
+                && !text.is_empty()
+            {
+                break text;
+            }
+            assert!(Instant::now() < deadline, "{sensor}: the hook never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(text.contains("WATCHDOG_SERVICE=hooked\n"), "{text}");
+        assert!(text.contains(&format!("WATCHDOG_PID={pid}\n")), "{text}");
+        assert!(
+            text.contains(&format!("WATCHDOG_LIMIT_BYTES={}\n", 32u64 << 20)),
+            "{text}"
+        );
+        let charged: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("WATCHDOG_CHARGED_BYTES="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(charged >= 32 << 20, "{text}");
+        assert!(
+            sv.lines().iter().all(|l| l["event"] != "exited"),
+            "the run was left alone"
+        );
+        assert!(sv.stop().success());
+    }
+}

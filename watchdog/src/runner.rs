@@ -298,14 +298,19 @@ pub fn signal_group(pgid: u32, signal: i32) {
 /// SIGKILLs every descendant of this process (in single-service mode, the
 /// whole service tree, whatever group or session it moved to), until none
 /// is left or `rounds` passes found them respawning faster. `running` is
-/// the run's main process, left for its own waiter to reap.
-pub fn kill_descendants(rounds: usize, running: Option<u32>) {
+/// the run's main process, left for its own waiter to reap; `spare` (hooks
+/// the supervisor started) and their descendants are left alone.
+pub fn kill_descendants(rounds: usize, running: Option<u32>, spare: &[u32]) {
     let me = std::process::id();
     for _ in 0..rounds {
+        let mut spared: std::collections::HashSet<u32> = spare.iter().copied().collect();
+        for &pid in spare {
+            spared.extend(crate::procs::descendants(pid));
+        }
         // Zombies waiting to be reaped are already dead.
         let left: Vec<u32> = crate::procs::descendants(me)
             .into_iter()
-            .filter(|&pid| !is_zombie(pid))
+            .filter(|&pid| !spared.contains(&pid) && !is_zombie(pid))
             .collect();
         if left.is_empty() {
             return;
@@ -349,6 +354,22 @@ pub fn reap_orphans(except: Option<u32>) {
         // SAFETY: a specific child; WNOHANG never blocks.
         unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
     }
+}
+
+/// Starts a memory hook: an argv (never a shell), in a process group of its
+/// own, with what it is about in its environment. Not waited for: it is
+/// reaped with the orphans.
+pub fn start_hook(argv: &[String], env: &[(&str, String)]) -> io::Result<u32> {
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| io::Error::other("empty hook"))?;
+    let child = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdin(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    Ok(child.id())
 }
 
 /// Makes this process the reaper of its orphaned descendants (Linux), so a

@@ -52,12 +52,21 @@ pub struct SuperviseArgs {
     #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM", value_parser = parse_signal)]
     pub drain_signal: i32,
     /// What to do over the limit: restart (drain, then start again),
-    /// signal (send the drain signal only), or marker (write --marker-file).
+    /// signal (send the drain signal only), marker (write --marker-file),
+    /// or exec (run --hook).
     #[arg(long, value_enum, default_value_t = OnMemory::Restart)]
     pub on_memory: OnMemory,
     /// Where `--on-memory marker` writes its respawn-recommended marker.
     #[arg(long, value_name = "FILE")]
     pub marker_file: Option<PathBuf>,
+    /// The program `--on-memory exec` runs (directly, never through a
+    /// shell), with WATCHDOG_SERVICE, WATCHDOG_PID, WATCHDOG_CHARGED_BYTES
+    /// and WATCHDOG_LIMIT_BYTES in its environment.
+    #[arg(long, value_name = "PROGRAM")]
+    pub hook: Option<String>,
+    /// An argument for the hook (repeatable).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub hook_arg: Vec<String>,
     #[arg(long, value_enum, default_value_t = RestartPolicy::Always)]
     pub restart: RestartPolicy,
     /// Give up after this many crashes in a row (exit 1).
@@ -110,6 +119,7 @@ pub enum OnMemory {
     Restart,
     Signal,
     Marker,
+    Exec,
 }
 
 fn parse_signal(s: &str) -> Result<i32, String> {
@@ -207,6 +217,9 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
             OnMemory::Restart => MemoryAction::Restart,
             OnMemory::Signal => MemoryAction::Signal,
             OnMemory::Marker => MemoryAction::Marker,
+            OnMemory::Exec => {
+                MemoryAction::Exec(args.hook.iter().chain(&args.hook_arg).cloned().collect())
+            }
         },
     });
     if memory.is_none() && args.hard_limit.is_some() {
@@ -260,6 +273,10 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
     // other SIGKILL later.
     let mut oom_seen = oom_kill_count();
     let mut oom_victims = std::collections::HashSet::new();
+    // Memory hooks started and not yet reaped (spared when a run's tree is
+    // killed), and the charge the last memory record reported.
+    let mut hooks: Vec<u32> = Vec::new();
+    let mut last_charged = 0;
     let mut policy = Policy::new(cfg);
     let mut current: Option<Current> = None;
     let mut last_pid = 0;
@@ -322,7 +339,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                     if let Some(pid) = running {
                         runner::signal_group(pid, libc::SIGKILL);
                     }
-                    runner::kill_descendants(50, running);
+                    runner::kill_descendants(50, running, &hooks);
                 }
                 Action::WakeAt(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
                 Action::Mark => {
@@ -330,8 +347,27 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                         write_marker(path, &service, last_pid);
                     }
                 }
-                Action::Exec(_) => {}
+                Action::Exec(argv) => {
+                    let env = [
+                        ("WATCHDOG_SERVICE", service.clone()),
+                        ("WATCHDOG_PID", last_pid.to_string()),
+                        ("WATCHDOG_CHARGED_BYTES", last_charged.to_string()),
+                        (
+                            "WATCHDOG_LIMIT_BYTES",
+                            limits.map_or(0, |l| l.limit).to_string(),
+                        ),
+                    ];
+                    match runner::start_hook(&argv, &env) {
+                        Ok(pid) => hooks.push(pid),
+                        Err(e) => {
+                            error!(hook = ?argv, error = %e, "failed to start the memory hook")
+                        }
+                    }
+                }
                 Action::Record(record) => {
+                    if let Some(charged) = record.charged_bytes {
+                        last_charged = charged;
+                    }
                     let line = line(&record, &service, last_pid, &clock, source, None);
                     audit.write(&line);
                 }
@@ -343,7 +379,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
             }
         }
         if let Some(code) = exit_code {
-            runner::kill_descendants(50, None);
+            runner::kill_descendants(50, None, &hooks);
             info!(service = %service, lost_audit_lines = audit.lost(), "stopped");
             return Ok(code);
         }
@@ -351,6 +387,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
         // Orphans of the service reparented to us (subreaper) and already
         // exited: reap them, whatever the run is doing.
         runner::reap_orphans(current.as_ref().map(|c| c.run.pid));
+        hooks.retain(|&pid| crate::procs::exists(pid));
         let exit_wait = async {
             match current.as_mut() {
                 Some(c) => (&mut c.run.exit).await.ok(),
@@ -374,7 +411,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                     sensor.remove_group(group);
                 }
                 // Whatever the run left behind goes with it.
-                runner::kill_descendants(50, None);
+                runner::kill_descendants(50, None, &hooks);
                 let oom_now = oom_kill_count();
                 let killed = status.signal() == Some(libc::SIGKILL);
                 let run_pid = ended.as_ref().map(|c| c.run.pid);

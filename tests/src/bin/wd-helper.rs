@@ -30,6 +30,8 @@
 //!   min_ns=<ns per fault>`
 //! - `leak MIB STEP_MS`: one more mebibyte every STEP_MS, MIB times
 //! - `ignore-term`: ignore SIGTERM from now on
+//! - `write-env FILE`: write the WATCHDOG_* environment to FILE, one
+//!   `KEY=VALUE` a line (a memory hook's view)
 //! - `exit CODE`: exit with CODE
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -230,6 +232,17 @@ fn main() {
                     kept.push(Block::touch(1));
                     thread::sleep(step);
                 }
+            }
+            "write-env" => {
+                let path = steps
+                    .next()
+                    .unwrap_or_else(|| usage("write-env needs a file"));
+                let mut vars: Vec<String> = std::env::vars()
+                    .filter(|(k, _)| k.starts_with("WATCHDOG_"))
+                    .map(|(k, v)| format!("{k}={v}\n"))
+                    .collect();
+                vars.sort();
+                std::fs::write(path, vars.concat()).expect("write-env");
             }
             "ignore-term" => {
                 // SAFETY: setting a signal disposition.
