@@ -56,6 +56,23 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
+/// The pids whose full command line matches `--match PATTERN`, or the
+/// usage error that says why there are none.
+pub fn matching(pattern: &str) -> Result<Vec<u32>, CliError> {
+    let regex = regex::Regex::new(pattern)
+        .map_err(|e| CliError::Usage(format!("invalid --match pattern: {e}")))?;
+    let matched: Vec<u32> = crate::procs::matching(&regex)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect();
+    if matched.is_empty() {
+        return Err(CliError::Usage(format!(
+            "no process has a command line matching {pattern:?}"
+        )));
+    }
+    Ok(matched)
+}
+
 fn long_version() -> &'static str {
     if crate::kernel_programs_built_in() {
         concat!(env!("CARGO_PKG_VERSION"), " (with kernel programs)")

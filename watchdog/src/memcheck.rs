@@ -68,17 +68,7 @@ struct Member {
 pub fn run(args: MemCheckArgs) -> Result<ExitCode, CliError> {
     let roots: Vec<u32> = match (&args.pattern, args.pid) {
         (Some(pattern), _) => {
-            let regex = regex::Regex::new(pattern)
-                .map_err(|e| CliError::Usage(format!("invalid --match pattern: {e}")))?;
-            let matched: Vec<u32> = procs::matching(&regex)
-                .into_iter()
-                .map(|(p, _)| p)
-                .collect();
-            if matched.is_empty() {
-                return Err(CliError::Usage(format!(
-                    "no process has a command line matching {pattern:?}"
-                )));
-            }
+            let matched = crate::cli::matching(pattern)?;
             if args.tree {
                 procs::outermost(&matched)
             } else {

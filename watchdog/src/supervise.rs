@@ -23,7 +23,7 @@ use crate::{
         Action, Cause, Config, Input, MemoryAction, MemoryPolicy, Policy, Record, RestartPolicy,
     },
     runner::{self, Run, RunExit, Spec, User},
-    sensor::{GroupId, Limits, SamplingOptions, Sensor, SensorChoice, SensorEvent, Source},
+    sensor::{GroupId, Limits, SensorArgs, SensorEvent, Source},
     size::Size,
 };
 
@@ -103,12 +103,8 @@ pub struct SuperviseArgs {
     /// Extra environment for the service (repeatable).
     #[arg(long, value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    #[arg(long, value_enum, default_value_t = SensorChoice::Auto)]
-    pub sensor: SensorChoice,
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
-    pub interval: Duration,
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
-    pub min_interval: Duration,
+    #[command(flatten)]
+    pub sensor: SensorArgs,
     /// The command and its arguments (run directly, never through a shell).
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -254,14 +250,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
         cwd: args.cwd.clone(),
         user,
     };
-    let mut sensor = Sensor::open(
-        args.sensor,
-        SamplingOptions {
-            interval: args.interval,
-            min_interval: args.min_interval,
-        },
-    )
-    .context("cannot watch memory")?;
+    let mut sensor = args.sensor.open().context("cannot watch memory")?;
     let source = sensor.source();
     runner::become_subreaper();
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;

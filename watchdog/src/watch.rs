@@ -1,7 +1,7 @@
 //! `watchdog watch`: watch running process trees against a memory limit
 //! and report crossings, re-arms and exits as JSON lines.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -14,7 +14,7 @@ use crate::{
     event::{WallClock, monotonic_now, rfc3339},
     jsonl::LineSink,
     procs,
-    sensor::{GroupId, Limits, SamplingOptions, Sensor, SensorChoice, SensorEvent},
+    sensor::{GroupId, Limits, SensorArgs, SensorEvent},
     size::Size,
 };
 
@@ -40,15 +40,8 @@ pub struct WatchArgs {
     /// Also report each change of a group's total by at least this much.
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub step: Option<Size>,
-    /// Which sensor to use.
-    #[arg(long, value_enum, default_value_t = SensorChoice::Auto)]
-    pub sensor: SensorChoice,
-    /// Sampling interval while far from the limit (sampling sensor).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
-    pub interval: Duration,
-    /// Shortest sampling interval, used near the limit (sampling sensor).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
-    pub min_interval: Duration,
+    #[command(flatten)]
+    pub sensor: SensorArgs,
     /// Append the lines to FILE instead of standard output.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -94,11 +87,7 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
             .with_context(|| format!("failed to open {} for appending", path.display()))?,
         None => LineSink::stdout().context("failed to use standard output")?,
     };
-    let sampling = SamplingOptions {
-        interval: args.interval,
-        min_interval: args.min_interval,
-    };
-    let mut sensor = Sensor::open(args.sensor, sampling).context("cannot watch memory")?;
+    let mut sensor = args.sensor.open().context("cannot watch memory")?;
     let source = sensor.source();
     let limits = Limits {
         limit,
@@ -229,18 +218,7 @@ fn root_of(groups: &[(GroupId, u32)], group: GroupId) -> Option<u32> {
 
 fn resolve_roots(args: &WatchArgs) -> Result<Vec<u32>, CliError> {
     if let Some(pattern) = &args.pattern {
-        let regex = regex::Regex::new(pattern)
-            .map_err(|e| CliError::Usage(format!("invalid --match pattern: {e}")))?;
-        let matched: Vec<u32> = procs::matching(&regex)
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
-        if matched.is_empty() {
-            return Err(CliError::Usage(format!(
-                "no process has a command line matching {pattern:?}"
-            )));
-        }
-        return Ok(procs::outermost(&matched));
+        return Ok(procs::outermost(&crate::cli::matching(pattern)?));
     }
     for &pid in &args.pids {
         if pid == 0 || !procs::exists(pid) {

@@ -33,6 +33,33 @@ pub enum SensorChoice {
     Sampling,
 }
 
+/// The command-line options that choose and tune the sensor.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct SensorArgs {
+    /// Which sensor to use.
+    #[arg(long, value_enum, default_value_t = SensorChoice::Auto)]
+    pub sensor: SensorChoice,
+    /// Sampling interval while far from the limit (sampling sensor).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub interval: std::time::Duration,
+    /// Shortest sampling interval, used near the limit (sampling sensor).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
+    pub min_interval: std::time::Duration,
+}
+
+impl SensorArgs {
+    /// Opens the sensor these options choose.
+    pub fn open(&self) -> Result<Sensor, SensorError> {
+        Sensor::open(
+            self.sensor,
+            SamplingOptions {
+                interval: self.interval,
+                min_interval: self.min_interval,
+            },
+        )
+    }
+}
+
 /// Which sensor produced an event (the audit log's `source`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
