@@ -517,8 +517,21 @@ fn marker_recommends_without_touching() {
             Duration::from_secs(20),
         );
         let pid = lines[0]["pid"].clone();
-        let written: Value =
-            serde_json::from_str(&std::fs::read_to_string(&marker).unwrap()).unwrap();
+        // The audit line comes first, then the marker (the record is made
+        // before the decision takes effect).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&marker) {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sensor}: no marker at {}",
+                marker.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let written: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(written["pid"], pid, "{written}");
         assert_eq!(written["reason"], "memory_over_limit");
         std::thread::sleep(Duration::from_millis(300));
