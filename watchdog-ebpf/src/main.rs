@@ -65,6 +65,21 @@ static GROUP_COUNTERS: Array<GroupCounters> = Array::with_max_entries(MAX_GROUPS
 #[map]
 static GROUP_STATE: Array<u32> = Array::with_max_entries(MAX_GROUPS, 0);
 
+/// Per CPU: the process whose page fault this CPU handled last, its mm,
+/// and the counter values its contribution was last brought up to date
+/// with (a hint: `WATCHED` stays the truth).
+#[map]
+static FAULT_CACHE: PerCpuArray<FaultCache> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct FaultCache {
+    tgid: u32,
+    _pad: u32,
+    mm: u64,
+    anon: i64,
+    shmem: i64,
+}
+
 /// Loss counters (`watchdog_common::counter`), per CPU so that counting never
 /// contends.
 #[map]
@@ -323,10 +338,7 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     if !maybe_watched(tgid) {
         return 0;
     }
-    let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
-        return 0;
-    };
-    let _ = on_rss_stat(&ctx, entry, tgid);
+    let _ = on_rss_stat(&ctx, tgid);
     0
 }
 
@@ -349,21 +361,43 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-fn on_rss_stat(ctx: &RawTracePointContext, entry: *mut Watch, tgid: u32) -> Result<(), i64> {
+fn on_rss_stat(ctx: &RawTracePointContext, tgid: u32) -> Result<(), i64> {
     let off = OFFSETS.load();
     let member = ctx.arg::<u64>(1) as u32;
-    // SAFETY: a valid map value; each field is read once.
-    let last = if member == off.anon_index {
-        unsafe { &raw mut (*entry).last_anon }
-    } else if member == off.shmem_index {
-        unsafe { &raw mut (*entry).last_shmem }
-    } else {
+    let anon = member == off.anon_index;
+    if !anon && member != off.shmem_index {
         return Ok(());
+    }
+    let mm: *const u8 = ctx.arg(0);
+    // The common case, a process faulting page after page on one CPU:
+    // that CPU's cache says what it last brought up to date, and a counter
+    // that moved less than a granule since needs no hash lookup at all.
+    let cache = FAULT_CACHE.get_ptr_mut(0);
+    let mut pages = None;
+    if let Some(cache) = cache {
+        // SAFETY: this CPU's own slot, with preemption off.
+        let c = unsafe { &mut *cache };
+        if c.tgid == tgid && c.mm == mm as u64 {
+            let now = read_counter(mm, member, &off)?;
+            let seen = if anon { c.anon } else { c.shmem };
+            if (now - seen).abs() < GRANULE_PAGES {
+                return Ok(());
+            }
+            pages = Some(now);
+        }
+    }
+    let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
+        return Ok(());
+    };
+    // SAFETY: a valid map value; each field is read once.
+    let last = if anon {
+        unsafe { &raw mut (*entry).last_anon }
+    } else {
+        unsafe { &raw mut (*entry).last_shmem }
     };
     // Updates to another process's mm (kswapd, ptrace, process_vm_writev,
     // an mm being torn down after exit) are not this process's doing. The
     // process's own mm is learned once, and changes only at exec.
-    let mm: *const u8 = ctx.arg(0);
     // SAFETY: as above.
     let known = unsafe { atomic::load(&raw const (*entry).mm) };
     if known == 0 {
@@ -375,9 +409,31 @@ fn on_rss_stat(ctx: &RawTracePointContext, entry: *mut Watch, tgid: u32) -> Resu
     } else if known != mm as u64 {
         return Ok(());
     }
-    let pages = read_counter(mm, member, &off)?;
-    // Most faults stop here: the counter moved less than a granule since
-    // this process's contribution was last brought up to date.
+    let pages = match pages {
+        Some(pages) => pages,
+        None => read_counter(mm, member, &off)?,
+    };
+    // Remember for the next fault on this CPU what this one saw.
+    if let Some(cache) = cache {
+        // SAFETY: this CPU's own slot, with preemption off; the entry is a
+        // valid map value.
+        unsafe {
+            let c = &mut *cache;
+            c.tgid = tgid;
+            c.mm = mm as u64;
+            c.anon = if anon {
+                pages
+            } else {
+                atomic::load(&raw const (*entry).last_anon)
+            };
+            c.shmem = if anon {
+                atomic::load(&raw const (*entry).last_shmem)
+            } else {
+                pages
+            };
+        }
+    }
+    // The contribution moved less than a granule: nothing to add yet.
     // SAFETY: as above.
     if (pages - unsafe { atomic::load(last) }).abs() < GRANULE_PAGES {
         return Ok(());
