@@ -603,3 +603,54 @@ fn exec_hook_runs_with_its_context() {
         assert!(sv.stop().success());
     }
 }
+
+/// A program that can no longer be started (replaced during a deploy) is a
+/// failed run for the policy, not the end of supervision.
+#[test]
+fn a_vanished_program_is_a_crash() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("vanish");
+    let helper = dir.path().join("wd-helper");
+    std::fs::copy(HELPER, &helper).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut child = Command::new(watchdog_bin())
+        .args(["supervise", "--sensor", "sampling", "--max-crashes", "3"])
+        .args(["--backoff-floor", "50ms", "--audit-log"])
+        .arg(&log)
+        .arg("--")
+        .arg(&helper)
+        .args(["sleep", "300", "exit", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::remove_file(&helper).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "supervise did not give up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "gave up after the failed starts");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let exits: Vec<&Value> = lines.iter().filter(|l| l["event"] == "exited").collect();
+    assert_eq!(exits[0]["cause"], "clean_exit", "{text}");
+    assert!(
+        exits[1..]
+            .iter()
+            .all(|e| e["cause"] == "crash" && e["exit_code"] == 127 && e["pid"] == 0),
+        "{text}"
+    );
+    assert_eq!(
+        lines.last().unwrap()["event"],
+        "max_crashes_exceeded",
+        "{text}"
+    );
+}

@@ -269,6 +269,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
     let mut policy = Policy::new(cfg);
     let mut current: Option<Current> = None;
     let mut last_pid = 0;
+    let mut ever_started = false;
     let mut wake: Option<Instant> = None;
     let mut pending = policy.handle(Input::Start, Instant::now());
     info!(service = %service, source = %source, "supervising");
@@ -292,9 +293,16 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                         Ok(())
                     })
                     .await;
+                    if started.is_err()
+                        && let Some(group) = group_slot.take()
+                    {
+                        // Registered, then exec failed: nothing to watch.
+                        sensor.remove_group(group);
+                    }
                     match started {
                         Ok(run) => {
                             last_pid = run.pid;
+                            ever_started = true;
                             current = Some(Current {
                                 run,
                                 group: *group_slot,
@@ -309,12 +317,26 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
                                 queue.push_front(next);
                             }
                         }
-                        Err(e) => {
-                            error!(error = %e, command = ?spec.argv, "failed to start the service");
+                        // The first start failing is a mistake in the command
+                        // line; a later one (the program replaced during a
+                        // deploy) is a failed run, for the policy to judge.
+                        Err(e) if !ever_started => {
                             return Err(CliError::Usage(format!(
                                 "failed to start {:?}: {e}",
                                 spec.argv[0]
                             )));
+                        }
+                        Err(e) => {
+                            error!(error = %e, command = ?spec.argv, "failed to start the service");
+                            // No process: the exit line says pid 0.
+                            last_pid = 0;
+                            let failed = Input::Exited {
+                                status: ExitStatus::Code(127),
+                                oom_killed: false,
+                            };
+                            for next in policy.handle(failed, Instant::now()).into_iter().rev() {
+                                queue.push_front(next);
+                            }
                         }
                     }
                 }

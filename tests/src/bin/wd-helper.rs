@@ -43,8 +43,8 @@ struct Block {
 }
 
 impl Block {
-    fn touch(mib: usize) -> Self {
-        let len = mib << 20;
+    /// Maps `len` bytes, not yet touched.
+    fn map(len: usize) -> Self {
         // SAFETY: a fresh private anonymous mapping.
         let addr = unsafe {
             libc::mmap(
@@ -57,14 +57,25 @@ impl Block {
             )
         };
         assert_ne!(addr, libc::MAP_FAILED, "mmap failed");
-        for offset in (0..len).step_by(4096) {
-            // SAFETY: inside the mapping.
-            unsafe { addr.cast::<u8>().add(offset).write_volatile(1) };
-        }
         Self {
             addr: addr as usize,
             len,
         }
+    }
+
+    /// Writes to page `index`, making it resident.
+    fn touch_page(&self, index: usize) {
+        assert!(index * 4096 < self.len);
+        // SAFETY: inside the mapping.
+        unsafe { (self.addr as *mut u8).add(index * 4096).write_volatile(1) };
+    }
+
+    fn touch(mib: usize) -> Self {
+        let block = Self::map(mib << 20);
+        for page in 0..block.len / 4096 {
+            block.touch_page(page);
+        }
+        block
     }
 }
 
@@ -298,33 +309,15 @@ fn cross(limit: u64) -> u64 {
     }
     let remaining = limit.saturating_sub(charged());
     // The last stretch, page by page, plus as much again beyond the line.
-    let len = ((remaining as usize * 2 + (1 << 20)) + 4095) & !4095;
-    // SAFETY: a fresh private anonymous mapping.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(addr, libc::MAP_FAILED, "mmap failed");
+    let block = Block::map(((remaining as usize * 2 + (1 << 20)) + 4095) & !4095);
     let mut crossed_at = 0;
-    for (i, offset) in (0..len).step_by(4096).enumerate() {
-        // SAFETY: inside the mapping.
-        unsafe { addr.cast::<u8>().add(offset).write_volatile(1) };
-        if crossed_at == 0 && (i as u64 + 1) * 4096 >= remaining {
+    for page in 0..block.len / 4096 {
+        block.touch_page(page);
+        if crossed_at == 0 && (page as u64 + 1) * 4096 >= remaining {
             crossed_at = monotonic_ns();
         }
     }
-    KEPT.with(|k| {
-        k.borrow_mut().push(Block {
-            addr: addr as usize,
-            len,
-        })
-    });
+    KEPT.with(|k| k.borrow_mut().push(block));
     crossed_at
 }
 
