@@ -262,12 +262,14 @@ impl Probes {
         attach_raw(&mut ebpf, exit, "sched_process_exit")?;
         attach_raw(&mut ebpf, "sched_process_exec", "sched_process_exec")?;
         attach_raw(&mut ebpf, "rss_stat", "rss_stat")?;
-        let oom = if layout.oom_victim_is_task {
-            "mark_victim"
-        } else {
-            "mark_victim_pid"
-        };
-        attach_raw(&mut ebpf, oom, "mark_victim")?;
+        match layout.oom_victim_is_task {
+            Some(true) => attach_raw(&mut ebpf, "mark_victim", "mark_victim")?,
+            Some(false) => attach_raw(&mut ebpf, "mark_victim_pid", "mark_victim")?,
+            None => tracing::warn!(
+                "this kernel has no mark_victim tracepoint: OOM kills are told apart by the \
+                 cgroup's memory.events only"
+            ),
+        }
 
         // SAFETY: the RingBuf owns its map descriptor for its whole life and
         // always reports the same one; the AsyncFd owns the RingBuf.

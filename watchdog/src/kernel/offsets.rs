@@ -12,8 +12,9 @@ pub struct KernelLayout {
     /// sched_process_exit passes `group_dead` (Linux >= 6.16); before that
     /// the program works it out from `signal->live`.
     pub exit_has_group_dead: bool,
-    /// mark_victim passes the task (6.8+), not just its pid.
-    pub oom_victim_is_task: bool,
+    /// mark_victim passes the task (6.8+), just its pid (before), or is
+    /// missing (no OOM events then).
+    pub oom_victim_is_task: Option<bool>,
 }
 
 /// Members read by the programs, with the size each must have.
@@ -78,7 +79,7 @@ impl KernelLayout {
                 "sched_process_fork has {fork_args} arguments, expected 2"
             )));
         }
-        let oom_victim_is_task = btf.raw_tracepoint_args("mark_victim")? >= 2;
+        let oom_victim_is_task = btf.raw_tracepoint_args("mark_victim").ok().map(|n| n >= 2);
         Ok(Self {
             oom_victim_is_task,
             offsets: KernelOffsets {
