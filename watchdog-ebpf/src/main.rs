@@ -23,9 +23,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use watchdog_common::{
     COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_OOM_VICTIM,
@@ -338,7 +338,20 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     if !maybe_watched(tgid) {
         return 0;
     }
-    let _ = on_rss_stat(&ctx, tgid);
+    let _ = on_rss_stat::<false>(ctx.arg(0), ctx.arg::<u64>(1) as u32, tgid);
+    0
+}
+
+/// rss_stat as a BTF tracepoint, where the kernel allows it: the same, but
+/// `mm` is a typed pointer, so its counters are plain loads instead of
+/// `bpf_probe_read_kernel` calls on every fault.
+#[btf_tracepoint(function = "rss_stat")]
+pub fn rss_stat_btf(ctx: BtfTracePointContext) -> i32 {
+    let tgid = current_tgid();
+    if !maybe_watched(tgid) {
+        return 0;
+    }
+    let _ = on_rss_stat::<true>(ctx.arg(0), ctx.arg::<u64>(1) as u32, tgid);
     0
 }
 
@@ -361,14 +374,13 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-fn on_rss_stat(ctx: &RawTracePointContext, tgid: u32) -> Result<(), i64> {
+#[inline(always)]
+fn on_rss_stat<const TYPED: bool>(mm: *const u8, member: u32, tgid: u32) -> Result<(), i64> {
     let off = OFFSETS.load();
-    let member = ctx.arg::<u64>(1) as u32;
     let anon = member == off.anon_index;
     if !anon && member != off.shmem_index {
         return Ok(());
     }
-    let mm: *const u8 = ctx.arg(0);
     // The common case, a process faulting page after page on one CPU:
     // that CPU's cache says what it last brought up to date, and a counter
     // that moved less than a granule since needs no hash lookup at all.
@@ -378,7 +390,7 @@ fn on_rss_stat(ctx: &RawTracePointContext, tgid: u32) -> Result<(), i64> {
         // SAFETY: this CPU's own slot, with preemption off.
         let c = unsafe { &mut *cache };
         if c.tgid == tgid && c.mm == mm as u64 {
-            let now = read_counter(mm, member, &off)?;
+            let now = counter::<TYPED>(mm, anon, &off)?;
             let seen = if anon { c.anon } else { c.shmem };
             if (now - seen).abs() < GRANULE_PAGES {
                 return Ok(());
@@ -411,7 +423,7 @@ fn on_rss_stat(ctx: &RawTracePointContext, tgid: u32) -> Result<(), i64> {
     }
     let pages = match pages {
         Some(pages) => pages,
-        None => read_counter(mm, member, &off)?,
+        None => counter::<TYPED>(mm, anon, &off)?,
     };
     // Remember for the next fault on this CPU what this one saw.
     if let Some(cache) = cache {
@@ -451,6 +463,29 @@ fn current_mm(off: &KernelOffsets) -> Result<*const u8, i64> {
     // SAFETY: the helper returns the running task, valid while we run.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     read_field::<*const u8>(task, off.task_mm)
+}
+
+/// The anon or shmem counter of `mm`: a plain load through a typed
+/// pointer (each branch at an offset the verifier knows, from the
+/// read-only `OFFSETS`), or a probe read.
+#[inline(always)]
+fn counter<const TYPED: bool>(mm: *const u8, anon: bool, off: &KernelOffsets) -> Result<i64, i64> {
+    if !TYPED {
+        let member = if anon {
+            off.anon_index
+        } else {
+            off.shmem_index
+        };
+        return read_counter(mm, member, off);
+    }
+    let at = if anon {
+        off.mm_rss_stat + off.anon_index * off.rss_stride + off.rss_count
+    } else {
+        off.mm_rss_stat + off.shmem_index * off.rss_stride + off.rss_count
+    };
+    // SAFETY: a BTF-typed mm_struct pointer from the tracepoint; the
+    // verifier checks the access against the struct's layout.
+    Ok(unsafe { core::ptr::read_volatile(mm.add(at as usize).cast::<i64>()) }.max(0))
 }
 
 /// One resident-page counter of `mm`. The counters are approximate

@@ -785,13 +785,12 @@ impl Report {
         if watched > 1.06 {
             notes.push(format!(
                 "- Watched page faults ({:.1}% over the 6% target): a watched process's fault \
-                 also pays a look at this CPU's cache (the process it last handled) and one \
-                 `bpf_probe_read_kernel` of the changed counter (raw tracepoints receive untyped \
-                 pointers, so every kernel read goes through the helper; a BTF-typed tracepoint \
-                 would make it a plain load, and is the next step). Only when a counter has \
-                 moved by 16 pages (64 KiB) does it look the process up in `WATCHED` and update \
-                 the group total with atomics; the per-fault floor is the cache check and the \
-                 read. This cost falls only on the processes being watched.",
+                 also pays a look at this CPU's cache (the process it last handled) and a read \
+                 of the changed counter (a plain load where rss_stat attaches as a BTF \
+                 tracepoint, as here, a `bpf_probe_read_kernel` where only the raw one is \
+                 allowed). Only when a counter has moved by 16 pages (64 KiB) does it look the \
+                 process up in `WATCHED` and update the group total with atomics. This cost \
+                 falls only on the processes being watched.",
                 (watched - 1.06) * 100.0
             ));
         }

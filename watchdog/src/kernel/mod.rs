@@ -261,7 +261,15 @@ impl Probes {
         attach_raw(&mut ebpf, "sched_process_fork", "sched_process_fork")?;
         attach_raw(&mut ebpf, exit, "sched_process_exit")?;
         attach_raw(&mut ebpf, "sched_process_exec", "sched_process_exec")?;
-        attach_raw(&mut ebpf, "rss_stat", "rss_stat")?;
+        // Typed (BTF) tracepoint where the kernel allows it: the counters
+        // are then plain loads on every page fault of a watched process.
+        match attach_btf(&mut ebpf, "rss_stat_btf", "rss_stat") {
+            Ok(()) => tracing::debug!("rss_stat attached as a BTF tracepoint"),
+            Err(e) => {
+                tracing::debug!(error = %e, "rss_stat as a raw tracepoint instead");
+                attach_raw(&mut ebpf, "rss_stat", "rss_stat")?;
+            }
+        }
         match layout.oom_victim_is_task {
             Some(true) => attach_raw(&mut ebpf, "mark_victim", "mark_victim")?,
             Some(false) => attach_raw(&mut ebpf, "mark_victim_pid", "mark_victim")?,
@@ -876,6 +884,23 @@ fn take_map<M, E: std::error::Error + 'static>(
         detail: name.to_owned(),
     })?;
     convert(map).map_err(|e| LoadError::kernel("open a map of the kernel programs", e))
+}
+
+fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), LoadError> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::kernel("read kernel BTF", e))?;
+    let prog: &mut aya::programs::BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::Kernel {
+            what: "find a program in the kernel object",
+            detail: program.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e| LoadError::kernel("open a kernel program", e))?;
+    prog.load(tracepoint, &btf)
+        .map_err(|e| LoadError::kernel("load a kernel program", e))?;
+    prog.attach()
+        .map_err(|e| LoadError::kernel("attach to a BTF tracepoint", e))?;
+    Ok(())
 }
 
 fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), LoadError> {
