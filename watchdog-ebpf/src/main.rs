@@ -1,11 +1,12 @@
 //! The watchdog kernel programs.
 //!
-//! Raw tracepoints only: a classic tracepoint makes the kernel format its
-//! record for every event on the host before any filter runs, while a raw
-//! tracepoint hands over the `TP_PROTO` arguments and costs nothing until the
-//! program looks at them. Every program starts with a tgid lookup in
-//! `WATCHED` and returns at once when the process is not watched: that is the
-//! whole cost paid by the rest of the host.
+//! Raw (and, for rss_stat where the kernel allows it, BTF) tracepoints only:
+//! a classic tracepoint makes the kernel format its record for every event
+//! on the host before any filter runs, while these hand over the `TP_PROTO`
+//! arguments and cost nothing until the program looks at them. Every
+//! program starts with the tgid's byte in `WATCH_FILTER` and returns at once
+//! when the process is not watched: that is the whole cost paid by the rest
+//! of the host.
 //!
 //! Kernel struct offsets come from userspace (resolved from the running
 //! kernel's BTF) in the read-only global `OFFSETS`.
