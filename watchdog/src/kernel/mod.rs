@@ -222,7 +222,6 @@ pub struct Probes {
     /// Events read while looking for something else (during the self-check).
     pending: VecDeque<KernelEvent>,
     page_size: u64,
-    layout: KernelLayout,
 }
 
 impl Probes {
@@ -297,16 +296,10 @@ impl Probes {
             ring,
             pending: VecDeque::new(),
             page_size,
-            layout,
         };
         probes.self_check()?;
         release_freed_memory();
         Ok(probes)
-    }
-
-    /// What was learned about the running kernel.
-    pub fn layout(&self) -> KernelLayout {
-        self.layout
     }
 
     /// Starts watching `tgid`: its exit is reported and the processes it
@@ -888,14 +881,7 @@ fn take_map<M, E: std::error::Error + 'static>(
 
 fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), LoadError> {
     let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::kernel("read kernel BTF", e))?;
-    let prog: &mut aya::programs::BtfTracePoint = ebpf
-        .program_mut(program)
-        .ok_or(LoadError::Kernel {
-            what: "find a program in the kernel object",
-            detail: program.to_owned(),
-        })?
-        .try_into()
-        .map_err(|e| LoadError::kernel("open a kernel program", e))?;
+    let prog: &mut aya::programs::BtfTracePoint = find_program(ebpf, program)?;
     prog.load(tracepoint, &btf)
         .map_err(|e| LoadError::kernel("load a kernel program", e))?;
     prog.attach()
@@ -904,19 +890,26 @@ fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), Lo
 }
 
 fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), LoadError> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or(LoadError::Kernel {
-            what: "find a program in the kernel object",
-            detail: program.to_owned(),
-        })?
-        .try_into()
-        .map_err(|e| LoadError::kernel("open a kernel program", e))?;
+    let prog: &mut RawTracePoint = find_program(ebpf, program)?;
     prog.load()
         .map_err(|e| LoadError::kernel("load a kernel program", e))?;
     prog.attach(tracepoint)
         .map_err(|e| LoadError::kernel("attach to a raw tracepoint", e))?;
     Ok(())
+}
+
+/// A program of the object, as its type.
+fn find_program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Kernel {
+            what: "find a program in the kernel object",
+            detail: name.to_owned(),
+        })?
+        .try_into()
+        .map_err(|e| LoadError::kernel("open a kernel program", e))
 }
 
 /// Reads one ring-buffer record; `None` for a record of unknown size.

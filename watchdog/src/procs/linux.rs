@@ -88,25 +88,9 @@ fn has_children_files() -> bool {
     })
 }
 
-/// The live descendants of `root` (not including `root`): by walking the
-/// children files when the kernel has them, else from one pass over /proc.
-pub fn descendants(root: u32) -> HashSet<u32> {
-    if has_children_files() {
-        let mut found = HashSet::new();
-        let mut stack = vec![root];
-        while let Some(pid) = stack.pop() {
-            for child in children(pid).unwrap_or_default() {
-                if found.insert(child) {
-                    stack.push(child);
-                }
-            }
-        }
-        return found;
-    }
-    descendants_by_scan(root)
-}
-
-fn descendants_by_scan(root: u32) -> HashSet<u32> {
+/// The live descendants of `root` (not including `root`), from one pass
+/// over /proc: for kernels without children files.
+pub(super) fn descendants_by_scan(root: u32) -> HashSet<u32> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     let Ok(all) = procfs::process::all_processes() else {
         return HashSet::new();
@@ -140,7 +124,7 @@ mod tests {
             .arg("5")
             .spawn()
             .expect("spawn sleep");
-        let found = descendants(std::process::id());
+        let found = super::super::descendants(std::process::id());
         let scanned = descendants_by_scan(std::process::id());
         let direct = children(std::process::id()).unwrap();
         let parent = ppid(child.id());

@@ -1,7 +1,5 @@
 //! macOS: from libproc and sysctl.
 
-use std::collections::HashSet;
-
 /// Whether a process with this pid exists now.
 pub fn exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -75,20 +73,6 @@ fn list(call: impl Fn(*mut libc::c_void, libc::c_int) -> libc::c_int) -> Vec<u32
         }
         capacity *= 2;
     }
-}
-
-/// The live descendants of `root` (not including `root`).
-pub fn descendants(root: u32) -> HashSet<u32> {
-    let mut found = HashSet::new();
-    let mut stack = vec![root];
-    while let Some(pid) = stack.pop() {
-        for child in children(pid).unwrap_or_default() {
-            if found.insert(child) {
-                stack.push(child);
-            }
-        }
-    }
-    found
 }
 
 /// The command line from KERN_PROCARGS2: argc, the executable path, NUL

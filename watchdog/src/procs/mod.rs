@@ -6,9 +6,33 @@ mod linux;
 mod macos;
 
 #[cfg(target_os = "linux")]
-pub use linux::{all_pids, children, cmdline, descendants, exists, name, ppid, tgid};
+pub use linux::{all_pids, children, cmdline, exists, name, ppid, tgid};
 #[cfg(target_os = "macos")]
-pub use macos::{all_pids, children, cmdline, descendants, exists, name, ppid};
+pub use macos::{all_pids, children, cmdline, exists, name, ppid};
+
+use std::collections::HashSet;
+
+/// The live descendants of `root` (not including `root`), walking the
+/// process tree down from it.
+pub fn descendants(root: u32) -> HashSet<u32> {
+    let mut found = HashSet::new();
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        let Some(kids) = children(pid) else {
+            // A Linux kernel without children files: one pass over /proc.
+            #[cfg(target_os = "linux")]
+            return linux::descendants_by_scan(root);
+            #[cfg(not(target_os = "linux"))]
+            return found;
+        };
+        for child in kids {
+            if found.insert(child) {
+                stack.push(child);
+            }
+        }
+    }
+    found
+}
 
 /// The processes whose full command line (arguments joined by spaces)
 /// matches `pattern`, leaving out this process. Matching the whole command
@@ -29,7 +53,7 @@ pub fn matching(pattern: &regex::Regex) -> Vec<(u32, String)> {
 /// The pids of `pids` that do not descend from another of them: counting
 /// each one's tree then counts every process once.
 pub fn outermost(pids: &[u32]) -> Vec<u32> {
-    let mut inside = std::collections::HashSet::new();
+    let mut inside = HashSet::new();
     for &pid in pids {
         inside.extend(descendants(pid));
     }
