@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    watchdog::cli::main()
+    watchdog::cmd::main()
 }

@@ -15,7 +15,7 @@ use tracing::{error, info};
 
 use crate::{
     auditlog::AuditLog,
-    cli::CliError,
+    cmd::CliError,
     event::rfc3339,
     exit::{ExitStatus, StatusFields},
     mem,

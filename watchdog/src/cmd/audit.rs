@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use serde::Serialize;
 
 use crate::{
-    cli::CliError,
+    cmd::CliError,
     event::{ProcessExit, WallClock, rfc3339},
     exit::StatusFields,
     sensor::Source,
@@ -83,7 +83,7 @@ mod linux {
 
     use super::{AuditArgs, ExitLine};
     use crate::{
-        cli::CliError,
+        cmd::CliError,
         event::WallClock,
         jsonl::LineSink,
         kernel::{Charge, KernelEvent, Losses, ProbeOptions, Probes},

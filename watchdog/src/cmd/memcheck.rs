@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use serde::Serialize;
 
 use crate::{
-    cli::CliError,
+    cmd::CliError,
     mem::{self, Charged, Metric, Reading},
     procs,
     size::Size,
@@ -68,7 +68,7 @@ struct Member {
 pub fn run(args: MemCheckArgs) -> Result<ExitCode, CliError> {
     let roots: Vec<u32> = match (&args.pattern, args.pid) {
         (Some(pattern), _) => {
-            let matched = crate::cli::matching(pattern)?;
+            let matched = crate::cmd::matching(pattern)?;
             if args.tree {
                 procs::outermost(&matched)
             } else {

@@ -4,7 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{audit, memcheck, supervise, watch};
+pub mod audit;
+pub mod memcheck;
+pub mod supervise;
+pub mod watch;
+
+pub use audit::ExitLine;
 
 /// eBPF-assisted memory watchdog and process supervisor.
 #[derive(Debug, Parser)]

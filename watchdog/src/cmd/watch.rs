@@ -9,8 +9,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    audit::ExitLine,
-    cli::CliError,
+    cmd::CliError,
+    cmd::ExitLine,
     event::{WallClock, monotonic_now, rfc3339},
     jsonl::LineSink,
     procs,
@@ -218,7 +218,7 @@ fn root_of(groups: &[(GroupId, u32)], group: GroupId) -> Option<u32> {
 
 fn resolve_roots(args: &WatchArgs) -> Result<Vec<u32>, CliError> {
     if let Some(pattern) = &args.pattern {
-        return Ok(procs::outermost(&crate::cli::matching(pattern)?));
+        return Ok(procs::outermost(&crate::cmd::matching(pattern)?));
     }
     for &pid in &args.pids {
         if pid == 0 || !procs::exists(pid) {
