@@ -17,6 +17,9 @@
 //! - [`size`]: byte sizes as users write them.
 //! - [`privilege`] (Linux): capability checks before loading programs.
 //! - [`procs`]: process-table queries (existence, command lines, trees).
+//! - [`service`]: the service actor (one service's policy, run and
+//!   deadlines; inputs in, effects out) and the one loop that drives
+//!   services on the real platform.
 //! - [`sensor`]: one event stream (crossings, exits, forks) from the kernel
 //!   programs or a sampler, with exact confirmation.
 
@@ -34,6 +37,7 @@ pub mod privilege;
 pub mod procs;
 pub mod runner;
 pub mod sensor;
+pub mod service;
 pub mod size;
 
 /// Whether this binary carries the compiled kernel programs.

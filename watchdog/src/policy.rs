@@ -1,6 +1,8 @@
 //! The respawn policy: a pure state machine. Inputs (what happened) and the
 //! time go in, actions (what to do, what to record) come out; no processes,
-//! no clocks, no sleeps, so every rule is tested with a table.
+//! no clocks, no sleeps, so every rule is tested with a table. When it next
+//! needs to be woken is a function of its state ([`Policy::next_deadline`]),
+//! never a request that a caller could drop.
 //!
 //! The rules, from the incidents the product learns from:
 //! - A memory drain is not a crash, and neither is a clean exit: neither
@@ -10,6 +12,8 @@
 //!   cap); a run that lasted `stable_after` starts the count afresh.
 //! - Clean restarts are immediate within a budget (10 per 60 s); past it, a
 //!   `health_warn` and backoff instead of a silent tight loop.
+//! - A hard limit is never deferred; a soft one may be, by `over_for` and
+//!   `startup_grace`, and while it is, the sensor watches the hard limit.
 
 use std::{
     collections::VecDeque,
@@ -18,7 +22,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::exit::ExitStatus;
+use crate::{exit::ExitStatus, mem::Charged};
 
 /// When to restart a service that exited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -56,7 +60,7 @@ pub struct MemoryPolicy {
     pub over_for: Option<Duration>,
     /// No soft enforcement during the first moments of a run.
     pub startup_grace: Option<Duration>,
-    /// Enforced at once, grace periods or not.
+    /// Enforced at once, grace periods or not (at least `limit`).
     pub hard_limit: Option<u64>,
     pub drain_signal: i32,
     /// Between the drain signal and SIGKILL of the whole tree.
@@ -95,6 +99,8 @@ pub struct Config {
     pub success_codes: Vec<i32>,
     /// Grace for the drain on shutdown.
     pub shutdown_grace: Duration,
+    /// The signal that asks the service to stop on shutdown.
+    pub stop_signal: i32,
     pub memory: Option<MemoryPolicy>,
     /// Seed of the backoff jitter (fixed in tests).
     pub jitter_seed: u64,
@@ -112,6 +118,7 @@ impl Default for Config {
             clean_window: Duration::from_secs(60),
             success_codes: vec![0],
             shutdown_grace: Duration::from_secs(10),
+            stop_signal: libc::SIGTERM,
             memory: None,
             jitter_seed: 0x5eed,
         }
@@ -136,6 +143,43 @@ pub enum Cause {
     Shutdown,
 }
 
+/// The audit log's `event` values (docs/audit-log.md): the policy's own,
+/// and those the service actor records about what it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    Started,
+    MemoryOverLimit,
+    DrainStarted,
+    EscalatedKill,
+    Exited,
+    RestartScheduled,
+    HealthWarn,
+    MaxCrashesExceeded,
+    /// The marker was written.
+    RespawnRecommended,
+    /// The marker could not be written.
+    MarkerFailed,
+    /// The memory hook was started.
+    HookStarted,
+    /// The memory hook could not be started.
+    HookFailed,
+    /// The memory hook ended (its status and duration).
+    HookExited,
+    /// The sensor lost events (the kernel's ring buffer was full, ...).
+    EventsLost,
+}
+
+/// What the kernel's OOM killer verdict rests on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OomEvidence {
+    /// The kernel programs saw the OOM killer choose the process.
+    EbpfMarkVictim,
+    /// The cgroup's memory.events oom_kill count grew during the run.
+    CgroupMemoryEventsOomKill,
+}
+
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -143,17 +187,19 @@ pub enum Input {
     Start,
     /// The run was spawned.
     Started,
-    /// An exact reading of the run's memory (crossings, and re-reads the
-    /// policy asked for with [`Action::WakeAt`]).
-    Memory { charged: u64 },
-    /// The run's memory fell back under the limit.
+    /// An exact reading of the run's memory: a confirmed crossing, or the
+    /// answer to [`Action::Measure`].
+    Memory { charged: u64, metric: Charged },
+    /// The run's memory fell back under the limit's hysteresis level.
     BelowLimit,
-    /// A wake-up asked for with [`Action::WakeAt`].
+    /// [`Policy::next_deadline`] has come.
     Timer,
-    /// The run exited.
+    /// The run exited (or could not be started: `status` 127, no process).
     Exited {
         status: ExitStatus,
-        oom_killed: bool,
+        oom: Option<OomEvidence>,
+        /// The run's peak resident set, as the reaper measured it.
+        peak_rss_bytes: Option<u64>,
     },
     /// Stop supervising: drain the run and end.
     Shutdown,
@@ -164,13 +210,18 @@ pub enum Input {
 pub enum Action {
     /// Start a new run.
     Spawn,
-    /// Send this signal to the run's process group.
+    /// Send this signal to the run's process tree.
     Signal(i32),
     /// SIGKILL every process of the run's tree.
     KillTree,
-    /// Feed [`Input::Timer`] at this time (with a fresh [`Input::Memory`]
-    /// reading first, when memory is being watched).
-    WakeAt(Instant),
+    /// Read the run's memory exactly and feed it back as [`Input::Memory`].
+    Measure,
+    /// Have the sensor fire when the run reaches this many bytes, armed
+    /// now (at once if it is already there).
+    ArmAt(u64),
+    /// Have the sensor fire again once the run has been back under the
+    /// limit's hysteresis level.
+    Rearm,
     /// Write the respawn-recommended marker.
     Mark,
     /// Run the memory hook.
@@ -184,32 +235,39 @@ pub enum Action {
 }
 
 /// The policy's part of an audit line; the caller adds `ts`, `service`,
-/// `pid` and what it measured.
+/// `pid` and `source`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
-    pub event: &'static str,
+    pub event: Event,
     pub cause: Option<Cause>,
     pub status: Option<ExitStatus>,
     pub uptime: Option<Duration>,
+    pub peak_rss_bytes: Option<u64>,
     pub charged_bytes: Option<u64>,
     pub limit_bytes: Option<u64>,
+    /// Which measure `charged_bytes` is.
+    pub metric: Option<Charged>,
     pub crash_count: u32,
     pub restart_in: Option<Duration>,
     pub reason: Option<&'static str>,
+    pub oom: Option<OomEvidence>,
 }
 
 impl Record {
-    fn new(event: &'static str, crash_count: u32) -> Self {
+    pub fn new(event: Event, crash_count: u32) -> Self {
         Self {
             event,
             cause: None,
             status: None,
             uptime: None,
+            peak_rss_bytes: None,
             charged_bytes: None,
             limit_bytes: None,
+            metric: None,
             crash_count,
             restart_in: None,
             reason: None,
+            oom: None,
         }
     }
 }
@@ -246,10 +304,11 @@ pub struct Policy {
     clean_restarts: VecDeque<Instant>,
     /// Budget overruns in a row, for their backoff.
     overruns: u32,
-    /// When the run went over the soft limit (for `over_for`).
+    /// When the run went over the soft limit and the decision was
+    /// deferred (by `over_for` or the startup grace).
     over_since: Option<Instant>,
     /// The reading that triggered enforcement.
-    trigger: Option<u64>,
+    trigger: Option<(u64, Charged)>,
     shutting_down: bool,
     rng: u64,
 }
@@ -270,6 +329,10 @@ impl Policy {
         }
     }
 
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     pub fn crash_count(&self) -> u32 {
         self.crash_count
     }
@@ -282,6 +345,37 @@ impl Policy {
         )
     }
 
+    /// When [`Input::Timer`] must be fed next, from the state alone: the
+    /// end of a drain's grace, of a backoff, or of a deferred decision.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Draining {
+                deadline,
+                killed: false,
+                ..
+            } => Some(deadline),
+            Phase::BackingOff { until } => Some(until),
+            Phase::Running { since } => self.over_since.map(|over| self.due(since, over)),
+            _ => None,
+        }
+    }
+
+    /// When a soft-limit crossing first seen at `over_since` is acted on:
+    /// the later of the end of the startup grace and of the sustained
+    /// window.
+    fn due(&self, since: Instant, over_since: Instant) -> Instant {
+        let mut due = over_since;
+        if let Some(mem) = &self.cfg.memory {
+            if let Some(grace) = mem.startup_grace {
+                due = due.max(since + grace);
+            }
+            if let Some(over_for) = mem.over_for {
+                due = due.max(over_since + over_for);
+            }
+        }
+        due
+    }
+
     /// Feeds one input; returns what to do.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
         match input {
@@ -292,24 +386,42 @@ impl Policy {
                 }
                 _ => vec![],
             },
-            Input::Started => {
-                self.phase = Phase::Running { since: now };
-                self.over_since = None;
-                self.trigger = None;
-                vec![Action::Record(Record::new("started", self.crash_count))]
-            }
-            Input::Memory { charged } => self.memory(charged, now),
+            Input::Started => self.started(now),
+            Input::Memory { charged, metric } => self.memory(charged, metric, now),
             Input::BelowLimit => {
                 self.over_since = None;
                 vec![]
             }
             Input::Timer => self.timer(now),
-            Input::Exited { status, oom_killed } => self.exited(status, oom_killed, now),
+            Input::Exited {
+                status,
+                oom,
+                peak_rss_bytes,
+            } => self.exited(status, oom, peak_rss_bytes, now),
             Input::Shutdown => self.shutdown(now),
         }
     }
 
-    fn memory(&mut self, charged: u64, now: Instant) -> Vec<Action> {
+    fn started(&mut self, now: Instant) -> Vec<Action> {
+        if self.phase != Phase::Spawning {
+            return vec![];
+        }
+        self.phase = Phase::Running { since: now };
+        self.over_since = None;
+        self.trigger = None;
+        let mut actions = vec![Action::Record(Record::new(
+            Event::Started,
+            self.crash_count,
+        ))];
+        if self.shutting_down {
+            // Asked to stop while the run was being started: what was
+            // started is drained like any other run.
+            actions.extend(self.stop_run(now));
+        }
+        actions
+    }
+
+    fn memory(&mut self, charged: u64, metric: Charged, now: Instant) -> Vec<Action> {
         let Phase::Running { since } = self.phase else {
             return vec![];
         };
@@ -319,36 +431,39 @@ impl Policy {
         let hard = mem.hard_limit.is_some_and(|h| charged >= h);
         if !hard {
             if charged < mem.limit {
-                self.over_since = None;
-                return vec![];
+                // Back under: a deferred decision is cancelled, and the
+                // sensor, left disarmed (or watching the hard limit)
+                // meanwhile, must hear the next crossing of the soft one.
+                return match self.over_since.take() {
+                    Some(_) => vec![Action::ArmAt(mem.limit)],
+                    None => vec![],
+                };
             }
+            let first = self.over_since.is_none();
             let over_since = *self.over_since.get_or_insert(now);
-            // The later of: the end of the startup grace, and the end of
-            // the sustained window.
-            let mut due = over_since;
-            if let Some(grace) = mem.startup_grace {
-                due = due.max(since + grace);
-            }
-            if let Some(over_for) = mem.over_for {
-                due = due.max(over_since + over_for);
-            }
-            if now < due {
-                return vec![Action::WakeAt(due)];
+            if now < self.due(since, over_since) {
+                // Deferred; meanwhile the hard limit must still be heard.
+                return match mem.hard_limit {
+                    Some(hard) if first => vec![Action::ArmAt(hard)],
+                    _ => vec![],
+                };
             }
         }
         self.over_since = None;
-        self.enforce(&mem, charged, hard, now)
+        self.enforce(&mem, charged, metric, hard, now)
     }
 
     fn enforce(
         &mut self,
         mem: &MemoryPolicy,
         charged: u64,
+        metric: Charged,
         hard: bool,
         now: Instant,
     ) -> Vec<Action> {
-        let mut over = Record::new("memory_over_limit", self.crash_count);
+        let mut over = Record::new(Event::MemoryOverLimit, self.crash_count);
         over.charged_bytes = Some(charged);
+        over.metric = Some(metric);
         over.limit_bytes = Some(if hard {
             mem.hard_limit.unwrap_or(mem.limit)
         } else {
@@ -358,32 +473,28 @@ impl Policy {
         let mut actions = vec![Action::Record(over)];
         match &mem.action {
             MemoryAction::Restart => {
-                self.trigger = Some(charged);
+                self.trigger = Some((charged, metric));
                 let Phase::Running { since } = self.phase else {
                     return actions;
                 };
-                let deadline = now + mem.grace;
                 self.phase = Phase::Draining {
                     since,
-                    deadline,
+                    deadline: now + mem.grace,
                     killed: false,
                     memory: true,
                 };
-                let mut drain = Record::new("drain_started", self.crash_count);
+                let mut drain = Record::new(Event::DrainStarted, self.crash_count);
                 drain.charged_bytes = Some(charged);
-                actions.extend([
-                    Action::Record(drain),
-                    Action::Signal(mem.drain_signal),
-                    Action::WakeAt(deadline),
-                ]);
+                drain.metric = Some(metric);
+                actions.extend([Action::Record(drain), Action::Signal(mem.drain_signal)]);
             }
-            MemoryAction::Signal => actions.push(Action::Signal(mem.drain_signal)),
-            MemoryAction::Marker => {
-                let mut mark = Record::new("respawn_recommended", self.crash_count);
-                mark.charged_bytes = Some(charged);
-                actions.extend([Action::Record(mark), Action::Mark]);
+            MemoryAction::Signal => {
+                actions.extend([Action::Signal(mem.drain_signal), Action::Rearm]);
             }
-            MemoryAction::Exec(argv) => actions.push(Action::Exec(argv.clone())),
+            MemoryAction::Marker => actions.extend([Action::Mark, Action::Rearm]),
+            MemoryAction::Exec(argv) => {
+                actions.extend([Action::Exec(argv.clone()), Action::Rearm]);
+            }
         }
         actions
     }
@@ -403,7 +514,7 @@ impl Policy {
                     memory,
                 };
                 vec![
-                    Action::Record(Record::new("escalated_kill", self.crash_count)),
+                    Action::Record(Record::new(Event::EscalatedKill, self.crash_count)),
                     Action::KillTree,
                 ]
             }
@@ -411,30 +522,56 @@ impl Policy {
                 self.phase = Phase::Spawning;
                 vec![Action::Spawn]
             }
+            // A deferred decision is due: decide on a fresh reading.
+            Phase::Running { since }
+                if self.over_since.is_some_and(|o| now >= self.due(since, o)) =>
+            {
+                vec![Action::Measure]
+            }
             _ => vec![],
         }
     }
 
+    /// Sends the stop signal to the running run and starts its grace.
+    fn stop_run(&mut self, now: Instant) -> Vec<Action> {
+        let Phase::Running { since } = self.phase else {
+            return vec![];
+        };
+        self.over_since = None;
+        self.phase = Phase::Draining {
+            since,
+            deadline: now + self.cfg.shutdown_grace,
+            killed: false,
+            memory: false,
+        };
+        vec![Action::Signal(self.cfg.stop_signal)]
+    }
+
     fn shutdown(&mut self, now: Instant) -> Vec<Action> {
+        if self.shutting_down {
+            return vec![];
+        }
         self.shutting_down = true;
         match self.phase {
-            Phase::Running { since } => {
-                let deadline = now + self.cfg.shutdown_grace;
+            Phase::Running { .. } => self.stop_run(now),
+            // Drained when it reports started (or ends when it fails to).
+            Phase::Spawning => vec![],
+            // Already draining: its grace stands, unless shutdown's is
+            // shorter.
+            Phase::Draining {
+                since,
+                deadline,
+                killed,
+                memory,
+            } => {
                 self.phase = Phase::Draining {
                     since,
-                    deadline,
-                    killed: false,
-                    memory: false,
+                    deadline: deadline.min(now + self.cfg.shutdown_grace),
+                    killed,
+                    memory,
                 };
-                let signal = self
-                    .cfg
-                    .memory
-                    .as_ref()
-                    .map_or(libc::SIGTERM, |m| m.drain_signal);
-                vec![Action::Signal(signal), Action::WakeAt(deadline)]
+                vec![]
             }
-            // It exits soon; its exit ends supervision.
-            Phase::Spawning | Phase::Draining { .. } => vec![],
             Phase::Idle | Phase::BackingOff { .. } => {
                 self.phase = Phase::Over;
                 vec![Action::Done]
@@ -443,7 +580,13 @@ impl Policy {
         }
     }
 
-    fn exited(&mut self, status: ExitStatus, oom_killed: bool, now: Instant) -> Vec<Action> {
+    fn exited(
+        &mut self,
+        status: ExitStatus,
+        oom: Option<OomEvidence>,
+        peak_rss_bytes: Option<u64>,
+        now: Instant,
+    ) -> Vec<Action> {
         let (since, drained) = match self.phase {
             Phase::Running { since } => (Some(since), None),
             Phase::Draining {
@@ -455,6 +598,7 @@ impl Policy {
             Phase::Spawning => (None, None),
             Phase::Idle | Phase::BackingOff { .. } | Phase::Over => return vec![],
         };
+        self.over_since = None;
         let uptime = since.map(|s| now.saturating_duration_since(s));
         let clean = status
             .code()
@@ -467,7 +611,7 @@ impl Policy {
             } else {
                 Cause::MemoryDrain
             }
-        } else if oom_killed {
+        } else if oom.is_some() {
             Cause::OomKill
         } else if clean {
             Cause::CleanExit
@@ -475,11 +619,18 @@ impl Policy {
             Cause::Crash
         };
 
-        let mut exit = Record::new("exited", self.crash_count);
+        let mut exit = Record::new(Event::Exited, self.crash_count);
         exit.cause = Some(cause);
         exit.status = Some(status);
         exit.uptime = uptime;
-        exit.charged_bytes = self.trigger.take();
+        exit.peak_rss_bytes = peak_rss_bytes;
+        if cause == Cause::OomKill {
+            exit.oom = oom;
+        }
+        if let Some((charged, metric)) = self.trigger.take() {
+            exit.charged_bytes = Some(charged);
+            exit.metric = Some(metric);
+        }
         exit.limit_bytes = self.cfg.memory.as_ref().map(|m| m.limit);
 
         if cause == Cause::Shutdown {
@@ -496,7 +647,7 @@ impl Policy {
                 self.phase = Phase::Over;
                 return vec![
                     Action::Record(exit),
-                    Action::Record(Record::new("max_crashes_exceeded", self.crash_count)),
+                    Action::Record(Record::new(Event::MaxCrashesExceeded, self.crash_count)),
                     Action::GiveUp,
                 ];
             }
@@ -516,30 +667,28 @@ impl Policy {
         } else {
             self.clean_restart(now)
         };
-        let mut actions = Vec::new();
         match delay {
             None => {
                 exit.restart_in = Some(Duration::ZERO);
                 self.phase = Phase::Spawning;
-                actions.extend([Action::Record(exit), Action::Spawn]);
+                vec![Action::Record(exit), Action::Spawn]
             }
             Some(delay) => {
                 exit.restart_in = Some(delay);
+                let mut actions = vec![Action::Record(exit)];
                 if !matches!(cause, Cause::Crash | Cause::OomKill) {
-                    let mut warn = Record::new("health_warn", self.crash_count);
+                    let mut warn = Record::new(Event::HealthWarn, self.crash_count);
                     warn.reason = Some("clean_restart_budget_exceeded");
                     warn.restart_in = Some(delay);
                     actions.push(Action::Record(warn));
                 }
-                let until = now + delay;
-                self.phase = Phase::BackingOff { until };
-                let mut scheduled = Record::new("restart_scheduled", self.crash_count);
+                self.phase = Phase::BackingOff { until: now + delay };
+                let mut scheduled = Record::new(Event::RestartScheduled, self.crash_count);
                 scheduled.restart_in = Some(delay);
-                actions.splice(0..0, [Action::Record(exit)]);
-                actions.extend([Action::Record(scheduled), Action::WakeAt(until)]);
+                actions.push(Action::Record(scheduled));
+                actions
             }
         }
-        actions
     }
 
     /// `None` to restart at once (within the budget), else the backoff.
@@ -627,33 +776,27 @@ mod tests {
             self.advance(uptime);
             self.feed(Input::Exited {
                 status,
-                oom_killed: false,
+                oom: None,
+                peak_rss_bytes: None,
             })
         }
 
         /// Follows the policy's lead after an exit: waits out any backoff
         /// and reports the new run started.
         fn respawn(&mut self, actions: &[Action]) {
-            for a in actions {
-                match a {
-                    Action::WakeAt(at) => {
-                        self.now = (*at).max(self.now);
-                        let again = self.feed(Input::Timer);
-                        assert_eq!(again, vec![Action::Spawn]);
-                        self.feed(Input::Started);
-                        return;
-                    }
-                    Action::Spawn => {
-                        self.feed(Input::Started);
-                        return;
-                    }
-                    _ => {}
-                }
+            if !actions.contains(&Action::Spawn) {
+                let at = self
+                    .policy
+                    .next_deadline()
+                    .unwrap_or_else(|| panic!("no respawn in {actions:?}"));
+                self.now = at.max(self.now);
+                let again = self.feed(Input::Timer);
+                assert_eq!(again, vec![Action::Spawn]);
             }
-            panic!("no respawn in {actions:?}");
+            self.feed(Input::Started);
         }
 
-        fn records(&self, event: &str) -> Vec<Record> {
+        fn records(&self, event: Event) -> Vec<Record> {
             self.log
                 .iter()
                 .filter_map(|a| match a {
@@ -668,10 +811,17 @@ mod tests {
         actions
             .iter()
             .find_map(|a| match a {
-                Action::Record(r) if r.event == "exited" => Some(r.clone()),
+                Action::Record(r) if r.event == Event::Exited => Some(r.clone()),
                 _ => None,
             })
             .expect("an exited record")
+    }
+
+    fn reading(charged: u64) -> Input {
+        Input::Memory {
+            charged,
+            metric: Charged::AnonShmem,
+        }
     }
 
     const CRASH: ExitStatus = ExitStatus::Code(1);
@@ -707,7 +857,12 @@ mod tests {
         for (status, oom_killed, want) in cases {
             let mut h = Harness::new(mem());
             h.advance(S);
-            let actions = h.feed(Input::Exited { status, oom_killed });
+            let oom = oom_killed.then_some(OomEvidence::EbpfMarkVictim);
+            let actions = h.feed(Input::Exited {
+                status,
+                oom,
+                peak_rss_bytes: None,
+            });
             assert_eq!(exit_record(&actions).cause, Some(want), "{status:?}");
         }
         // A configured success code is clean too.
@@ -732,7 +887,7 @@ mod tests {
             let actions = h.exit_after(S, CRASH);
             let exit = exit_record(&actions);
             assert_eq!(exit.crash_count, n);
-            assert!(h.records("restart_scheduled").len() == n as usize);
+            assert!(h.records(Event::RestartScheduled).len() == n as usize);
             delays.push(exit.restart_in.unwrap());
             h.respawn(&actions);
         }
@@ -743,7 +898,7 @@ mod tests {
         );
         let actions = h.exit_after(S, CRASH);
         assert!(actions.contains(&Action::GiveUp), "{actions:?}");
-        assert_eq!(h.records("max_crashes_exceeded").len(), 1);
+        assert_eq!(h.records(Event::MaxCrashesExceeded).len(), 1);
         assert!(!h.policy.running());
     }
 
@@ -761,7 +916,7 @@ mod tests {
             assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_secs(5));
             h.respawn(&actions);
         }
-        let last = h.records("exited").last().unwrap().restart_in.unwrap();
+        let last = h.records(Event::Exited).last().unwrap().restart_in.unwrap();
         assert_eq!(
             last,
             Duration::from_secs(5),
@@ -818,7 +973,7 @@ mod tests {
         });
         for _ in 0..100 {
             h.advance(S);
-            let over = h.feed(Input::Memory { charged: 150 });
+            let over = h.feed(reading(150));
             assert!(over.contains(&Action::Signal(libc::SIGTERM)), "{over:?}");
             let actions = h.exit_after(Duration::from_millis(10), CLEAN);
             let exit = exit_record(&actions);
@@ -839,20 +994,21 @@ mod tests {
             memory: Some(mem),
             ..Config::default()
         });
-        let over = h.feed(Input::Memory { charged: 200 });
+        let over = h.feed(reading(200));
         let deadline = h.now + Duration::from_secs(10);
         assert_eq!(
             over.iter()
                 .filter(|a| !matches!(a, Action::Record(_)))
                 .collect::<Vec<_>>(),
-            [&Action::Signal(libc::SIGTERM), &Action::WakeAt(deadline)]
+            [&Action::Signal(libc::SIGTERM)]
         );
+        assert_eq!(h.policy.next_deadline(), Some(deadline));
         h.advance(Duration::from_secs(5));
         assert_eq!(h.feed(Input::Timer), vec![], "not before the deadline");
         h.advance(Duration::from_secs(5));
         let kill = h.feed(Input::Timer);
         assert!(kill.contains(&Action::KillTree), "{kill:?}");
-        assert_eq!(h.records("escalated_kill").len(), 1);
+        assert_eq!(h.records(Event::EscalatedKill).len(), 1);
         let actions = h.exit_after(
             Duration::from_millis(5),
             ExitStatus::Signal {
@@ -884,7 +1040,7 @@ mod tests {
         }
         // The 11th within the minute: a warning and backoff, not a loop.
         let actions = h.exit_after(S, CLEAN);
-        let warn = h.records("health_warn");
+        let warn = h.records(Event::HealthWarn);
         assert_eq!(warn.len(), 1);
         assert_eq!(warn[0].reason, Some("clean_restart_budget_exceeded"));
         let delay = exit_record(&actions).restart_in.unwrap();
@@ -913,9 +1069,7 @@ mod tests {
                 ..Config::default()
             });
             let actions = h.exit_after(S, status);
-            let restarts = actions
-                .iter()
-                .any(|a| matches!(a, Action::Spawn | Action::WakeAt(_)));
+            let restarts = actions.contains(&Action::Spawn) || h.policy.next_deadline().is_some();
             assert_eq!(restarts, want, "{restart:?} {status:?}: {actions:?}");
             assert_eq!(actions.contains(&Action::Done), !want);
         }
@@ -925,7 +1079,7 @@ mod tests {
             memory: Some(MemoryPolicy::new(100)),
             ..Config::default()
         });
-        h.feed(Input::Memory { charged: 101 });
+        h.feed(reading(101));
         let actions = h.exit_after(S, CLEAN);
         assert!(actions.contains(&Action::Spawn), "{actions:?}");
     }
@@ -938,17 +1092,25 @@ mod tests {
             memory: Some(mem),
             ..Config::default()
         });
-        let first = h.feed(Input::Memory { charged: 120 });
-        assert_eq!(first, vec![Action::WakeAt(h.now + Duration::from_secs(30))]);
+        let first = h.feed(reading(120));
+        assert_eq!(first, vec![]);
+        assert_eq!(
+            h.policy.next_deadline(),
+            Some(h.now + Duration::from_secs(30))
+        );
         // A dip below cancels the window.
         h.advance(Duration::from_secs(20));
         h.feed(Input::BelowLimit);
         h.advance(Duration::from_secs(15));
-        let again = h.feed(Input::Memory { charged: 120 });
-        assert_eq!(again, vec![Action::WakeAt(h.now + Duration::from_secs(30))]);
+        let again = h.feed(reading(120));
+        assert_eq!(again, vec![]);
+        assert_eq!(
+            h.policy.next_deadline(),
+            Some(h.now + Duration::from_secs(30))
+        );
         // Still over when the window ends: enforce.
         h.advance(Duration::from_secs(30));
-        let enforce = h.feed(Input::Memory { charged: 130 });
+        let enforce = h.feed(reading(130));
         assert!(
             enforce.contains(&Action::Signal(libc::SIGTERM)),
             "{enforce:?}"
@@ -966,11 +1128,12 @@ mod tests {
         });
         let t0 = h.t0;
         h.advance(Duration::from_secs(5));
-        let soft = h.feed(Input::Memory { charged: 200 });
-        assert_eq!(soft, vec![Action::WakeAt(t0 + Duration::from_secs(60))]);
-        let hard = h.feed(Input::Memory { charged: 600 });
+        let soft = h.feed(reading(200));
+        assert_eq!(soft, vec![Action::ArmAt(500)], "the hard limit is watched");
+        assert_eq!(h.policy.next_deadline(), Some(t0 + Duration::from_secs(60)));
+        let hard = h.feed(reading(600));
         assert!(hard.contains(&Action::Signal(libc::SIGTERM)), "{hard:?}");
-        let over = h.records("memory_over_limit");
+        let over = h.records(Event::MemoryOverLimit);
         assert_eq!(over[0].reason, Some("hard_limit"));
         assert_eq!(over[0].limit_bytes, Some(500));
     }
@@ -992,13 +1155,11 @@ mod tests {
                 memory: Some(mem),
                 ..Config::default()
             });
-            let actions = h.feed(Input::Memory { charged: 150 });
+            let actions = h.feed(reading(150));
             assert!(actions.contains(&want), "{action:?}: {actions:?}");
-            assert!(
-                !actions
-                    .iter()
-                    .any(|a| matches!(a, Action::WakeAt(_) | Action::KillTree))
-            );
+            assert!(!actions.iter().any(|a| matches!(a, Action::KillTree)));
+            assert!(actions.contains(&Action::Rearm), "{action:?}: {actions:?}");
+            assert_eq!(h.policy.next_deadline(), None);
             // A later exit is judged on its own: a clean exit stays clean.
             let exit = exit_record(&h.exit_after(S, CLEAN));
             assert_eq!(exit.cause, Some(Cause::CleanExit), "{action:?}");
@@ -1016,7 +1177,7 @@ mod tests {
         // During a backoff there is nothing to drain.
         let mut h = Harness::new(Config::default());
         let actions = h.exit_after(S, CRASH);
-        assert!(actions.iter().any(|a| matches!(a, Action::WakeAt(_))));
+        assert!(h.policy.next_deadline().is_some(), "{actions:?}");
         assert_eq!(h.feed(Input::Shutdown), vec![Action::Done]);
         h.advance(Duration::from_secs(120));
         assert_eq!(h.feed(Input::Timer), vec![], "no spawn after shutdown");
@@ -1039,5 +1200,128 @@ mod tests {
             },
         );
         assert_eq!(exit_record(&actions).cause, Some(Cause::Shutdown));
+    }
+
+    /// Regression: a memory drain past the clean-restart budget scheduled
+    /// a restart that never came (the drain's wake-up replaced it).
+    #[test]
+    fn a_backoff_after_drains_restarts() {
+        let mut memory = MemoryPolicy::new(100);
+        memory.grace = Duration::from_millis(100);
+        let mut h = Harness::new(Config {
+            clean_budget: 2,
+            backoff_floor: S,
+            memory: Some(memory),
+            ..Config::default()
+        });
+        for round in 0..3 {
+            h.advance(Duration::from_millis(10));
+            h.feed(reading(150));
+            let actions = h.exit_after(Duration::from_millis(10), CLEAN);
+            if round < 2 {
+                assert!(actions.contains(&Action::Spawn), "{actions:?}");
+                h.feed(Input::Started);
+            } else {
+                let delay = exit_record(&actions).restart_in.unwrap();
+                assert!(delay >= S, "{delay:?}");
+                assert_eq!(h.records(Event::HealthWarn).len(), 1);
+                let at = h
+                    .policy
+                    .next_deadline()
+                    .expect("a deadline for the restart");
+                assert_eq!(at, h.now + delay);
+                h.now = at;
+                assert_eq!(h.feed(Input::Timer), vec![Action::Spawn]);
+            }
+        }
+    }
+
+    /// Regression: shutdown while a decision was deferred never escalated.
+    #[test]
+    fn shutdown_while_deferred_kills_after_grace() {
+        let mut memory = MemoryPolicy::new(100);
+        memory.over_for = Some(Duration::from_secs(3));
+        let mut h = Harness::new(Config {
+            shutdown_grace: Duration::from_secs(6),
+            memory: Some(memory),
+            ..Config::default()
+        });
+        assert_eq!(h.feed(reading(150)), vec![]);
+        h.advance(S);
+        assert_eq!(h.feed(Input::Shutdown), vec![Action::Signal(libc::SIGTERM)]);
+        let deadline = h.now + Duration::from_secs(6);
+        assert_eq!(h.policy.next_deadline(), Some(deadline));
+        h.now = deadline;
+        assert!(h.feed(Input::Timer).contains(&Action::KillTree));
+    }
+
+    /// A hard limit is never deferred: while a soft decision waits, the
+    /// sensor watches the hard one, and a reading over it acts at once.
+    #[test]
+    fn hard_limit_is_watched_while_soft_is_deferred() {
+        let mut memory = MemoryPolicy::new(100);
+        memory.over_for = Some(Duration::from_secs(10));
+        memory.startup_grace = Some(Duration::from_secs(60));
+        memory.hard_limit = Some(200);
+        let mut h = Harness::new(Config {
+            memory: Some(memory),
+            ..Config::default()
+        });
+        assert_eq!(h.feed(reading(120)), vec![Action::ArmAt(200)]);
+        h.advance(S);
+        assert_eq!(h.feed(reading(150)), vec![], "armed once");
+        let hard = h.feed(reading(250));
+        assert!(hard.contains(&Action::Signal(libc::SIGTERM)), "{hard:?}");
+        assert_eq!(
+            h.records(Event::MemoryOverLimit)[0].reason,
+            Some("hard_limit")
+        );
+    }
+
+    /// Regression: a dip just under the limit left the sensor waiting to
+    /// fall below the hysteresis level, deaf to the next crossing.
+    #[test]
+    fn a_dip_under_the_limit_rearms_at_the_limit() {
+        let mut memory = MemoryPolicy::new(100);
+        memory.over_for = Some(Duration::from_secs(2));
+        let mut h = Harness::new(Config {
+            memory: Some(memory),
+            ..Config::default()
+        });
+        assert_eq!(h.feed(reading(103)), vec![]);
+        h.advance(Duration::from_secs(2));
+        assert_eq!(h.feed(Input::Timer), vec![Action::Measure]);
+        assert_eq!(h.feed(reading(97)), vec![Action::ArmAt(100)]);
+        assert_eq!(h.policy.next_deadline(), None);
+        assert_eq!(h.feed(reading(400)), vec![]);
+        h.advance(Duration::from_secs(2));
+        assert_eq!(h.feed(Input::Timer), vec![Action::Measure]);
+        let enforce = h.feed(reading(400));
+        assert!(
+            enforce.contains(&Action::Signal(libc::SIGTERM)),
+            "{enforce:?}"
+        );
+    }
+
+    /// Shutdown while a spawn is in flight drains the run once it starts.
+    #[test]
+    fn shutdown_during_spawn_drains_what_started() {
+        let mut p = Policy::new(Config::default());
+        let t = Instant::now();
+        assert_eq!(p.handle(Input::Start, t), vec![Action::Spawn]);
+        assert_eq!(p.handle(Input::Shutdown, t), vec![]);
+        let started = p.handle(Input::Started, t);
+        assert_eq!(started[1..], [Action::Signal(libc::SIGTERM)], "{started:?}");
+        assert!(p.next_deadline().is_some());
+        let exit = p.handle(
+            Input::Exited {
+                status: CLEAN,
+                oom: None,
+                peak_rss_bytes: None,
+            },
+            t + S,
+        );
+        assert_eq!(exit_record(&exit).cause, Some(Cause::Shutdown));
+        assert!(exit.contains(&Action::Done));
     }
 }

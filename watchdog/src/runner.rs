@@ -10,7 +10,6 @@ use std::{
     os::unix::process::CommandExt,
     path::PathBuf,
     process::{Command, Stdio},
-    time::Instant,
 };
 
 use tokio::sync::oneshot;
@@ -108,26 +107,74 @@ impl User {
     }
 }
 
-/// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RunExit {
-    pub status: ExitStatus,
-    /// Peak resident set of the run's main process (wait4's ru_maxrss).
-    pub peak_rss_bytes: u64,
+/// Forks the services' processes from one long-lived thread: the kernel
+/// sends a child its parent-death signal when the *thread* that forked it
+/// exits, so forking from a pool thread that retires when idle would kill
+/// healthy services. This thread lives as long as the process.
+#[derive(Clone)]
+pub struct Spawner {
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
-/// A started run.
-pub struct Run {
+struct Job {
+    cmd: Command,
+    /// The child's ends of the pipes: open until the fork is done.
+    keep: [OwnedFd; 2],
+    done: oneshot::Sender<io::Result<()>>,
+}
+
+impl Spawner {
+    pub fn new() -> io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("spawner".into())
+            .spawn(move || {
+                for mut job in rx {
+                    // spawn() returns once exec succeeded or failed (and
+                    // reaps the child itself when it failed).
+                    let result = job.cmd.spawn().map(drop);
+                    drop(job.keep);
+                    let _ = job.done.send(result);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+}
+
+/// A child forked and held before exec, its pid known.
+pub struct Launch {
     pub pid: u32,
-    pub started: Instant,
-    /// Resolves when the main process has exited and been reaped.
-    pub exit: oneshot::Receiver<RunExit>,
+    go: OwnedFd,
+    done: oneshot::Receiver<io::Result<()>>,
 }
 
-/// Starts `spec`. The child stops before exec until `register(pid)` has
-/// returned, so whatever watches it sees it from its first instruction.
-/// An error from `register` kills the child.
-pub async fn spawn(spec: &Spec, register: impl FnOnce(u32) -> io::Result<()>) -> io::Result<Run> {
+impl Launch {
+    /// Lets the child exec (`go`), or makes it exit 127 without running
+    /// anything; resolves once exec succeeded or failed.
+    pub async fn finish(self, go: bool) -> io::Result<()> {
+        if go {
+            let byte = [1u8];
+            // SAFETY: writing one byte to our own pipe.
+            if unsafe { libc::write(self.go.as_raw_fd(), byte.as_ptr().cast(), 1) } != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        drop(self.go);
+        let result = self
+            .done
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone")));
+        match result {
+            Ok(()) if !go => Err(io::Error::other("refused before exec")),
+            other => other,
+        }
+    }
+}
+
+/// Forks `spec` on `spawner`. The child stops before exec until
+/// [`Launch::finish`], so whatever watches it sees it from its first
+/// instruction.
+pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
     let (ready_r, ready_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let mut cmd = Command::new(
@@ -147,9 +194,11 @@ pub async fn spawn(spec: &Spec, register: impl FnOnce(u32) -> io::Result<()>) ->
         .as_ref()
         .map(|u| u.groups.iter().map(|&g| g as libc::gid_t).collect())
         .unwrap_or_default();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: between fork and exec the closure calls only async-signal-safe
-    // functions (setpgid, getpid, write, read, setgroups, setgid, setuid,
-    // _exit) on values prepared before the fork.
+    // functions (setpgid, getpid, getppid, write, read, setgroups, setgid,
+    // setuid, prctl, _exit) on values prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // A process group of its own: drain and kill reach every
@@ -173,54 +222,58 @@ pub async fn spawn(spec: &Spec, register: impl FnOnce(u32) -> io::Result<()>) ->
             {
                 return Err(io::Error::last_os_error());
             }
+            die_with_parent(parent);
             Ok(())
         });
     }
-    // spawn() returns once exec succeeded or failed, which waits for our
-    // go-ahead: run it on a blocking thread, and hear the pid meanwhile.
-    // The child's ends stay open here until spawn() returns: the fork
-    // happens on that thread, and must find them open.
-    let spawning = tokio::task::spawn_blocking(move || {
-        let result = cmd.spawn();
-        drop((ready_w, go_r));
-        result
-    });
+    let (done_tx, done) = oneshot::channel();
+    // The child's pipe ends must stay open until the fork, which happens on
+    // the spawner thread: they go with the job.
+    spawner
+        .jobs
+        .send(Job {
+            cmd,
+            keep: [ready_w, go_r],
+            done: done_tx,
+        })
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
     let pid = tokio::task::spawn_blocking(move || read_pid(&ready_r))
         .await
         .map_err(io::Error::other)?;
-    let pid = match pid {
-        Ok(pid) => pid,
-        // The child died before telling its pid (setpgid failed): spawn
-        // reports why.
+    match pid {
+        Ok(pid) => Ok(Launch {
+            pid,
+            go: go_w,
+            done,
+        }),
+        // The child died before telling its pid (setpgid failed): the
+        // spawn reports why.
         Err(_) => {
             drop(go_w);
-            let err = spawning
+            Err(done
                 .await
-                .map_err(io::Error::other)?
-                .err()
-                .unwrap_or_else(|| io::Error::other("the child did not start"));
-            return Err(err);
+                .ok()
+                .and_then(Result::err)
+                .unwrap_or_else(|| io::Error::other("the child did not start")))
         }
-    };
-    let started = Instant::now();
-    if let Err(e) = register(pid) {
-        drop(go_w); // the child exits with 127 instead of running
-        let _ = spawning.await;
-        return Err(e);
     }
-    // SAFETY: writing one byte to our own pipe.
-    let go = [1u8];
-    if unsafe { libc::write(go_w.as_raw_fd(), go.as_ptr().cast(), 1) } != 1 {
-        return Err(io::Error::last_os_error());
+}
+
+/// After dropping privileges (a change of credentials clears it): the
+/// run's main process gets SIGKILL when the supervisor dies, so it does not
+/// outlive a killed supervisor. Exits at once if that already happened.
+/// Async-signal-safe.
+fn die_with_parent(parent: libc::pid_t) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl and getppid on ourselves; _exit never returns.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != parent {
+            libc::_exit(127);
+        }
     }
-    drop(go_w);
-    let child = spawning.await.map_err(io::Error::other)??;
-    drop(child); // reaped below with wait4, for its resource usage
-    let (tx, exit) = oneshot::channel();
-    tokio::task::spawn_blocking(move || {
-        let _ = tx.send(wait(pid));
-    });
-    Ok(Run { pid, started, exit })
+    #[cfg(not(target_os = "linux"))]
+    let _ = parent;
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -263,30 +316,34 @@ fn read_pid(fd: &OwnedFd) -> io::Result<u32> {
     Ok(i32::from_ne_bytes(buf) as u32)
 }
 
-/// Reaps `pid`, with its peak resident set.
-fn wait(pid: u32) -> RunExit {
+/// Reaps `pid` if it has exited, with its peak resident set in bytes
+/// (wait4's ru_maxrss); `None` while it runs. A pid that is not (or no
+/// longer) our child reads as gone with an unknown status.
+pub fn try_wait(pid: u32) -> Option<(ExitStatus, u64)> {
     let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out buffer.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
-        // SAFETY: our own child, valid out pointers.
-        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-        if r >= 0 {
+        // SAFETY: a specific pid, valid out pointers; WNOHANG never blocks.
+        let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, libc::WNOHANG, &mut usage) };
+        if r == 0 {
+            return None;
+        }
+        if r > 0 {
             break;
         }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
             // ECHILD: reaped elsewhere; its status is lost.
-            return RunExit {
-                status: ExitStatus::Unknown,
-                peak_rss_bytes: 0,
-            };
+            _ => return Some((ExitStatus::Unknown, 0)),
         }
     }
     // ru_maxrss is in KiB on Linux, in bytes on macOS.
     let scale = if cfg!(target_os = "macos") { 1 } else { 1024 };
-    RunExit {
-        status: ExitStatus::from_wait_status(status as u32),
-        peak_rss_bytes: (usage.ru_maxrss.max(0) as u64) * scale,
-    }
+    Some((
+        ExitStatus::from_wait_status(status as u32),
+        (usage.ru_maxrss.max(0) as u64) * scale,
+    ))
 }
 
 /// Sends `signal` to the run's process group. ESRCH (all gone) is fine.
@@ -295,12 +352,26 @@ pub fn signal_group(pgid: u32, signal: i32) {
     unsafe { libc::killpg(pgid as libc::pid_t, signal) };
 }
 
-/// SIGKILLs every descendant of this process (in single-service mode, the
-/// whole service tree, whatever group or session it moved to), until none
-/// is left or `rounds` passes found them respawning faster. `running` is
-/// the run's main process, left for its own waiter to reap; `spare` (hooks
-/// the supervisor started) and their descendants are left alone.
-pub fn kill_descendants(rounds: usize, running: Option<u32>, spare: &[u32]) {
+/// Sends `signal` to a run's tree: its process group, and each of `members`
+/// (the sensor's view of the tree) that left the group (setsid, setpgid).
+/// ESRCH (gone already) is fine.
+pub fn signal_tree(pid: u32, members: &[u32], signal: i32) {
+    signal_group(pid, signal);
+    for &member in members {
+        // SAFETY: getpgid has no preconditions; -1 when the process is gone.
+        let pgid = unsafe { libc::getpgid(member as libc::pid_t) };
+        if pgid >= 0 && pgid as u32 != pid {
+            // SAFETY: a signal to a member of the service's tree.
+            unsafe { libc::kill(member as libc::pid_t, signal) };
+        }
+    }
+}
+
+/// SIGKILLs every descendant of this process (whatever group or session it
+/// moved to), until none is left or `rounds` passes found them respawning
+/// faster; `spare` (hooks) and their descendants are left alone. The last
+/// sweep when supervision ends.
+pub fn kill_descendants(rounds: usize, spare: &[u32]) {
     let me = std::process::id();
     for _ in 0..rounds {
         let mut spared: std::collections::HashSet<u32> = spare.iter().copied().collect();
@@ -320,7 +391,9 @@ pub fn kill_descendants(rounds: usize, running: Option<u32>, spare: &[u32]) {
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
-        reap_orphans(running);
+        for pid in crate::procs::children(me).unwrap_or_default() {
+            try_wait(pid);
+        }
     }
 }
 
@@ -342,23 +415,9 @@ fn is_zombie(pid: u32) -> bool {
     }
 }
 
-/// Reaps exited children other than `except` (orphans reparented to us as
-/// subreaper), so none stays a zombie.
-pub fn reap_orphans(except: Option<u32>) {
-    let me = std::process::id();
-    for pid in crate::procs::children(me).unwrap_or_default() {
-        if Some(pid) == except {
-            continue;
-        }
-        let mut status = 0;
-        // SAFETY: a specific child; WNOHANG never blocks.
-        unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-    }
-}
-
 /// Starts a memory hook: an argv (never a shell), in a process group of its
-/// own, with what it is about in its environment. Not waited for: it is
-/// reaped with the orphans.
+/// own, with what it is about in its environment. Not waited for here: the
+/// caller reaps it.
 pub fn start_hook(argv: &[String], env: &[(&str, String)]) -> io::Result<u32> {
     let (program, args) = argv
         .split_first()

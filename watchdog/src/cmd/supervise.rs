@@ -1,29 +1,26 @@
 //! `watchdog supervise -- CMD ARGS...`: run one service in the foreground,
 //! keep it under its memory budget, restart it by the policy, and write
-//! every decision to the audit log.
+//! every decision to the audit log. The service actor does the work
+//! ([`crate::service`]); this module turns options into its configuration
+//! and refuses, before anything starts, what cannot work.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context;
-use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tracing::info;
 
 use crate::{
     auditlog::AuditLog,
     cmd::CliError,
-    event::rfc3339,
-    exit::{ExitStatus, StatusFields},
-    mem,
-    policy::{
-        Action, Cause, Config, Input, MemoryAction, MemoryPolicy, Policy, Record, RestartPolicy,
-    },
-    runner::{self, Run, RunExit, Spec, User},
-    sensor::{GroupId, Limits, SensorArgs, SensorEvent, Source},
+    policy::{Config, MemoryAction, MemoryPolicy, RestartPolicy},
+    runner::{self, Spec, User},
+    sensor::SensorArgs,
+    service::{self, Outcome, Service, ServiceConfig, host::Host},
     size::Size,
 };
 
@@ -33,17 +30,24 @@ pub struct SuperviseArgs {
     /// The service's name in the audit log [default: the command's name].
     #[arg(long)]
     pub name: Option<String>,
-    /// Memory limit of the service's process tree (RssAnon + RssShmem).
+    /// Memory limit of the service's process tree (RssAnon + RssShmem;
+    /// trees of several processes count each shared page once).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub max_rss: Option<Size>,
     /// Only act when the tree stays over --max-rss this long.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "max_rss")]
     pub over_for: Option<Duration>,
     /// No --max-rss enforcement during the first moments of each run.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "max_rss")]
     pub startup_grace: Option<Duration>,
-    /// A limit enforced at once, whatever --over-for or --startup-grace say.
-    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    /// A limit enforced at once, whatever --over-for or --startup-grace say
+    /// (at least --max-rss).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        allow_hyphen_values = true,
+        requires = "max_rss"
+    )]
     pub hard_limit: Option<Size>,
     /// Time between the drain signal and SIGKILL of the whole tree.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
@@ -51,29 +55,37 @@ pub struct SuperviseArgs {
     /// The signal that asks the service to drain (number or name).
     #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM", value_parser = parse_signal)]
     pub drain_signal: i32,
-    /// What to do over the limit: restart (drain, then start again),
+    /// What to do over --max-rss: restart (drain, then start again),
     /// signal (send the drain signal only), marker (write --marker-file),
-    /// or exec (run --hook).
-    #[arg(long, value_enum, default_value_t = OnMemory::Restart)]
-    pub on_memory: OnMemory,
+    /// or exec (run --hook) [default: restart].
+    #[arg(long, value_enum, requires = "max_rss")]
+    pub on_memory: Option<OnMemory>,
     /// Where `--on-memory marker` writes its respawn-recommended marker.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", required_if_eq("on_memory", "marker"))]
     pub marker_file: Option<PathBuf>,
     /// The program `--on-memory exec` runs (directly, never through a
     /// shell), with WATCHDOG_SERVICE, WATCHDOG_PID, WATCHDOG_CHARGED_BYTES
     /// and WATCHDOG_LIMIT_BYTES in its environment.
-    #[arg(long, value_name = "PROGRAM")]
+    #[arg(long, value_name = "PROGRAM", required_if_eq("on_memory", "exec"))]
     pub hook: Option<String>,
     /// An argument for the hook (repeatable).
-    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        requires = "hook"
+    )]
     pub hook_arg: Vec<String>,
+    /// When to start the service again after it exits.
     #[arg(long, value_enum, default_value_t = RestartPolicy::Always)]
     pub restart: RestartPolicy,
     /// Give up after this many crashes in a row (exit 1).
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub max_crashes: u32,
+    /// The first (and shortest) wait before a restart after a crash.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
     pub backoff_floor: Duration,
+    /// The longest wait before a restart; the wait doubles up to it.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s")]
     pub backoff_cap: Duration,
     /// A run this long starts the crash count afresh.
@@ -82,6 +94,7 @@ pub struct SuperviseArgs {
     /// Immediate restarts after clean exits allowed per --clean-window.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub clean_budget: u32,
+    /// The window --clean-budget counts restarts in.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s")]
     pub clean_window: Duration,
     /// Append the audit log (JSON lines) here [default: standard output,
@@ -140,427 +153,357 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// One audit line of the supervisor (docs/audit-log.md).
-#[derive(Serialize)]
-struct Line<'a> {
-    ts: String,
-    event: &'static str,
-    service: &'a str,
-    pid: u32,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    status: Option<StatusFields>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cause: Option<Cause>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    uptime_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    peak_rss_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    charged_bytes: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    limit_bytes: Option<u64>,
-    crash_count: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    restart_in_ms: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
-    source: Source,
+impl SuperviseArgs {
+    /// The service these options describe, or the usage error that says
+    /// which option cannot work and why. Checks everything that can be
+    /// checked before the first start.
+    pub fn service(&self) -> Result<ServiceConfig, CliError> {
+        let usage = |msg: String| Err(CliError::Usage(msg));
+        let name = self.name.clone().unwrap_or_else(|| {
+            Path::new(&self.command[0]).file_name().map_or_else(
+                || self.command[0].clone(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        });
+        if self.max_crashes == 0 {
+            return usage("--max-crashes must be at least 1".into());
+        }
+        if self.backoff_floor > self.backoff_cap {
+            return usage(format!(
+                "--backoff-floor ({}) is longer than --backoff-cap ({}); make the floor the shorter",
+                humantime::format_duration(self.backoff_floor),
+                humantime::format_duration(self.backoff_cap)
+            ));
+        }
+        if self.sensor.min_interval > self.sensor.interval {
+            return usage(format!(
+                "--min-interval ({}) is longer than --interval ({}); make the minimum the shorter",
+                humantime::format_duration(self.sensor.min_interval),
+                humantime::format_duration(self.sensor.interval)
+            ));
+        }
+        let on_memory = self.on_memory.unwrap_or(OnMemory::Restart);
+        if self.hook.is_some() && on_memory != OnMemory::Exec {
+            return usage("--hook is only used with --on-memory exec".into());
+        }
+        if self.marker_file.is_some() && on_memory != OnMemory::Marker {
+            return usage("--marker-file is only used with --on-memory marker".into());
+        }
+        if let Some(cwd) = &self.cwd
+            && !cwd.is_dir()
+        {
+            return usage(format!(
+                "--cwd {}: no such directory; pass an existing directory",
+                cwd.display()
+            ));
+        }
+        let memory = match self.max_rss {
+            None => None,
+            Some(limit) if limit.bytes() == 0 => {
+                return usage("--max-rss must be more than 0".into());
+            }
+            Some(limit) => {
+                if let Some(hard) = self.hard_limit
+                    && hard.bytes() < limit.bytes()
+                {
+                    return usage(format!(
+                        "--hard-limit ({hard}) is under --max-rss ({limit}); the hard limit must be at least the soft one"
+                    ));
+                }
+                let action = match on_memory {
+                    OnMemory::Restart => MemoryAction::Restart,
+                    OnMemory::Signal => MemoryAction::Signal,
+                    OnMemory::Marker => {
+                        if let Some(path) = &self.marker_file {
+                            check_marker_dir(path)?;
+                        }
+                        MemoryAction::Marker
+                    }
+                    OnMemory::Exec => {
+                        let hook = self.hook.as_deref().unwrap_or_default();
+                        check_executable("--hook", hook)?;
+                        MemoryAction::Exec(
+                            std::iter::once(hook.to_owned())
+                                .chain(self.hook_arg.iter().cloned())
+                                .collect(),
+                        )
+                    }
+                };
+                Some(MemoryPolicy {
+                    limit: limit.bytes(),
+                    over_for: self.over_for,
+                    startup_grace: self.startup_grace,
+                    hard_limit: self.hard_limit.map(Size::bytes),
+                    drain_signal: self.drain_signal,
+                    grace: self.grace,
+                    action,
+                })
+            }
+        };
+        let user = match &self.user {
+            Some(name) => {
+                let mut user = User::lookup(name).map_err(|e| CliError::Usage(e.to_string()))?;
+                if let Some(group) = &self.group {
+                    user = user
+                        .with_group(group)
+                        .map_err(|e| CliError::Usage(e.to_string()))?;
+                }
+                Some(user)
+            }
+            None => None,
+        };
+        Ok(ServiceConfig {
+            name,
+            spec: Spec {
+                argv: self.command.clone(),
+                env: self.env.clone(),
+                cwd: self.cwd.clone(),
+                user,
+            },
+            policy: Config {
+                restart: self.restart,
+                max_crashes: self.max_crashes,
+                backoff_floor: self.backoff_floor,
+                backoff_cap: self.backoff_cap,
+                stable_after: self.stable_after,
+                clean_budget: self.clean_budget,
+                clean_window: self.clean_window,
+                shutdown_grace: self.grace,
+                stop_signal: self.drain_signal,
+                memory,
+                jitter_seed: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
+                ..Config::default()
+            },
+            marker_file: self.marker_file.clone(),
+        })
+    }
 }
 
-/// The live run and what is known of it.
-struct Current {
-    run: Run,
-    group: Option<GroupId>,
+/// A marker's directory must exist and be writable by us.
+fn check_marker_dir(path: &Path) -> Result<(), CliError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(CliError::Usage(format!(
+            "--marker-file {}: the directory {} does not exist; create it or choose another path",
+            path.display(),
+            dir.display()
+        )));
+    }
+    if !access(dir, libc::W_OK | libc::X_OK) {
+        return Err(CliError::Usage(format!(
+            "--marker-file {}: the directory {} is not writable by this user",
+            path.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `program` must be an executable file (looked up in PATH when it has no
+/// slash, as it will be at run time).
+fn check_executable(option: &str, program: &str) -> Result<(), CliError> {
+    let found = if program.contains('/') {
+        Some(PathBuf::from(program))
+    } else {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join(program))
+                .find(|candidate| candidate.is_file())
+        })
+    };
+    match found {
+        None => Err(CliError::Usage(format!(
+            "{option} {program}: no such program; give a path or a program in PATH"
+        ))),
+        Some(path) if !path.is_file() => Err(CliError::Usage(format!(
+            "{option} {}: not a file",
+            path.display()
+        ))),
+        Some(path) if !access(&path, libc::X_OK) => Err(CliError::Usage(format!(
+            "{option} {}: not executable; chmod +x it",
+            path.display()
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+fn access(path: &Path, mode: libc::c_int) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid C string.
+    unsafe { libc::access(c.as_ptr(), mode) == 0 }
 }
 
 pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
-    let service = args.name.clone().unwrap_or_else(|| {
-        std::path::Path::new(&args.command[0])
-            .file_name()
-            .map_or_else(
-                || args.command[0].clone(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-    });
-    if args.max_crashes == 0 {
-        return Err(CliError::Usage("--max-crashes must be at least 1".into()));
-    }
-    if args.on_memory == OnMemory::Marker && args.marker_file.is_none() {
-        return Err(CliError::Usage(
-            "--on-memory marker needs --marker-file FILE".into(),
-        ));
-    }
-    let user = match &args.user {
-        Some(name) => {
-            let mut user = User::lookup(name).map_err(|e| CliError::Usage(e.to_string()))?;
-            if let Some(group) = &args.group {
-                user = user
-                    .with_group(group)
-                    .map_err(|e| CliError::Usage(e.to_string()))?;
-            }
-            Some(user)
-        }
-        None => None,
-    };
-    let memory = args.max_rss.map(|limit| MemoryPolicy {
-        limit: limit.bytes(),
-        over_for: args.over_for,
-        startup_grace: args.startup_grace,
-        hard_limit: args.hard_limit.map(Size::bytes),
-        drain_signal: args.drain_signal,
-        grace: args.grace,
-        action: match args.on_memory {
-            OnMemory::Restart => MemoryAction::Restart,
-            OnMemory::Signal => MemoryAction::Signal,
-            OnMemory::Marker => MemoryAction::Marker,
-            OnMemory::Exec => {
-                MemoryAction::Exec(args.hook.iter().chain(&args.hook_arg).cloned().collect())
-            }
-        },
-    });
-    if memory.is_none() && args.hard_limit.is_some() {
-        return Err(CliError::Usage("--hard-limit needs --max-rss".into()));
-    }
-    // The sensor fires at the lower of the two limits.
-    let limits = memory.as_ref().map(|m| {
-        let limit = m.hard_limit.map_or(m.limit, |h| h.min(m.limit));
-        Limits::new(limit)
-    });
-    let cfg = Config {
-        restart: args.restart,
-        max_crashes: args.max_crashes,
-        backoff_floor: args.backoff_floor,
-        backoff_cap: args.backoff_cap,
-        stable_after: args.stable_after,
-        clean_budget: args.clean_budget,
-        clean_window: args.clean_window,
-        shutdown_grace: args.grace,
-        memory,
-        jitter_seed: u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15,
-        ..Config::default()
-    };
-    let mut audit = match &args.audit_log {
+    let config = args.service()?;
+    let audit = match &args.audit_log {
         Some(path) => AuditLog::file(path, args.audit_fsync)
             .with_context(|| format!("failed to open the audit log {}", path.display()))?,
         None => AuditLog::default_stdout().context("failed to use standard output")?,
     };
-    let spec = Spec {
-        argv: args.command.clone(),
-        env: args.env.clone(),
-        cwd: args.cwd.clone(),
-        user,
-    };
-    let mut sensor = args.sensor.open().context("cannot watch memory")?;
+    let sensor = args.sensor.open().context("cannot watch memory")?;
     let source = sensor.source();
     runner::become_subreaper();
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-    let mut sighup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
-    let clock = crate::event::WallClock::new();
-
-    // The cgroup's OOM-kill count now, to tell a kernel OOM kill from any
-    // other SIGKILL later.
-    let mut oom_seen = oom_kill_count();
-    let mut oom_victims = std::collections::HashSet::new();
-    // Memory hooks started and not yet reaped (spared when a run's tree is
-    // killed), and the charge the last memory record reported.
-    let mut hooks: Vec<u32> = Vec::new();
-    let mut last_charged = 0;
-    let mut policy = Policy::new(cfg);
-    let mut current: Option<Current> = None;
-    let mut last_pid = 0;
-    let mut ever_started = false;
-    let mut wake: Option<Instant> = None;
-    let mut pending = policy.handle(Input::Start, Instant::now());
-    info!(service = %service, source = %source, "supervising");
-
-    loop {
-        // Perform what the policy decided, in order.
-        let mut exit_code = None;
-        let mut queue: std::collections::VecDeque<Action> = std::mem::take(&mut pending).into();
-        while let Some(action) = queue.pop_front() {
-            match action {
-                Action::Spawn => {
-                    let group_slot = &mut None;
-                    let started = runner::spawn(&spec, |pid| {
-                        // Watched even without a limit: its exits, forks and
-                        // OOM kills are sensed too.
-                        *group_slot = Some(
-                            sensor
-                                .watch_tree(pid, limits.unwrap_or_default())
-                                .map_err(|e| std::io::Error::other(e.to_string()))?,
-                        );
-                        Ok(())
-                    })
-                    .await;
-                    if started.is_err()
-                        && let Some(group) = group_slot.take()
-                    {
-                        // Registered, then exec failed: nothing to watch.
-                        sensor.remove_group(group);
-                    }
-                    match started {
-                        Ok(run) => {
-                            last_pid = run.pid;
-                            ever_started = true;
-                            current = Some(Current {
-                                run,
-                                group: *group_slot,
-                            });
-                            // Its consequences come before anything queued
-                            // after the spawn.
-                            for next in policy
-                                .handle(Input::Started, Instant::now())
-                                .into_iter()
-                                .rev()
-                            {
-                                queue.push_front(next);
-                            }
-                        }
-                        // The first start failing is a mistake in the command
-                        // line; a later one (the program replaced during a
-                        // deploy) is a failed run, for the policy to judge.
-                        Err(e) if !ever_started => {
-                            return Err(CliError::Usage(format!(
-                                "failed to start {:?}: {e}",
-                                spec.argv[0]
-                            )));
-                        }
-                        Err(e) => {
-                            error!(error = %e, command = ?spec.argv, "failed to start the service");
-                            // No process: the exit line says pid 0.
-                            last_pid = 0;
-                            let failed = Input::Exited {
-                                status: ExitStatus::Code(127),
-                                oom_killed: false,
-                            };
-                            for next in policy.handle(failed, Instant::now()).into_iter().rev() {
-                                queue.push_front(next);
-                            }
-                        }
-                    }
-                }
-                Action::Signal(sig) => {
-                    if let Some(c) = &current {
-                        runner::signal_group(c.run.pid, sig);
-                    }
-                }
-                Action::KillTree => {
-                    let running = current.as_ref().map(|c| c.run.pid);
-                    if let Some(pid) = running {
-                        runner::signal_group(pid, libc::SIGKILL);
-                    }
-                    runner::kill_descendants(50, running, &hooks);
-                }
-                Action::WakeAt(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
-                Action::Mark => {
-                    if let Some(path) = &args.marker_file {
-                        write_marker(path, &service, last_pid);
-                    }
-                }
-                Action::Exec(argv) => {
-                    let env = [
-                        ("WATCHDOG_SERVICE", service.clone()),
-                        ("WATCHDOG_PID", last_pid.to_string()),
-                        ("WATCHDOG_CHARGED_BYTES", last_charged.to_string()),
-                        (
-                            "WATCHDOG_LIMIT_BYTES",
-                            limits.map_or(0, |l| l.limit).to_string(),
-                        ),
-                    ];
-                    match runner::start_hook(&argv, &env) {
-                        Ok(pid) => hooks.push(pid),
-                        Err(e) => {
-                            error!(hook = ?argv, error = %e, "failed to start the memory hook")
-                        }
-                    }
-                }
-                Action::Record(record) => {
-                    if let Some(charged) = record.charged_bytes {
-                        last_charged = charged;
-                    }
-                    let line = line(&record, &service, last_pid, &clock, source, None);
-                    audit.write(&line);
-                }
-                Action::Done => exit_code = Some(ExitCode::SUCCESS),
-                Action::GiveUp => {
-                    error!(service = %service, "gave up: too many crashes");
-                    exit_code = Some(ExitCode::FAILURE);
-                }
-            }
-        }
-        if let Some(code) = exit_code {
-            runner::kill_descendants(50, None, &hooks);
-            info!(service = %service, lost_audit_lines = audit.lost(), "stopped");
-            return Ok(code);
-        }
-
-        // Orphans of the service reparented to us (subreaper) and already
-        // exited: reap them, whatever the run is doing.
-        runner::reap_orphans(current.as_ref().map(|c| c.run.pid));
-        hooks.retain(|&pid| crate::procs::exists(pid));
-        let exit_wait = async {
-            match current.as_mut() {
-                Some(c) => (&mut c.run.exit).await.ok(),
-                None => std::future::pending().await,
-            }
-        };
-        let timer = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+    let mut host = Host::new(sensor, audit).context("failed to set up the supervisor")?;
+    let name = config.name.clone();
+    let argv0 = config.spec.argv[0].clone();
+    info!(service = %name, source = %source, "supervising");
+    let mut services = [Service::new(config)];
+    let shutdown = async {
         tokio::select! {
-            exit = exit_wait => {
-                let RunExit { status, peak_rss_bytes } = exit.unwrap_or(RunExit {
-                    status: ExitStatus::Unknown,
-                    peak_rss_bytes: 0,
-                });
-                let ended = current.take();
-                if let Some(group) = ended.as_ref().and_then(|c| c.group) {
-                    sensor.remove_group(group);
-                }
-                // Whatever the run left behind goes with it.
-                runner::kill_descendants(50, None, &hooks);
-                let oom_now = oom_kill_count();
-                let killed = status.signal() == Some(libc::SIGKILL);
-                let run_pid = ended.as_ref().map(|c| c.run.pid);
-                // The kernel programs saw the OOM killer choose it; else the
-                // cgroup's count of OOM kills grew meanwhile.
-                let oom_evidence = if killed && run_pid.is_some_and(|p| oom_victims.contains(&p)) {
-                    Some("ebpf_mark_victim")
-                } else if killed
-                    && matches!((oom_now, oom_seen), (Some(now), Some(before)) if now > before)
-                {
-                    Some("cgroup_memory_events_oom_kill")
-                } else {
-                    None
-                };
-                oom_seen = oom_now;
-                oom_victims.clear();
-                let oom_killed = oom_evidence.is_some();
-                let now = Instant::now();
-                let actions = policy.handle(Input::Exited { status, oom_killed }, now);
-                // The exit line carries what only the runner measured.
-                for action in actions {
-                    match action {
-                        Action::Record(mut record) if record.event == "exited" => {
-                            if record.cause == Some(Cause::OomKill) {
-                                // Say what the verdict rests on.
-                                record.reason = oom_evidence;
-                            }
-                            let line = line(&record, &service, last_pid, &clock, source, Some(peak_rss_bytes));
-                            audit.write(&line);
-                        }
-                        other => pending.push(other),
-                    }
-                }
-            }
-            () = timer => {
-                wake = None;
-                let now = Instant::now();
-                // A fresh exact reading first, for over_for / startup grace.
-                if let Some(group) = current.as_ref().and_then(|c| c.group) {
-                    let charged = mem::read_group(sensor.members(group), mem::Metric::Charged).charged_bytes;
-                    let limit = limits.map_or(u64::MAX, |l| l.limit);
-                    let input = if charged >= limit { Input::Memory { charged } } else { Input::BelowLimit };
-                    pending.extend(policy.handle(input, now));
-                }
-                pending.extend(policy.handle(Input::Timer, now));
-            }
-            event = sensor.next() => {
-                match event.context("the sensor failed")? {
-                    SensorEvent::OverLimit(c) if current.as_ref().and_then(|r| r.group) == Some(c.group) => {
-                        pending.extend(policy.handle(Input::Memory { charged: c.charged_bytes }, Instant::now()));
-                        // Hear about it again once it has been back under
-                        // the hysteresis level (for signal / marker, or a
-                        // deferred decision).
-                        let _ = sensor.rearm(c.group);
-                    }
-                    SensorEvent::OomVictim { pid, .. } => {
-                        oom_victims.insert(pid);
-                    }
-                    SensorEvent::Rearmed { group, .. } if current.as_ref().and_then(|r| r.group) == Some(group) => {
-                        pending.extend(policy.handle(Input::BelowLimit, Instant::now()));
-                    }
-                    _ => {}
-                }
-            }
-            _ = sigterm.recv() => pending.extend(policy.handle(Input::Shutdown, Instant::now())),
-            _ = sigint.recv() => pending.extend(policy.handle(Input::Shutdown, Instant::now())),
-            _ = sighup.recv() => audit.reopen(),
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
         }
+    };
+    let driven = service::drive(&mut services, &mut host, shutdown).await;
+    let hooks: Vec<u32> = services[0].hooks().collect();
+    runner::kill_descendants(50, &hooks);
+    let stats = host.sensor().stats();
+    info!(
+        service = %name,
+        lost_audit_lines = host.audit().lost(),
+        lost_events = stats.lost_events,
+        unconfirmed_crossings = stats.unconfirmed_crossings,
+        "stopped"
+    );
+    driven.map_err(|e| CliError::Failed(e.into()))?;
+    match services[0].outcome() {
+        Some(Outcome::CannotStart(error)) => Err(CliError::Usage(format!(
+            "failed to start {argv0:?}: {error}"
+        ))),
+        Some(Outcome::GaveUp) => Ok(ExitCode::FAILURE),
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 
-fn line<'a>(
-    record: &Record,
-    service: &'a str,
-    pid: u32,
-    clock: &crate::event::WallClock,
-    source: Source,
-    peak_rss_bytes: Option<u64>,
-) -> Line<'a> {
-    Line {
-        ts: rfc3339(clock.at(crate::event::monotonic_now().as_nanos() as u64)),
-        event: record.event,
-        service,
-        pid,
-        status: record.status.map(ExitStatus::fields),
-        cause: record.cause,
-        uptime_ms: record.uptime.map(|d| d.as_millis() as u64),
-        peak_rss_bytes,
-        charged_bytes: record.charged_bytes,
-        limit_bytes: record.limit_bytes,
-        crash_count: record.crash_count,
-        restart_in_ms: record.restart_in.map(|d| d.as_millis() as u64),
-        reason: record.reason,
-        source,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
 
-/// `oom_kill` of memory.events for this process's cgroup (v2).
-fn oom_kill_count() -> Option<u64> {
-    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        let file = format!("{root}{path}/memory.events");
-        if let Ok(text) = std::fs::read_to_string(&file) {
-            return text
-                .lines()
-                .find_map(|l| l.strip_prefix("oom_kill "))
-                .and_then(|v| v.trim().parse().ok());
-        }
-    }
-    None
-}
+    use super::*;
 
-/// Writes the respawn-recommended marker atomically: a temporary file in
-/// the same directory, then a rename over the marker (rename replaces a
-/// symlink at the path rather than following it).
-fn write_marker(path: &std::path::Path, service: &str, pid: u32) {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let body = serde_json::json!({
-        "service": service,
-        "pid": pid,
-        "reason": "memory_over_limit",
-        "ts": rfc3339(std::time::SystemTime::now()),
-    });
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(format!("{body}\n").as_bytes())?;
-            f.sync_data()
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SuperviseArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServiceConfig, String> {
+        let cli = Cli::try_parse_from(["supervise"].iter().chain(args).chain(&["--", "/bin/true"]))
+            .map_err(|e| e.to_string())?;
+        cli.args.service().map_err(|e| match e {
+            CliError::Usage(msg) => msg,
+            CliError::Failed(e) => panic!("not a usage error: {e}"),
         })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        error!(path = %path.display(), error = %e, "failed to write the respawn marker");
+    }
+
+    #[test]
+    fn every_option_has_help() {
+        for arg in Cli::command().get_arguments() {
+            assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+        }
+    }
+
+    /// Options that cannot work are refused before anything starts, each
+    /// with a message naming the option.
+    #[test]
+    fn refuses_what_cannot_work() {
+        let dir = std::env::temp_dir().join(format!("watchdog-sv-opts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_exec = dir.join("hook.txt");
+        std::fs::write(&not_exec, "").unwrap();
+        let missing_dir = dir.join("missing/marker");
+        let cases: &[(&[&str], &str)] = &[
+            (&["--max-rss", "0"], "--max-rss"),
+            (&["--max-rss", "1MiB", "--on-memory", "exec"], "--hook"),
+            (
+                &[
+                    "--max-rss",
+                    "1MiB",
+                    "--on-memory",
+                    "exec",
+                    "--hook",
+                    "/nonexistent/hook",
+                ],
+                "--hook /nonexistent/hook",
+            ),
+            (
+                &[
+                    "--max-rss",
+                    "1MiB",
+                    "--on-memory",
+                    "exec",
+                    "--hook",
+                    not_exec.to_str().unwrap(),
+                ],
+                "not executable",
+            ),
+            (
+                &[
+                    "--max-rss",
+                    "1MiB",
+                    "--on-memory",
+                    "marker",
+                    "--marker-file",
+                    missing_dir.to_str().unwrap(),
+                ],
+                "does not exist",
+            ),
+            (
+                &["--max-rss", "1MiB", "--on-memory", "marker"],
+                "--marker-file",
+            ),
+            (
+                &["--backoff-floor", "10s", "--backoff-cap", "1s"],
+                "--backoff-floor",
+            ),
+            (
+                &["--max-rss", "2MiB", "--hard-limit", "1MiB"],
+                "--hard-limit",
+            ),
+            (
+                &["--min-interval", "2s", "--interval", "1s"],
+                "--min-interval",
+            ),
+            (&["--over-for", "1s"], "--max-rss"),
+            (&["--on-memory", "signal"], "--max-rss"),
+            (&["--startup-grace", "1s"], "--max-rss"),
+            (&["--hard-limit", "1MiB"], "--max-rss"),
+            (&["--max-rss", "1MiB", "--hook", "/bin/true"], "--hook"),
+            (
+                &["--max-rss", "1MiB", "--marker-file", "/tmp/x"],
+                "--marker-file",
+            ),
+            (&["--hook-arg", "x"], "--hook"),
+            (&["--cwd", "/nonexistent/dir"], "/nonexistent/dir"),
+        ];
+        for (args, needle) in cases {
+            let err = parse(args).expect_err(&format!("{args:?} accepted"));
+            assert!(
+                err.contains(needle),
+                "{args:?}: {err:?} does not name {needle}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        // What works still does.
+        let ok = parse(&[
+            "--max-rss",
+            "2MiB",
+            "--hard-limit",
+            "4MiB",
+            "--over-for",
+            "1s",
+        ])
+        .unwrap();
+        let memory = ok.policy.memory.unwrap();
+        assert_eq!(memory.hard_limit, Some(4 << 20));
+        assert_eq!(memory.action, MemoryAction::Restart);
     }
 }

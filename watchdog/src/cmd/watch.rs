@@ -190,7 +190,9 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
                 }
                 written
             }
-            SensorEvent::Fork { .. } | SensorEvent::OomVictim { .. } => Ok(()),
+            SensorEvent::Fork { .. } | SensorEvent::OomVictim { .. } | SensorEvent::Lost { .. } => {
+                Ok(())
+            }
         };
         if let Err(e) = written {
             if e.kind() == std::io::ErrorKind::BrokenPipe && sink.path().is_none() {

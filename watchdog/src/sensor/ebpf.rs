@@ -220,6 +220,7 @@ impl EbpfSensor {
             sensed_ns,
             confirmed_ns: now_ns(),
             members: g.members.len(),
+            metric: crate::mem::Charged::AnonShmem,
         }))
     }
 

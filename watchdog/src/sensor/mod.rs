@@ -127,6 +127,15 @@ pub struct Crossing {
     pub confirmed_ns: u64,
     /// Members read for the confirmation.
     pub members: usize,
+    /// The measure that confirmed it.
+    pub metric: crate::mem::Charged,
+}
+
+/// An exact reading of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupTotal {
+    pub charged_bytes: u64,
+    pub metric: crate::mem::Charged,
 }
 
 /// What the sensor reports.
@@ -157,6 +166,13 @@ pub enum SensorEvent {
     OomVictim {
         group: Option<GroupId>,
         pid: u32,
+    },
+    /// The kernel could not deliver some events: `count` more were lost
+    /// by `counter` (`total` in all).
+    Lost {
+        counter: &'static str,
+        count: u64,
+        total: u64,
     },
 }
 
@@ -259,6 +275,21 @@ impl Sensor {
             #[cfg(target_os = "linux")]
             Self::Ebpf(s) => s.remove_group(group),
             Self::Sampler(s) => s.remove_group(group),
+        }
+    }
+
+    /// Fires when the group reaches `limit` bytes, armed now.
+    pub fn arm_at(&mut self, group: GroupId, limit: u64) -> Result<(), SensorError> {
+        let _ = limit;
+        self.rearm(group)
+    }
+
+    /// The group's exact charged total now.
+    pub fn read(&self, group: GroupId) -> GroupTotal {
+        let reading = crate::mem::read_group(self.members(group), crate::mem::Metric::Charged);
+        GroupTotal {
+            charged_bytes: reading.charged_bytes,
+            metric: crate::mem::Charged::AnonShmem,
         }
     }
 

@@ -287,6 +287,10 @@ impl Sampler {
                     sensed_ns: at,
                     confirmed_ns: at,
                     members: current.len(),
+                    metric: reading
+                        .members
+                        .first()
+                        .map_or(crate::mem::Charged::AnonShmem, |r| r.metric),
                 }));
             }
             Trigger::WaitBelow if charged < limits.rearm_below() => {

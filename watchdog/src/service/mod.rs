@@ -1,0 +1,732 @@
+//! The service actor: one type that owns a service's policy, its current
+//! run, its sensor group and its deadlines. Inputs (sensor events, exits,
+//! timers, shutdown, and the answers to its own requests) go in; effects
+//! (spawn, signal, kill the tree, sensor requests, marker, hook, audit
+//! lines) come out. Its next deadline is a function of its state, so no
+//! deadline can be dropped by another.
+//!
+//! [`drive`] is the one loop that runs services: `watchdog supervise` runs
+//! one, the daemon many, on a [`Platform`] that performs the effects (the
+//! real one is [`host::Host`]; tests use a scripted one with paused time).
+
+pub mod host;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    exit::{ExitStatus, StatusFields},
+    mem::Charged,
+    policy::{self, Action, Cause, Event, OomEvidence, Policy, Record},
+    runner::Spec,
+    sensor::{GroupId, SensorEvent},
+};
+
+/// Everything that defines one service.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub spec: Spec,
+    pub policy: policy::Config,
+    /// Where `--on-memory marker` writes its marker.
+    pub marker_file: Option<PathBuf>,
+}
+
+/// A run that was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spawned {
+    pub pid: u32,
+    /// Its sensor group (watched even without a limit: exits, forks and
+    /// OOM kills are sensed too).
+    pub group: Option<GroupId>,
+}
+
+/// What goes into a service.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    Start,
+    Shutdown,
+    /// Its deadline came.
+    Timer,
+    /// The answer to [`Effect::Spawn`].
+    Spawned(Result<Spawned, String>),
+    /// A sensor event about its group.
+    Sensor(SensorEvent),
+    /// The answer to [`Effect::Measure`].
+    Reading {
+        charged: u64,
+        metric: Charged,
+    },
+    /// A child of the service (its run, or a hook) was reaped.
+    Reaped {
+        pid: u32,
+        status: ExitStatus,
+        peak_rss_bytes: u64,
+    },
+    /// The run's cgroup saw an OOM kill while it ran (memory.events).
+    CgroupOomKill,
+    /// The answer to [`Effect::WriteMarker`].
+    MarkerWritten(Result<PathBuf, String>),
+    /// The answer to [`Effect::RunHook`].
+    HookStarted(Result<u32, String>),
+}
+
+/// What a service asks for. The platform performs them in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Start a run; answered with [`Input::Spawned`].
+    Spawn,
+    /// Send a signal to the run's tree: its process group and every member
+    /// of its group that left it (setsid).
+    Signal {
+        pid: u32,
+        group: Option<GroupId>,
+        signal: i32,
+    },
+    /// SIGKILL every process of the run's tree.
+    KillTree { pid: u32, group: Option<GroupId> },
+    /// The run is over: SIGKILL what it left behind, stop watching it.
+    EndRun { group: Option<GroupId> },
+    /// Read the group exactly; answered with [`Input::Reading`].
+    Measure { group: GroupId },
+    /// Fire when the group reaches `limit` bytes, armed now.
+    ArmAt { group: GroupId, limit: u64 },
+    /// Fire again once the group has been under its hysteresis level.
+    Rearm { group: GroupId },
+    /// Write the respawn marker; answered with [`Input::MarkerWritten`].
+    WriteMarker { path: PathBuf, marker: Marker },
+    /// Start the memory hook; answered with [`Input::HookStarted`].
+    RunHook {
+        argv: Vec<String>,
+        env: Vec<(&'static str, String)>,
+    },
+    /// Write an audit line.
+    Audit(AuditLine),
+    /// The service is over.
+    Finished(Outcome),
+}
+
+/// How supervision of a service ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stopped (shutdown, or the restart policy says no more).
+    Stopped,
+    /// Gave up after too many crashes.
+    GaveUp,
+    /// The very first start failed: a mistake in the command line.
+    CannotStart(String),
+}
+
+/// The respawn marker's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Marker {
+    pub service: String,
+    pub pid: u32,
+    pub charged_bytes: u64,
+    pub limit_bytes: u64,
+    pub metric: Option<Charged>,
+    pub reason: &'static str,
+}
+
+/// One audit line, without the `ts` and `source` the writer adds
+/// (docs/audit-log.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditLine {
+    pub event: Event,
+    pub service: String,
+    pub pid: u32,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusFields>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub charged_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<Charged>,
+    pub crash_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_in_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+    /// Hook and marker lines: the hook's pid, how long it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook_pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `events_lost`: which counter, how many new, how many in all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counter: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+impl AuditLine {
+    fn new(event: Event, service: &str, pid: u32, crash_count: u32) -> Self {
+        Self {
+            event,
+            service: service.to_owned(),
+            pid,
+            status: None,
+            cause: None,
+            uptime_ms: None,
+            peak_rss_bytes: None,
+            charged_bytes: None,
+            limit_bytes: None,
+            metric: None,
+            crash_count,
+            restart_in_ms: None,
+            reason: None,
+            hook_pid: None,
+            duration_ms: None,
+            path: None,
+            error: None,
+            counter: None,
+            count: None,
+            total: None,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl OomEvidence {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::EbpfMarkVictim => "ebpf_mark_victim",
+            Self::CgroupMemoryEventsOomKill => "cgroup_memory_events_oom_kill",
+        }
+    }
+}
+
+/// The live run and what is known of it.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    pid: u32,
+    group: Option<GroupId>,
+    oom: Option<OomEvidence>,
+}
+
+/// One service: its policy, its run, its hooks, its deadlines.
+pub struct Service {
+    cfg: ServiceConfig,
+    policy: Policy,
+    run: Option<Run>,
+    /// The pid the last run had (0: it could not be started), for the
+    /// lines written after it is gone.
+    last_pid: u32,
+    ever_started: bool,
+    /// The last crossing's reading, for the marker and the hook.
+    last_charged: (u64, Option<Charged>),
+    /// Memory hooks running: pid -> when started.
+    hooks: HashMap<u32, Instant>,
+    outcome: Option<Outcome>,
+}
+
+impl Service {
+    pub fn new(cfg: ServiceConfig) -> Self {
+        let policy = Policy::new(cfg.policy.clone());
+        Self {
+            cfg,
+            policy,
+            run: None,
+            last_pid: 0,
+            ever_started: false,
+            last_charged: (0, None),
+            hooks: HashMap::new(),
+            outcome: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.cfg
+    }
+
+    /// Whether supervision of it is over.
+    pub fn finished(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    /// How supervision of it ended, once it has.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    /// Memory hooks still running.
+    pub fn hooks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.hooks.keys().copied()
+    }
+
+    fn finish(&mut self, outcome: Outcome) -> Effect {
+        self.outcome = Some(outcome.clone());
+        Effect::Finished(outcome)
+    }
+
+    /// The running run's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.run.map(|r| r.pid)
+    }
+
+    /// Whether `group` is its run's sensor group.
+    pub fn owns_group(&self, group: GroupId) -> bool {
+        self.run.is_some_and(|r| r.group == Some(group))
+    }
+
+    /// Whether `pid` is a child of its own (the run, or a hook).
+    pub fn owns_child(&self, pid: u32) -> bool {
+        self.pid() == Some(pid) || self.hooks.contains_key(&pid)
+    }
+
+    /// When it must be fed [`Input::Timer`] next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.finished() {
+            return None;
+        }
+        self.policy.next_deadline()
+    }
+
+    /// Feeds one input at `now`; returns what to do, in order.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Effect> {
+        if self.finished() {
+            return vec![];
+        }
+        let actions = match input {
+            Input::Start => self.policy.handle(policy::Input::Start, now),
+            Input::Shutdown => self.policy.handle(policy::Input::Shutdown, now),
+            Input::Timer => self.policy.handle(policy::Input::Timer, now),
+            Input::Spawned(Ok(spawned)) => {
+                self.run = Some(Run {
+                    pid: spawned.pid,
+                    group: spawned.group,
+                    oom: None,
+                });
+                self.last_pid = spawned.pid;
+                self.ever_started = true;
+                self.policy.handle(policy::Input::Started, now)
+            }
+            Input::Spawned(Err(error)) => {
+                if !self.ever_started {
+                    return vec![self.finish(Outcome::CannotStart(error))];
+                }
+                tracing::error!(service = %self.cfg.name, error = %error, "failed to start the service");
+                // No process: the exit line says pid 0, status 127 as a
+                // shell reports a command it cannot run.
+                self.last_pid = 0;
+                self.policy.handle(
+                    policy::Input::Exited {
+                        status: ExitStatus::Code(127),
+                        oom: None,
+                        peak_rss_bytes: None,
+                    },
+                    now,
+                )
+            }
+            Input::Sensor(event) => return self.sensor(event, now),
+            Input::Reading { charged, metric } => self
+                .policy
+                .handle(policy::Input::Memory { charged, metric }, now),
+            Input::Reaped {
+                pid,
+                status,
+                peak_rss_bytes,
+            } => {
+                if let Some(started) = self.hooks.remove(&pid) {
+                    return vec![self.hook_exited(pid, status, now - started)];
+                }
+                let Some(run) = self.run.filter(|r| r.pid == pid) else {
+                    return vec![];
+                };
+                self.run = None;
+                let mut effects = vec![Effect::EndRun { group: run.group }];
+                // The OOM verdict needs a SIGKILL: a process that handled
+                // the memory pressure and exited otherwise was not killed.
+                let oom = run.oom.filter(|_| status.signal() == Some(libc::SIGKILL));
+                let actions = self.policy.handle(
+                    policy::Input::Exited {
+                        status,
+                        oom,
+                        peak_rss_bytes: Some(peak_rss_bytes),
+                    },
+                    now,
+                );
+                effects.extend(self.perform(actions));
+                return effects;
+            }
+            Input::CgroupOomKill => {
+                if let Some(run) = &mut self.run {
+                    run.oom
+                        .get_or_insert(OomEvidence::CgroupMemoryEventsOomKill);
+                }
+                vec![]
+            }
+            Input::MarkerWritten(result) => return vec![self.marker_written(result)],
+            Input::HookStarted(Ok(pid)) => {
+                self.hooks.insert(pid, now);
+                let mut line = self.line(Event::HookStarted);
+                line.hook_pid = Some(pid);
+                return vec![Effect::Audit(line)];
+            }
+            Input::HookStarted(Err(error)) => {
+                let mut line = self.line(Event::HookFailed);
+                line.error = Some(error);
+                return vec![Effect::Audit(line)];
+            }
+        };
+        self.perform(actions)
+    }
+
+    fn sensor(&mut self, event: SensorEvent, now: Instant) -> Vec<Effect> {
+        let actions = match event {
+            SensorEvent::OverLimit(crossing) if self.owns_group(crossing.group) => {
+                self.last_charged = (crossing.charged_bytes, Some(crossing.metric));
+                self.policy.handle(
+                    policy::Input::Memory {
+                        charged: crossing.charged_bytes,
+                        metric: crossing.metric,
+                    },
+                    now,
+                )
+            }
+            SensorEvent::Rearmed { group, .. } if self.owns_group(group) => {
+                self.policy.handle(policy::Input::BelowLimit, now)
+            }
+            SensorEvent::OomVictim { pid, group } => {
+                if let Some(run) = &mut self.run
+                    && (run.pid == pid || group.is_some() && run.group == group)
+                {
+                    run.oom = Some(OomEvidence::EbpfMarkVictim);
+                }
+                vec![]
+            }
+            SensorEvent::Lost {
+                counter,
+                count,
+                total,
+            } => {
+                let mut line = self.line(Event::EventsLost);
+                line.counter = Some(counter);
+                line.count = Some(count);
+                line.total = Some(total);
+                return vec![Effect::Audit(line)];
+            }
+            _ => vec![],
+        };
+        self.perform(actions)
+    }
+
+    /// Turns the policy's actions into effects.
+    fn perform(&mut self, actions: Vec<Action>) -> Vec<Effect> {
+        let mut effects = Vec::with_capacity(actions.len());
+        for action in actions {
+            let group = self.run.and_then(|r| r.group);
+            match action {
+                Action::Spawn => effects.push(Effect::Spawn),
+                Action::Signal(signal) => {
+                    if let Some(run) = self.run {
+                        effects.push(Effect::Signal {
+                            pid: run.pid,
+                            group: run.group,
+                            signal,
+                        });
+                    }
+                }
+                Action::KillTree => {
+                    if let Some(run) = self.run {
+                        effects.push(Effect::KillTree {
+                            pid: run.pid,
+                            group: run.group,
+                        });
+                    }
+                }
+                Action::Measure => match group {
+                    Some(group) => effects.push(Effect::Measure { group }),
+                    // Nothing to measure without a group: the run is gone.
+                    None => {}
+                },
+                Action::ArmAt(limit) => {
+                    if let Some(group) = group {
+                        effects.push(Effect::ArmAt { group, limit });
+                    }
+                }
+                Action::Rearm => {
+                    if let Some(group) = group {
+                        effects.push(Effect::Rearm { group });
+                    }
+                }
+                Action::Mark => match &self.cfg.marker_file {
+                    Some(path) => effects.push(Effect::WriteMarker {
+                        path: path.clone(),
+                        marker: Marker {
+                            service: self.cfg.name.clone(),
+                            pid: self.last_pid,
+                            charged_bytes: self.last_charged.0,
+                            limit_bytes: self.limit(),
+                            metric: self.last_charged.1,
+                            reason: "memory_over_limit",
+                        },
+                    }),
+                    None => effects.push(self.marker_written(Err("no marker file set".into()))),
+                },
+                Action::Exec(argv) => effects.push(Effect::RunHook {
+                    argv,
+                    env: vec![
+                        ("WATCHDOG_SERVICE", self.cfg.name.clone()),
+                        ("WATCHDOG_PID", self.last_pid.to_string()),
+                        ("WATCHDOG_CHARGED_BYTES", self.last_charged.0.to_string()),
+                        ("WATCHDOG_LIMIT_BYTES", self.limit().to_string()),
+                    ],
+                }),
+                Action::Record(record) => effects.push(Effect::Audit(self.record_line(&record))),
+                Action::Done => effects.push(self.finish(Outcome::Stopped)),
+                Action::GiveUp => {
+                    tracing::error!(service = %self.cfg.name, "gave up: too many crashes");
+                    effects.push(self.finish(Outcome::GaveUp));
+                }
+            }
+        }
+        effects
+    }
+
+    fn limit(&self) -> u64 {
+        self.cfg.policy.memory.as_ref().map_or(0, |m| m.limit)
+    }
+
+    fn line(&self, event: Event) -> AuditLine {
+        AuditLine::new(
+            event,
+            &self.cfg.name,
+            self.last_pid,
+            self.policy.crash_count(),
+        )
+    }
+
+    fn record_line(&self, record: &Record) -> AuditLine {
+        let mut line = AuditLine::new(
+            record.event,
+            &self.cfg.name,
+            self.last_pid,
+            record.crash_count,
+        );
+        line.status = record.status.map(ExitStatus::fields);
+        line.cause = record.cause;
+        line.uptime_ms = record.uptime.map(millis);
+        line.peak_rss_bytes = record.peak_rss_bytes;
+        line.charged_bytes = record.charged_bytes;
+        line.limit_bytes = record.limit_bytes;
+        line.metric = record.metric;
+        line.restart_in_ms = record.restart_in.map(millis);
+        // An OOM kill says what the verdict rests on.
+        line.reason = record.reason.or(record.oom.map(OomEvidence::as_str));
+        line
+    }
+
+    fn marker_written(&self, result: Result<PathBuf, String>) -> Effect {
+        let mut line;
+        match result {
+            Ok(path) => {
+                line = self.line(Event::RespawnRecommended);
+                line.path = Some(path.display().to_string());
+            }
+            Err(error) => {
+                line = self.line(Event::MarkerFailed);
+                line.path = self
+                    .cfg
+                    .marker_file
+                    .as_ref()
+                    .map(|p| p.display().to_string());
+                line.error = Some(error);
+            }
+        }
+        line.charged_bytes = Some(self.last_charged.0);
+        line.metric = self.last_charged.1;
+        line.limit_bytes = Some(self.limit());
+        Effect::Audit(line)
+    }
+
+    fn hook_exited(&self, pid: u32, status: ExitStatus, ran: Duration) -> Effect {
+        let mut line = self.line(Event::HookExited);
+        line.hook_pid = Some(pid);
+        line.status = Some(status.fields());
+        line.duration_ms = Some(millis(ran));
+        Effect::Audit(line)
+    }
+}
+
+/// Something that happened outside the services, for [`drive`] to route.
+#[derive(Debug)]
+pub enum Happening {
+    Sensor(SensorEvent),
+    /// A spawn requested by service `service` finished.
+    Spawned {
+        service: usize,
+        result: Result<Spawned, String>,
+    },
+    /// A child was reaped.
+    Reaped {
+        pid: u32,
+        status: ExitStatus,
+        peak_rss_bytes: u64,
+        /// The cgroup's OOM-kill count grew while it ran.
+        cgroup_oom_kill: bool,
+    },
+    /// The sensor failed for good.
+    Failed(String),
+}
+
+/// What performs the services' effects and reports what happens.
+pub trait Platform {
+    /// The next thing that happened.
+    fn next(&mut self) -> impl Future<Output = Happening>;
+    /// Performs one effect of service `index`; some are answered at once.
+    fn perform(&mut self, index: usize, service: &Service, effect: Effect) -> Option<Input>;
+}
+
+/// Why [`drive`] stopped before every service finished.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DriveError(pub String);
+
+/// Runs `services` on `platform` until every one is finished. `shutdown`
+/// resolving stops them all (each drains its run first).
+pub async fn drive<P: Platform>(
+    services: &mut [Service],
+    platform: &mut P,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DriveError> {
+    let now = clock();
+    for index in 0..services.len() {
+        feed(services, platform, index, Input::Start, now);
+    }
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    while services.iter().any(|s| !s.finished()) {
+        let deadline = services.iter().filter_map(Service::next_deadline).min();
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                let now = clock();
+                for index in 0..services.len() {
+                    feed(services, platform, index, Input::Shutdown, now);
+                }
+            }
+            () = timer => {
+                let now = clock();
+                for index in 0..services.len() {
+                    if services[index].next_deadline().is_some_and(|at| at <= now) {
+                        feed(services, platform, index, Input::Timer, now);
+                    }
+                }
+            }
+            happening = platform.next() => {
+                let now = clock();
+                match happening {
+                    Happening::Failed(error) => return Err(DriveError(error)),
+                    Happening::Spawned { service, result } => {
+                        feed(services, platform, service, Input::Spawned(result), now);
+                    }
+                    Happening::Reaped { pid, status, peak_rss_bytes, cgroup_oom_kill } => {
+                        if let Some(index) = services.iter().position(|s| s.owns_child(pid)) {
+                            if cgroup_oom_kill {
+                                feed(services, platform, index, Input::CgroupOomKill, now);
+                            }
+                            let input = Input::Reaped { pid, status, peak_rss_bytes };
+                            feed(services, platform, index, input, now);
+                        }
+                    }
+                    Happening::Sensor(event) => route(services, platform, event, now),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Hands a sensor event to the services it concerns.
+fn route<P: Platform>(
+    services: &mut [Service],
+    platform: &mut P,
+    event: SensorEvent,
+    now: Instant,
+) {
+    let group = match &event {
+        SensorEvent::OverLimit(c) => Some(c.group),
+        SensorEvent::Rearmed { group, .. } => Some(*group),
+        SensorEvent::OomVictim { pid, group } => {
+            let owner = services
+                .iter()
+                .position(|s| s.pid() == Some(*pid) || group.is_some_and(|g| s.owns_group(g)));
+            if let Some(index) = owner {
+                feed(services, platform, index, Input::Sensor(event), now);
+            }
+            return;
+        }
+        // Every service's record shows the loss.
+        SensorEvent::Lost { .. } => {
+            for index in 0..services.len() {
+                feed(services, platform, index, Input::Sensor(event.clone()), now);
+            }
+            return;
+        }
+        _ => None,
+    };
+    if let Some(index) = group.and_then(|g| services.iter().position(|s| s.owns_group(g))) {
+        feed(services, platform, index, Input::Sensor(event), now);
+    }
+}
+
+/// Feeds one input to service `index` and performs its effects; answers
+/// that come back at once are fed before the effects that follow.
+fn feed<P: Platform>(
+    services: &mut [Service],
+    platform: &mut P,
+    index: usize,
+    input: Input,
+    now: Instant,
+) {
+    let service = &mut services[index];
+    let mut queue: std::collections::VecDeque<Effect> = service.handle(input, now).into();
+    while let Some(effect) = queue.pop_front() {
+        if let Some(answer) = platform.perform(index, service, effect) {
+            for effect in service.handle(answer, now).into_iter().rev() {
+                queue.push_front(effect);
+            }
+        }
+    }
+}
+
+/// The time services are fed: tokio's clock, so that tests can pause it.
+fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests;
