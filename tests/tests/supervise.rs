@@ -115,6 +115,12 @@ impl Supervisor {
         }
     }
 
+    /// SIGKILLs the supervisor and reaps it.
+    fn wait_exit_after_kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn stop(&mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -624,7 +630,16 @@ fn a_vanished_program_is_a_crash() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Remove the program once the first run has started (waiting for the
+    // line, not for a fixed time: start-up is slow under emulation).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("\"event\":\"started\"")
+    {
+        assert!(Instant::now() < deadline, "the first run never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     std::fs::remove_file(&helper).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -653,4 +668,370 @@ fn a_vanished_program_is_a_crash() {
         "max_crashes_exceeded",
         "{text}"
     );
+}
+
+/// The charged memory (RssAnon + RssShmem) of `pid`, in bytes.
+fn charged(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ["RssAnon:", "RssShmem:"]
+        .iter()
+        .filter_map(|f| status.lines().find(|l| l.starts_with(f)))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn first_pid(lines: &[Value]) -> u64 {
+    lines
+        .iter()
+        .find(|l| l["event"] == "started")
+        .and_then(|l| l["pid"].as_u64())
+        .expect("a started line")
+}
+
+/// Regression: memory drains past the clean-restart budget scheduled a
+/// restart that never came (`--max-rss 64KiB --grace 100ms -- sleep 100`
+/// started 11 times, then stayed down).
+#[test]
+fn drains_past_the_clean_budget_restart_after_backoff() {
+    for sensor in sensors("drains_past_the_clean_budget_restart_after_backoff") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &[
+                "--max-rss",
+                "64KiB",
+                "--grace",
+                "100ms",
+                "--clean-budget",
+                "3",
+                "--backoff-floor",
+                "300ms",
+            ],
+            &["sleep", "100000"],
+        );
+        let lines = sv.wait_for(
+            &["health_warn", "restart_scheduled", "started"],
+            Duration::from_secs(30),
+        );
+        let warn = lines.iter().find(|l| l["event"] == "health_warn").unwrap();
+        assert_eq!(warn["reason"], "clean_restart_budget_exceeded", "{sensor}");
+        assert!(sv.stop().success(), "{sensor}");
+    }
+}
+
+/// Regression: SIGTERM while a memory decision was deferred (`--over-for`)
+/// never escalated: a service ignoring SIGTERM kept the supervisor waiting
+/// until it happened to exit. It is SIGKILLed after grace, and the
+/// supervisor exits 0 within grace + 1 s.
+#[test]
+fn sigterm_while_deferred_kills_after_grace() {
+    for sensor in sensors("sigterm_while_deferred_kills_after_grace") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &["--max-rss", "32MiB", "--over-for", "3s", "--grace", "2s"],
+            &["ignore-term", "alloc", "64", "sleep", "100000"],
+        );
+        let pid = first_pid(&sv.wait_for(&["started"], Duration::from_secs(20)));
+        wait_until("the run over its limit", Duration::from_secs(10), || {
+            charged(pid) > 40 << 20
+        });
+        // Time for the sensor to hear the crossing and defer it.
+        std::thread::sleep(Duration::from_millis(300));
+        let asked = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(sv.child.id() as i32, libc::SIGTERM) };
+        let status = sv.wait_exit(Duration::from_secs(8));
+        let took = asked.elapsed();
+        assert!(status.success(), "{sensor}: {status:?}");
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+            "{sensor}: grace 2s, took {took:?}"
+        );
+        let lines = sv.lines();
+        let exit = lines.iter().find(|l| l["event"] == "exited").unwrap();
+        assert_eq!(exit["cause"], "shutdown", "{sensor}: {exit}");
+        assert_eq!(exit["signal"], 9, "{sensor}: {exit}");
+        assert_eq!(sv.leftovers(), Vec::<u32>::new(), "{sensor}");
+    }
+}
+
+/// Regression: `--hard-limit` was deferred by `--over-for` with the kernel
+/// programs (a tree at 86.7 MiB over a 50 MiB hard limit was acted on only
+/// when over-for expired). Neither `--over-for` nor `--startup-grace`
+/// defers it, with either sensor.
+#[test]
+fn hard_limit_is_never_deferred() {
+    for sensor in sensors("hard_limit_is_never_deferred") {
+        for deferral in ["--over-for", "--startup-grace"] {
+            let mut sv = Supervisor::start(
+                sensor,
+                &[
+                    "--max-rss",
+                    "20MiB",
+                    "--hard-limit",
+                    "50MiB",
+                    deferral,
+                    "60s",
+                    "--grace",
+                    "1s",
+                    "--restart",
+                    "never",
+                ],
+                &[
+                    "alloc", "30", "sleep", "1000", "alloc", "60", "sleep", "100000",
+                ],
+            );
+            let pid = first_pid(&sv.wait_for(&["started"], Duration::from_secs(20)));
+            wait_until(
+                "the run past its hard limit",
+                Duration::from_secs(10),
+                || charged(pid) > 60 << 20,
+            );
+            let crossed = Instant::now();
+            let status = sv.wait_exit(Duration::from_secs(10));
+            assert!(status.success(), "{sensor} {deferral}: {status:?}");
+            assert!(
+                crossed.elapsed() < Duration::from_secs(5),
+                "{sensor} {deferral}: acted on {:?} after the crossing",
+                crossed.elapsed()
+            );
+            let lines = sv.lines();
+            let over = lines
+                .iter()
+                .find(|l| l["event"] == "memory_over_limit")
+                .unwrap();
+            assert_eq!(over["reason"], "hard_limit", "{sensor} {deferral}: {over}");
+            assert_eq!(over["limit_bytes"], 50u64 << 20);
+            let exit = lines.iter().find(|l| l["event"] == "exited").unwrap();
+            assert_eq!(exit["cause"], "memory_drain", "{sensor} {deferral}: {exit}");
+        }
+    }
+}
+
+/// Regression: limit 100 MiB, `--over-for 2s`, the service at 103 MiB,
+/// then 97, then 400: no `memory_over_limit` at all (the sensor waited for
+/// it to fall below the re-arm level, 95 MiB).
+#[test]
+fn a_dip_under_the_limit_does_not_deafen() {
+    for sensor in sensors("a_dip_under_the_limit_does_not_deafen") {
+        let mut sv = Supervisor::start(
+            sensor,
+            &["--max-rss", "100MiB", "--over-for", "2s", "--grace", "1s"],
+            &[
+                "alloc", "102", "sleep", "300", "free", "alloc", "96", "sleep", "4000", "alloc",
+                "300", "sleep", "100000",
+            ],
+        );
+        let lines = sv.wait_for(&["started", "memory_over_limit"], Duration::from_secs(20));
+        let over = lines
+            .iter()
+            .find(|l| l["event"] == "memory_over_limit")
+            .unwrap();
+        assert!(
+            over["charged_bytes"].as_u64().unwrap() > 300 << 20,
+            "{sensor}: acted on the growth to 400 MiB, not the first crossing: {over}"
+        );
+        assert!(sv.stop().success(), "{sensor}");
+    }
+}
+
+/// A marker that cannot be written at run time is `marker_failed` with
+/// the error, never `respawn_recommended`.
+#[test]
+fn a_failed_marker_is_recorded_as_failed() {
+    for sensor in sensors("a_failed_marker_is_recorded_as_failed") {
+        let dir = TempDir::new("marker-fail");
+        let marker_dir = dir.path().join("markers");
+        std::fs::create_dir(&marker_dir).unwrap();
+        let marker = marker_dir.join("respawn");
+        let mut sv = Supervisor::start(
+            sensor,
+            &[
+                "--max-rss",
+                "32MiB",
+                "--on-memory",
+                "marker",
+                "--marker-file",
+                marker.to_str().unwrap(),
+            ],
+            &["sleep", "1500", "alloc", "48", "sleep", "100000"],
+        );
+        sv.wait_for(&["started"], Duration::from_secs(20));
+        // The directory goes away after start-up checked it.
+        std::fs::remove_dir(&marker_dir).unwrap();
+        let lines = sv.wait_for(
+            &["memory_over_limit", "marker_failed"],
+            Duration::from_secs(20),
+        );
+        let failed = lines
+            .iter()
+            .find(|l| l["event"] == "marker_failed")
+            .unwrap();
+        assert!(
+            failed["error"].as_str().unwrap().contains("respawn"),
+            "{sensor}: names the marker: {failed}"
+        );
+        assert!(
+            lines.iter().all(|l| l["event"] != "respawn_recommended"),
+            "{sensor}: {lines:?}"
+        );
+        assert!(sv.stop().success());
+    }
+}
+
+/// A hook's start, exit status and duration are recorded.
+#[test]
+fn a_hook_exit_is_recorded() {
+    let mut sv = Supervisor::start(
+        "sampling",
+        &[
+            "--max-rss",
+            "32MiB",
+            "--on-memory",
+            "exec",
+            "--hook",
+            HELPER,
+            "--hook-arg",
+            "sleep",
+            "--hook-arg",
+            "200",
+            "--hook-arg",
+            "exit",
+            "--hook-arg",
+            "3",
+        ],
+        &["alloc", "48", "sleep", "100000"],
+    );
+    let lines = sv.wait_for(
+        &["memory_over_limit", "hook_started", "hook_exited"],
+        Duration::from_secs(20),
+    );
+    let exited = lines.iter().find(|l| l["event"] == "hook_exited").unwrap();
+    assert_eq!(exited["exit_code"], 3, "{exited}");
+    assert!(exited["duration_ms"].as_u64().unwrap() >= 200, "{exited}");
+    assert!(sv.stop().success());
+}
+
+/// The service's main process does not outlive a killed supervisor
+/// (PR_SET_PDEATHSIG, set after dropping privileges).
+#[test]
+fn a_killed_supervisor_takes_its_run_along() {
+    for sensor in sensors("a_killed_supervisor_takes_its_run_along") {
+        let mut sv = Supervisor::start(sensor, &[], &["sleep", "100000"]);
+        let pid = first_pid(&sv.wait_for(&["started"], Duration::from_secs(20)));
+        sv.wait_exit_after_kill();
+        wait_until(
+            "the run gone after SIGKILL of the supervisor",
+            Duration::from_secs(5),
+            || !std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid),
+        );
+    }
+}
+
+/// The drain signal reaches a descendant that left the process group
+/// (setsid), not only the group.
+#[test]
+fn the_drain_signal_reaches_a_new_session() {
+    for sensor in sensors("the_drain_signal_reaches_a_new_session") {
+        let dir = TempDir::new("session");
+        let pid_file = dir.path().join("child.pid");
+        let mut sv = Supervisor::start(
+            sensor,
+            &["--max-rss", "32MiB", "--on-memory", "signal"],
+            &[
+                "spawn-session",
+                "48",
+                pid_file.to_str().unwrap(),
+                "ignore-term",
+                "sleep",
+                "100000",
+            ],
+        );
+        sv.wait_for(&["started", "memory_over_limit"], Duration::from_secs(20));
+        let child: u64 = std::fs::read_to_string(&pid_file)
+            .expect("the session child wrote its pid")
+            .parse()
+            .unwrap();
+        wait_until("the session child gone", Duration::from_secs(5), || {
+            !std::path::Path::new(&format!("/proc/{child}")).exists() || is_zombie(child)
+        });
+        assert!(
+            sv.child.try_wait().unwrap().is_none(),
+            "{sensor}: supervision goes on"
+        );
+        assert!(sv.stop().success());
+    }
+}
+
+fn is_zombie(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Options that cannot work are refused before anything starts: exit 2
+/// and a message naming the option.
+#[test]
+fn bad_options_are_refused_with_exit_2() {
+    let dir = TempDir::new("badopts");
+    let missing = dir.path().join("missing/marker");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--max-rss", "0"], "--max-rss"),
+        (
+            vec![
+                "--max-rss",
+                "1MiB",
+                "--on-memory",
+                "exec",
+                "--hook",
+                "/nonexistent",
+            ],
+            "--hook",
+        ),
+        (
+            vec![
+                "--max-rss",
+                "1MiB",
+                "--on-memory",
+                "marker",
+                "--marker-file",
+                missing.to_str().unwrap(),
+            ],
+            "--marker-file",
+        ),
+        (
+            vec!["--backoff-floor", "5s", "--backoff-cap", "1s"],
+            "--backoff-floor",
+        ),
+        (
+            vec!["--max-rss", "2MiB", "--hard-limit", "1MiB"],
+            "--hard-limit",
+        ),
+        (vec!["--over-for", "1s"], "--max-rss"),
+        (vec!["--cwd", "/nonexistent-dir"], "/nonexistent-dir"),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(watchdog_bin())
+            .arg("supervise")
+            .args(&args)
+            .args(["--sensor", "sampling", "--", HELPER, "sleep", "10"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }

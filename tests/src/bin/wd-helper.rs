@@ -32,6 +32,9 @@
 //! - `ignore-term`: ignore SIGTERM from now on
 //! - `write-env FILE`: write the WATCHDOG_* environment to FILE, one
 //!   `KEY=VALUE` a line (a memory hook's view)
+//! - `spawn-session MIB FILE`: fork a child that leaves for a session (and
+//!   process group) of its own, writes its pid to FILE, maps and touches
+//!   MIB mebibytes and sleeps until killed
 //! - `exit CODE`: exit with CODE
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -258,6 +261,28 @@ fn main() {
             "ignore-term" => {
                 // SAFETY: setting a signal disposition.
                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            }
+            "spawn-session" => {
+                let mib = number("mebibytes") as usize;
+                let file = steps
+                    .next()
+                    .unwrap_or_else(|| usage("spawn-session needs a file"))
+                    .to_owned();
+                // SAFETY: single-threaded here; the child runs its own
+                // steps and never returns into the parent's.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: setsid has no preconditions in a fresh child.
+                    unsafe { libc::setsid() };
+                    let tmp = format!("{file}.tmp");
+                    std::fs::write(&tmp, process::id().to_string()).expect("write pid");
+                    std::fs::rename(&tmp, &file).expect("rename pid file");
+                    let _block = Block::touch(mib);
+                    loop {
+                        thread::sleep(Duration::from_secs(3600));
+                    }
+                }
+                assert!(pid > 0, "fork failed");
             }
             "exit" => process::exit(number("an exit code") as i32),
             other => usage(&format!("unknown step {other:?}")),

@@ -19,7 +19,7 @@ use crate::{
     auditlog::AuditLog,
     event::rfc3339,
     runner::{self, Spawner},
-    sensor::{GroupId, Limits, Sensor, Source},
+    sensor::{GroupId, Limits, Sensor, SensorEvent, Source},
 };
 
 /// How a spawn is going, reported by its task.
@@ -55,6 +55,9 @@ pub struct Host {
     forking: usize,
     /// Children between "pid known" and "exec done": their spawn owns them.
     launching: HashMap<u32, Option<GroupId>>,
+    /// Sensor events about a launching child's group, held until its
+    /// service has heard that it started.
+    held: Vec<SensorEvent>,
     children: HashMap<u32, Child>,
     /// Each service's sensor limits, for its next run.
     limits: HashMap<usize, Limits>,
@@ -76,6 +79,7 @@ impl Host {
             progress_rx,
             forking: 0,
             launching: HashMap::new(),
+            held: Vec::new(),
             children: HashMap::new(),
             limits: HashMap::new(),
             queue: VecDeque::new(),
@@ -167,6 +171,16 @@ impl Host {
         };
         let started = result.as_ref().ok().map(|s| s.pid);
         self.queue.push_back(Happening::Spawned { service, result });
+        // What the sensor said of the run while it was starting follows.
+        if let Some(group) = group {
+            let (ours, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|e| group_of(e) == Some(group));
+            self.held = others;
+            if started.is_some() {
+                self.queue.extend(ours.into_iter().map(Happening::Sensor));
+            }
+        }
         // It may have exited before it was ours to reap.
         if let Some(pid) = started {
             self.reap_one(pid);
@@ -214,6 +228,10 @@ impl Host {
         }
     }
 
+    fn is_launching(&self, group: Option<GroupId>) -> bool {
+        group.is_some() && self.launching.values().any(|&g| g == group)
+    }
+
     fn members(&self, group: Option<GroupId>) -> Vec<u32> {
         group.map(|g| self.sensor.members(g)).unwrap_or_default()
     }
@@ -242,6 +260,7 @@ impl Platform for Host {
             }
             tokio::select! {
                 event = self.sensor.next() => match event {
+                    Ok(event) if self.is_launching(group_of(&event)) => self.held.push(event),
                     Ok(event) => return Happening::Sensor(event),
                     Err(e) => return Happening::Failed(format!("the sensor failed: {e}")),
                 },
@@ -323,6 +342,18 @@ impl Platform for Host {
             Effect::Finished(_) => {}
         }
         None
+    }
+}
+
+/// The group a sensor event is about.
+fn group_of(event: &SensorEvent) -> Option<GroupId> {
+    match event {
+        SensorEvent::OverLimit(c) => Some(c.group),
+        SensorEvent::Rearmed { group, .. } | SensorEvent::Changed { group, .. } => Some(*group),
+        SensorEvent::Exit { group, .. }
+        | SensorEvent::Fork { group, .. }
+        | SensorEvent::OomVictim { group, .. } => *group,
+        SensorEvent::Lost { .. } => None,
     }
 }
 
