@@ -289,9 +289,10 @@ impl Platform for Host {
             Effect::KillTree { pid, group } => {
                 runner::signal_tree(pid, &self.members(group), libc::SIGKILL);
             }
-            Effect::EndRun { group } => {
-                // Whatever the run left behind goes with it.
-                for pid in self.members(group) {
+            Effect::EndRun { pid: reaped, group } => {
+                // Whatever the run left behind goes with it. The main
+                // process is reaped: its pid may be someone else's now.
+                for pid in self.members(group).into_iter().filter(|&p| p != reaped) {
                     // SAFETY: SIGKILL to a leftover of the run; ESRCH if
                     // it is gone.
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };

@@ -91,8 +91,9 @@ pub enum Effect {
     },
     /// SIGKILL every process of the run's tree.
     KillTree { pid: u32, group: Option<GroupId> },
-    /// The run is over: SIGKILL what it left behind, stop watching it.
-    EndRun { group: Option<GroupId> },
+    /// The run is over (its main process `pid` reaped): SIGKILL what it
+    /// left behind, stop watching it.
+    EndRun { pid: u32, group: Option<GroupId> },
     /// Read the group exactly; answered with [`Input::Reading`].
     Measure { group: GroupId },
     /// Fire when the group reaches `limit` bytes, armed now.
@@ -360,7 +361,10 @@ impl Service {
                     return vec![];
                 };
                 self.run = None;
-                let mut effects = vec![Effect::EndRun { group: run.group }];
+                let mut effects = vec![Effect::EndRun {
+                    pid,
+                    group: run.group,
+                }];
                 // The OOM verdict needs a SIGKILL: a process that handled
                 // the memory pressure and exited otherwise was not killed.
                 let oom = run.oom.filter(|_| status.signal() == Some(libc::SIGKILL));
