@@ -6,6 +6,7 @@
 //! - `sleep MS`: sleep
 //! - `alloc MIB`: map and touch MIB mebibytes of anonymous memory
 //! - `free`: unmap everything `alloc` mapped (the memory goes back at once)
+//! - `free-last`: unmap what the last `alloc` mapped
 //! - `thread-alloc N MIB`: N threads at once each map and touch MIB
 //!   mebibytes, kept until exit
 //! - `exec STEPS...`: replace this program with a fresh copy of itself
@@ -109,6 +110,7 @@ fn main() {
             "sleep" => thread::sleep(Duration::from_millis(number("milliseconds") as u64)),
             "alloc" => kept.push(Block::touch(number("mebibytes") as usize)),
             "free" => kept.clear(),
+            "free-last" => drop(kept.pop()),
             "thread-alloc" => {
                 let n = number("a thread count") as usize;
                 let mib = number("mebibytes") as usize;
