@@ -1065,3 +1065,43 @@ fn bad_options_are_refused_with_exit_2() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// Events the kernel could not deliver are reported in the audit log
+/// itself (`events_lost`), not only on standard error: the supervisor is
+/// stopped while its service forks faster than the ring buffer holds.
+#[test]
+fn lost_kernel_events_are_in_the_audit_log() {
+    if !privileged("lost_kernel_events_are_in_the_audit_log") {
+        return;
+    }
+    let dir = TempDir::new("storm");
+    let done = dir.path().join("done");
+    let mut sv = Supervisor::start(
+        "ebpf",
+        &[],
+        &[
+            "sleep",
+            "300",
+            "fork-storm",
+            "30000",
+            "write-env",
+            done.to_str().unwrap(),
+            "sleep",
+            "100000",
+        ],
+    );
+    sv.wait_for(&["started"], Duration::from_secs(20));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(sv.child.id() as i32, libc::SIGSTOP) };
+    wait_until("the fork storm done", Duration::from_secs(60), || {
+        done.exists()
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(sv.child.id() as i32, libc::SIGCONT) };
+    let lines = sv.wait_for(&["events_lost"], Duration::from_secs(10));
+    let lost = lines.iter().find(|l| l["event"] == "events_lost").unwrap();
+    assert_eq!(lost["counter"], "ringbuf_full", "{lost}");
+    assert!(lost["count"].as_u64().unwrap() > 0, "{lost}");
+    assert!(lost["total"].as_u64().unwrap() >= lost["count"].as_u64().unwrap());
+    assert!(sv.stop().success());
+}

@@ -36,6 +36,8 @@
 //! - `spawn-session MIB FILE`: fork a child that leaves for a session (and
 //!   process group) of its own, writes its pid to FILE, maps and touches
 //!   MIB mebibytes and sleeps until killed
+//! - `fork-storm N`: fork N children one after another, each exiting at
+//!   once, reaping each
 //! - `exit CODE`: exit with CODE
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -285,6 +287,18 @@ fn main() {
                     }
                 }
                 assert!(pid > 0, "fork failed");
+            }
+            "fork-storm" => {
+                for _ in 0..number("a count") {
+                    // SAFETY: the child only calls _exit.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        unsafe { libc::_exit(0) };
+                    }
+                    assert!(pid > 0, "fork failed");
+                    // SAFETY: our own child, no status wanted.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
             }
             "exit" => process::exit(number("an exit code") as i32),
             other => usage(&format!("unknown step {other:?}")),
