@@ -329,20 +329,8 @@ impl Policy {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     pub fn crash_count(&self) -> u32 {
         self.crash_count
-    }
-
-    /// Whether a run is alive (spawned and not yet reported exited).
-    pub fn running(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Spawning | Phase::Running { .. } | Phase::Draining { .. }
-        )
     }
 
     /// When [`Input::Timer`] must be fed next, from the state alone: the
@@ -899,7 +887,8 @@ mod tests {
         let actions = h.exit_after(S, CRASH);
         assert!(actions.contains(&Action::GiveUp), "{actions:?}");
         assert_eq!(h.records(Event::MaxCrashesExceeded).len(), 1);
-        assert!(!h.policy.running());
+        assert_eq!(h.policy.next_deadline(), None, "no restart coming");
+        assert_eq!(h.feed(Input::Timer), vec![]);
     }
 
     #[test]

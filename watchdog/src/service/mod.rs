@@ -107,8 +107,8 @@ pub enum Effect {
         argv: Vec<String>,
         env: Vec<(&'static str, String)>,
     },
-    /// Write an audit line.
-    Audit(AuditLine),
+    /// Write an audit line (boxed: it is much larger than the others).
+    Audit(Box<AuditLine>),
     /// The service is over.
     Finished(Outcome),
 }
@@ -391,12 +391,12 @@ impl Service {
                 self.hooks.insert(pid, now);
                 let mut line = self.line(Event::HookStarted);
                 line.hook_pid = Some(pid);
-                return vec![Effect::Audit(line)];
+                return vec![Effect::Audit(Box::new(line))];
             }
             Input::HookStarted(Err(error)) => {
                 let mut line = self.line(Event::HookFailed);
                 line.error = Some(error);
-                return vec![Effect::Audit(line)];
+                return vec![Effect::Audit(Box::new(line))];
             }
         };
         self.perform(actions)
@@ -434,7 +434,7 @@ impl Service {
                 line.counter = Some(counter);
                 line.count = Some(count);
                 line.total = Some(total);
-                return vec![Effect::Audit(line)];
+                return vec![Effect::Audit(Box::new(line))];
             }
             _ => vec![],
         };
@@ -465,11 +465,12 @@ impl Service {
                         });
                     }
                 }
-                Action::Measure => match group {
-                    Some(group) => effects.push(Effect::Measure { group }),
+                Action::Measure => {
                     // Nothing to measure without a group: the run is gone.
-                    None => {}
-                },
+                    if let Some(group) = group {
+                        effects.push(Effect::Measure { group });
+                    }
+                }
                 Action::ArmAt(limit) => {
                     if let Some(group) = group {
                         effects.push(Effect::ArmAt { group, limit });
@@ -503,7 +504,9 @@ impl Service {
                         ("WATCHDOG_LIMIT_BYTES", self.limit().to_string()),
                     ],
                 }),
-                Action::Record(record) => effects.push(Effect::Audit(self.record_line(&record))),
+                Action::Record(record) => {
+                    effects.push(Effect::Audit(Box::new(self.record_line(&record))))
+                }
                 Action::Done => effects.push(self.finish(Outcome::Stopped)),
                 Action::GiveUp => {
                     tracing::error!(service = %self.cfg.name, "gave up: too many crashes");
@@ -567,7 +570,7 @@ impl Service {
         line.charged_bytes = Some(self.last_charged.0);
         line.metric = self.last_charged.1;
         line.limit_bytes = Some(self.limit());
-        Effect::Audit(line)
+        Effect::Audit(Box::new(line))
     }
 
     fn hook_exited(&self, pid: u32, status: ExitStatus, ran: Duration) -> Effect {
@@ -575,7 +578,7 @@ impl Service {
         line.hook_pid = Some(pid);
         line.status = Some(status.fields());
         line.duration_ms = Some(millis(ran));
-        Effect::Audit(line)
+        Effect::Audit(Box::new(line))
     }
 }
 

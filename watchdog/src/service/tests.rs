@@ -48,7 +48,7 @@ impl Seen {
         self.effects
             .iter()
             .filter_map(|(_, e)| match e {
-                Effect::Audit(line) => Some(line.clone()),
+                Effect::Audit(line) => Some((**line).clone()),
                 _ => None,
             })
             .collect()
