@@ -132,7 +132,10 @@ mod tests {
         assert_eq!(log.failing(), None);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("{\"ts\":"), "{text}");
-        assert!(text.contains("\"event\":\"audit_lines_lost\",\"count\":1,"), "{text}");
+        assert!(
+            text.contains("\"event\":\"audit_lines_lost\",\"count\":1,"),
+            "{text}"
+        );
         assert!(text.ends_with("{\"n\":3}\n"), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -546,7 +546,10 @@ mod tests {
         assert!(sink.write_line(&line).is_err(), "only part of it fits");
         assert!(sink.write_line(&line).is_err(), "nothing fits");
         assert_eq!(sink.lost(), 2);
-        assert!(sink.failing().is_some_and(|e| e.contains("standard output")));
+        assert!(
+            sink.failing()
+                .is_some_and(|e| e.contains("standard output"))
+        );
         assert_eq!(lines(&disk).len(), 1, "the partial line was cut away");
         disk.lock().unwrap().room = 4096;
         sink.write_line(&serde_json::json!({"n": 4})).unwrap();
@@ -575,7 +578,10 @@ mod tests {
     fn a_torn_line_is_cut_before_the_next_write() {
         let (mut sink, disk) = fake(12);
         disk.lock().unwrap().truncate_fails = true;
-        assert!(sink.write_line(&serde_json::json!({"long": "line"})).is_err());
+        assert!(
+            sink.write_line(&serde_json::json!({"long": "line"}))
+                .is_err()
+        );
         assert_eq!(disk.lock().unwrap().data.len(), 12, "torn for now");
         {
             let mut d = disk.lock().unwrap();

@@ -32,6 +32,8 @@
 //! - `ignore-term`: ignore SIGTERM from now on
 //! - `write-env FILE`: write the WATCHDOG_* environment to FILE, one
 //!   `KEY=VALUE` a line (a memory hook's view)
+//! - `fork-storm N`: N times, fork a child that exits at once with code 0,
+//!   and reap it
 //! - `exit CODE`: exit with CODE
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -258,6 +260,20 @@ fn main() {
             "ignore-term" => {
                 // SAFETY: setting a signal disposition.
                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            }
+            "fork-storm" => {
+                let n = number("a child count");
+                for _ in 0..n {
+                    // SAFETY: the child only calls _exit.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        unsafe { libc::_exit(0) };
+                    }
+                    assert!(pid > 0, "fork failed");
+                    let mut status = 0;
+                    // SAFETY: our own child, valid pointer.
+                    unsafe { libc::waitpid(pid, &mut status, 0) };
+                }
             }
             "exit" => process::exit(number("an exit code") as i32),
             other => usage(&format!("unknown step {other:?}")),
