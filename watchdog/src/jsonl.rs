@@ -151,6 +151,11 @@ impl LineSink {
         };
         match open_append(&path) {
             Ok(file) => {
+                // A partial line still waiting to be cut is in the old file:
+                // one last try, through the old descriptor.
+                if let (Some(at), Some(old)) = (self.torn.take(), self.out.as_mut()) {
+                    let _ = old.truncate(at);
+                }
                 self.out = Some(Box::new(FileOutput::new(file)));
                 // While writing fails, only its return is worth a message.
                 if self.episode.is_none() {

@@ -61,8 +61,9 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
-/// The pids whose full command line matches `--match PATTERN`, or the
-/// usage error that says why there are none.
+/// The pids whose full command line matches `--match PATTERN` (never this
+/// watchdog or its ancestors, whose command lines may hold the pattern too),
+/// or the usage error that says why there are none.
 pub fn matching(pattern: &str) -> Result<Vec<u32>, CliError> {
     let regex = regex::Regex::new(pattern)
         .map_err(|e| CliError::Usage(format!("invalid --match pattern: {e}")))?;
