@@ -309,6 +309,43 @@ mod tests {
     use crate::exit::ExitStatus;
 
     #[test]
+    fn events_lost_line_has_the_documented_fields() {
+        let line = EventsLostLine {
+            ts: rfc3339(SystemTime::now()),
+            event: "events_lost",
+            counter: "ringbuf_full",
+            count: 3,
+            total: 10,
+        };
+        let text = serde_json::to_string(&line).unwrap();
+        assert!(
+            text.starts_with("{\"ts\":\"")
+                && text.ends_with(
+                    "\"event\":\"events_lost\",\"counter\":\"ringbuf_full\",\"count\":3,\"total\":10}"
+                ),
+            "{text}"
+        );
+    }
+
+    /// A refused output file is a usage error (exit code 2); an I/O failure
+    /// is not.
+    #[test]
+    fn refused_output_files_are_usage_errors() {
+        let refused = OpenError::Writable {
+            path: "/x".into(),
+            mode: 0o666,
+        };
+        assert!(
+            matches!(CliError::from(refused), CliError::Usage(m) if m.contains("chmod go-w /x"))
+        );
+        let failed = OpenError::Io {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(matches!(CliError::from(failed), CliError::Failed(_)));
+    }
+
+    #[test]
     fn exit_line_has_the_documented_fields() {
         let clock = WallClock::new();
         let exit = ProcessExit {

@@ -33,15 +33,10 @@ pub struct WatchArgs {
     /// this watchdog or the processes it runs under.
     #[arg(long = "match", value_name = "REGEX")]
     pub pattern: Option<String>,
-    /// With --match: how often to look for new matching processes.
-    #[arg(
-        long,
-        value_name = "DURATION",
-        value_parser = humantime::parse_duration,
-        default_value = "2s",
-        requires = "pattern"
-    )]
-    pub rescan: Duration,
+    /// With --match: how often to look for new matching processes
+    /// [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub rescan: Option<Duration>,
     /// The memory limit of each group (512MiB, 2GiB, 8192MB).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub limit: Size,
@@ -61,6 +56,11 @@ pub struct WatchArgs {
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
+
+/// How often `--match` looks for new processes: soon enough for a process
+/// that lives for minutes, rare enough that reading every command line in
+/// /proc costs nothing noticeable.
+const DEFAULT_RESCAN: Duration = Duration::from_secs(2);
 
 #[derive(Serialize)]
 struct MemoryLine {
@@ -96,7 +96,15 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
             args.limit
         )));
     }
-    if args.rescan.is_zero() {
+    if args.rescan.is_some() && args.pattern.is_none() {
+        return Err(CliError::Usage(
+            "--rescan looks for new processes matching --match; \
+             it does nothing with --pid: drop it"
+                .into(),
+        ));
+    }
+    let rescan_every = args.rescan.unwrap_or(DEFAULT_RESCAN);
+    if rescan_every.is_zero() {
         return Err(CliError::Usage(
             "--rescan must be more than 0 (for example 2s)".into(),
         ));
@@ -134,7 +142,7 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
     }
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-    let mut rescan = tokio::time::interval(args.rescan);
+    let mut rescan = tokio::time::interval(rescan_every);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is now, and the scan just above covered it.
     rescan.tick().await;
