@@ -15,10 +15,23 @@ const HELPER: &str = env!("CARGO_BIN_EXE_wd-helper");
 const DELIVERY: Duration = Duration::from_secs(1);
 const START: Duration = Duration::from_secs(15);
 
-fn audit_all() -> Watchdog {
+/// Host-wide runs (`--all`) see every exit on the host and check how fast
+/// theirs arrive: they share this lock, and the fork storm of
+/// `a_stalled_reader_is_told_what_was_lost` takes it alone.
+static STORM: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// No fork storm runs while this is held.
+fn calm() -> std::sync::RwLockReadGuard<'static, ()> {
+    STORM
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn audit_all() -> (std::sync::RwLockReadGuard<'static, ()>, Watchdog) {
+    let calm = calm();
     let mut wd = Watchdog::start(&["audit", "--all"]);
     wd.wait_ready(START);
-    wd
+    (calm, wd)
 }
 
 /// Runs the helper with `steps` in `dir`, waits for it, and returns its pid
@@ -79,7 +92,7 @@ fn exit_code_is_reported() {
     if !privileged("exit_code_is_reported") {
         return;
     }
-    let mut wd = audit_all();
+    let (_calm, mut wd) = audit_all();
     let (pid, status, reaped) = run_helper(&["exit", "3"], None);
     let line = expect_line(&wd, pid, reaped);
     check_common(&line, pid, status);
@@ -96,7 +109,7 @@ fn sigkill_is_reported_as_signal() {
     if !privileged("sigkill_is_reported_as_signal") {
         return;
     }
-    let wd = audit_all();
+    let (_calm, wd) = audit_all();
     let mut child = Command::new(HELPER)
         .args(["sleep", "60000"])
         .spawn()
@@ -114,7 +127,7 @@ fn segv_and_core_dumps_are_reported() {
     if !privileged("segv_and_core_dumps_are_reported") {
         return;
     }
-    let wd = audit_all();
+    let (_calm, wd) = audit_all();
     let dir = TempDir::new("core");
     // Without a core limit: SIGSEGV, no core.
     let (pid, status, reaped) = run_helper(&["core-limit", "off", "segv"], Some(&dir));
@@ -140,7 +153,7 @@ fn threads_exiting_first_give_one_event() {
     if !privileged("threads_exiting_first_give_one_event") {
         return;
     }
-    let wd = audit_all();
+    let (_calm, wd) = audit_all();
     let (pid, status, reaped) = run_helper(&["threads", "8", "exit", "5"], None);
     let line = expect_line(&wd, pid, reaped);
     check_common(&line, pid, status);
@@ -161,7 +174,7 @@ fn last_thread_not_the_leader() {
     if !privileged("last_thread_not_the_leader") {
         return;
     }
-    let wd = audit_all();
+    let (_calm, wd) = audit_all();
     let (pid, status, reaped) = run_helper(&["leader-exits-first", "9"], None);
     let line = expect_line(&wd, pid, reaped);
     check_common(&line, pid, status);
@@ -174,7 +187,7 @@ fn peak_rss_covers_what_was_touched() {
     if !privileged("peak_rss_covers_what_was_touched") {
         return;
     }
-    let wd = audit_all();
+    let (_calm, wd) = audit_all();
     let (pid, status, reaped) = run_helper(&["alloc", "64", "exit", "0"], None);
     let line = expect_line(&wd, pid, reaped);
     check_common(&line, pid, status);
@@ -227,6 +240,7 @@ fn output_file_gets_whole_lines() {
     }
     let dir = TempDir::new("output");
     let path = dir.path().join("exits.jsonl");
+    let _calm = calm();
     let mut wd = Watchdog::start(&["audit", "--all", "--output", path.to_str().unwrap()]);
     wd.wait_ready(START);
     let (pid, _, reaped) = run_helper(&["exit", "4"], None);
@@ -594,6 +608,9 @@ fn a_stalled_reader_is_told_what_was_lost() {
     // Twice as many events as the ring holds (16,384), a fork and an exit
     // for each child.
     const CHILDREN: u64 = 12_000;
+    let _storm = STORM
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut helper = Command::new(HELPER)
         .args([
             "wait-stdin",
