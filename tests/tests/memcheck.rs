@@ -169,3 +169,42 @@ fn bad_input_exits_2_with_a_clear_message() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// Guards against `--match` reporting the shell that runs the watchdog
+/// (seen: `sh -c "watchdog mem-check --match opencode"` reported the `sh`,
+/// whose command line holds the pattern too, and exited 0).
+#[test]
+fn match_leaves_out_the_shell_that_runs_it() {
+    let tag = format!("memcheck-shell-{}", std::process::id());
+    // `; exit $?` keeps the shell from exec-ing the watchdog in its place.
+    let script = format!(
+        "{} mem-check --match {tag} --json; exit $?",
+        watchdog_bin().display()
+    );
+    let run = || {
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, Some(2), "nothing else matches: {stdout}{stderr}");
+    assert!(
+        stderr.contains("no process has a command line matching"),
+        "{stderr}"
+    );
+    // With a real match, only it is reported.
+    let idle = Idle::start(&["tag", &tag]);
+    let (code, stdout, stderr) = run();
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let pids: Vec<&Value> = report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["pid"])
+        .collect();
+    assert_eq!(pids, [idle.pid()], "{stdout}");
+}

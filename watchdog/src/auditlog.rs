@@ -1,47 +1,29 @@
 //! The supervisor's audit log: JSON lines appended to a file (or standard
 //! output), one write per line, optionally made durable before the decision
 //! it records takes effect. A full disk or a vanished directory is reported
-//! and retried, and never stops supervision.
+//! once, retried, and never stops supervision; the lines it cost are
+//! reported in the log itself (`audit_lines_lost`) once writing works again.
 
-use std::{
-    io,
-    path::{Path, PathBuf},
-};
+use std::{io, path::Path};
 
 use serde::Serialize;
-use tracing::{error, info};
+use tracing::info;
 
-use crate::jsonl::LineSink;
+use crate::jsonl::{LineSink, OpenError};
 
-/// Where audit lines go.
+/// Where audit lines go: a file or standard output, or nowhere (`None`:
+/// standard output is a terminal and no file was given).
 pub struct AuditLog {
-    target: Target,
     sink: Option<LineSink>,
-    fsync: bool,
-    /// Lines that could not be written.
-    lost: u64,
-    /// The last write error, while writing is failing.
-    failing: Option<String>,
-}
-
-enum Target {
-    File(PathBuf),
-    Stdout,
-    /// Nowhere: stdout is a terminal and no file was given.
-    Off,
 }
 
 impl AuditLog {
-    /// Appends to `path` (created 0640, never through a symlink).
-    pub fn file(path: &Path, fsync: bool) -> io::Result<Self> {
-        let sink = LineSink::append(path)?;
-        Ok(Self {
-            target: Target::File(path.to_owned()),
-            sink: Some(sink),
-            fsync,
-            lost: 0,
-            failing: None,
-        })
+    /// Appends to `path` (created 0640, never through a symlink, and only
+    /// when this user owns it and group and others cannot write it).
+    pub fn file(path: &Path, fsync: bool) -> Result<Self, OpenError> {
+        let mut sink = LineSink::append(path)?;
+        sink.set_fsync(fsync);
+        Ok(Self { sink: Some(sink) })
     }
 
     /// The default without `--audit-log`: standard output when it is a pipe
@@ -51,100 +33,40 @@ impl AuditLog {
         use std::io::IsTerminal;
         if io::stdout().is_terminal() {
             info!("audit lines are off on a terminal; pass --audit-log FILE to keep them");
-            return Ok(Self {
-                target: Target::Off,
-                sink: None,
-                fsync: false,
-                lost: 0,
-                failing: None,
-            });
+            return Ok(Self { sink: None });
         }
         Ok(Self {
-            target: Target::Stdout,
             sink: Some(LineSink::stdout()?),
-            fsync: false,
-            lost: 0,
-            failing: None,
         })
     }
 
     /// Lines lost to write errors so far.
     pub fn lost(&self) -> u64 {
-        self.lost
+        self.sink.as_ref().map_or(0, LineSink::lost)
     }
 
     /// The current write error, if writing is failing.
     pub fn failing(&self) -> Option<&str> {
-        self.failing.as_deref()
+        self.sink.as_ref().and_then(LineSink::failing)
     }
 
-    /// Reopens the file (after logrotate moved it away: SIGHUP).
+    /// Reopens the file (after logrotate moved it away: SIGHUP), with the
+    /// checks of [`AuditLog::file`]. A failure is logged once and retried
+    /// with every later line.
     pub fn reopen(&mut self) {
-        if let Target::File(path) = &self.target {
-            match LineSink::append(path) {
-                Ok(sink) => {
-                    self.sink = Some(sink);
-                    info!(path = %path.display(), "audit log reopened");
-                }
-                Err(e) => {
-                    // Lines must not keep going to a file that was moved or
-                    // deleted: count them lost and retry with every line.
-                    self.sink = None;
-                    let what = format!("failed to reopen {}: {e}", path.display());
-                    self.fail(&what);
-                }
-            }
+        if let Some(sink) = self.sink.as_mut() {
+            // The sink logs the failure and counts what it loses.
+            let _ = sink.reopen();
         }
     }
 
-    /// Writes one line (and syncs it, with fsync on).
+    /// Writes one line (and syncs it, with fsync on). A failure is counted
+    /// and logged once per episode by the sink, reported in the log itself
+    /// once writing works again, and never stops supervision.
     pub fn write<T: Serialize>(&mut self, line: &T) {
-        if matches!(self.target, Target::Off) {
-            return;
+        if let Some(sink) = self.sink.as_mut() {
+            let _ = sink.write_line(line);
         }
-        if self.sink.is_none() {
-            // The file could not be opened last time (a vanished
-            // directory): try again for every line.
-            self.reopen();
-        }
-        let Some(sink) = self.sink.as_mut() else {
-            self.lost += 1;
-            return;
-        };
-        let result = sink
-            .write_line(line)
-            .and_then(|()| if self.fsync { sink.sync() } else { Ok(()) });
-        match result {
-            Ok(()) => {
-                if self.failing.take().is_some() {
-                    info!(lost = self.lost, "audit log writable again");
-                }
-            }
-            Err(e) => {
-                self.lost += 1;
-                let what = match &self.target {
-                    Target::File(p) => format!("failed to write to {}: {e}", p.display()),
-                    _ => format!("failed to write to standard output: {e}"),
-                };
-                // The file may be gone (its directory removed): reopen next
-                // time.
-                if matches!(self.target, Target::File(_)) {
-                    self.sink = None;
-                }
-                self.fail(&what);
-            }
-        }
-    }
-
-    fn fail(&mut self, what: &str) {
-        if self.failing.as_deref() != Some(what) {
-            error!(
-                error = what,
-                lost = self.lost,
-                "audit log write failed; supervision goes on"
-            );
-        }
-        self.failing = Some(what.to_owned());
     }
 }
 
@@ -171,7 +93,50 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         log.write(&serde_json::json!({"n": 4}));
         assert_eq!(log.failing(), None);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":4}\n");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["event"], "audit_lines_lost", "{text}");
+        assert_eq!(lines[0]["count"], 1, "{text}");
+        assert_eq!(lines[1]["n"], 4, "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Guards against SIGHUP reopening a file that was replaced by one
+    /// others can write: refused, counted, and taken up again once fixed.
+    #[test]
+    fn reopen_refuses_an_unsafe_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("watchdog-unsafe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let mut log = AuditLog::file(&path, false).unwrap();
+        log.write(&serde_json::json!({"n": 1}));
+        std::fs::rename(&path, dir.join("audit.jsonl.1")).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        log.reopen();
+        assert!(
+            log.failing().is_some_and(|e| e.contains("chmod go-w")),
+            "{:?}",
+            log.failing()
+        );
+        log.write(&serde_json::json!({"n": 2}));
+        assert_eq!(log.lost(), 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        log.write(&serde_json::json!({"n": 3}));
+        assert_eq!(log.failing(), None);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\"ts\":"), "{text}");
+        assert!(
+            text.contains("\"event\":\"audit_lines_lost\",\"count\":1,"),
+            "{text}"
+        );
+        assert!(text.ends_with("{\"n\":3}\n"), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,13 +1,18 @@
 //! `watchdog audit`: stream process exits as JSON lines.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::{
     cmd::CliError,
     event::{ProcessExit, WallClock, rfc3339},
     exit::StatusFields,
+    jsonl::{LineSink, OpenError},
     sensor::Source,
 };
 
@@ -22,8 +27,10 @@ pub struct AuditArgs {
     /// and future.
     #[arg(long, value_name = "PID")]
     pub pid: Option<u32>,
-    /// Append the lines to FILE (created mode 0640, never through a symlink)
-    /// instead of writing them to standard output.
+    /// Append the lines to FILE (created mode 0640, never through a
+    /// symlink; an existing FILE must be owned by this user and not
+    /// writable by group or others) instead of writing them to standard
+    /// output.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
@@ -60,6 +67,40 @@ impl<'a> ExitLine<'a> {
     }
 }
 
+/// One `events_lost` line: the kernel could not deliver events (its ring
+/// buffer was full, or its watch table had no room for a new process).
+#[derive(Debug, Serialize)]
+pub struct EventsLostLine {
+    pub ts: String,
+    pub event: &'static str,
+    /// Which kernel counter grew: `ringbuf_full` or `watch_table_full`.
+    pub counter: &'static str,
+    /// How much it grew since the last line.
+    pub count: u64,
+    /// Its total since the command started.
+    pub total: u64,
+}
+
+/// A file refused for its owner or mode (or as a symlink) is the user's
+/// to fix: exit code 2, like any other bad option.
+impl From<OpenError> for CliError {
+    fn from(err: OpenError) -> Self {
+        if err.is_usage() {
+            Self::Usage(err.to_string())
+        } else {
+            Self::Failed(err.into())
+        }
+    }
+}
+
+/// Where a command's lines go: `--output FILE`, else standard output.
+pub fn output_sink(output: Option<&Path>) -> Result<LineSink, CliError> {
+    match output {
+        Some(path) => Ok(LineSink::append(path)?),
+        None => Ok(LineSink::stdout().context("failed to use standard output")?),
+    }
+}
+
 #[cfg(target_os = "linux")]
 pub async fn run(args: AuditArgs) -> Result<ExitCode, CliError> {
     linux::run(args).await
@@ -79,12 +120,12 @@ mod linux {
 
     use anyhow::Context;
     use tokio::signal::unix::{SignalKind, signal};
-    use tracing::{error, info, warn};
+    use tracing::{info, warn};
 
-    use super::{AuditArgs, ExitLine};
+    use super::{AuditArgs, EventsLostLine, ExitLine, output_sink};
     use crate::{
         cmd::CliError,
-        event::WallClock,
+        event::{WallClock, rfc3339},
         jsonl::LineSink,
         kernel::{Charge, KernelEvent, Losses, ProbeOptions, Probes},
         procs,
@@ -107,11 +148,7 @@ mod linux {
                 }
             }
         }
-        let sink = match &args.output {
-            Some(path) => LineSink::append(path)
-                .with_context(|| format!("failed to open {} for appending", path.display()))?,
-            None => LineSink::stdout().context("failed to use standard output")?,
-        };
+        let sink = output_sink(args.output.as_deref())?;
         let mut probes = Probes::load(ProbeOptions {
             watch_all: args.all,
         })
@@ -134,13 +171,12 @@ mod linux {
 
         let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
-        let clock = WallClock::new();
         let mut writer = Writer {
             sink,
-            clock,
-            failing: false,
+            clock: WallClock::new(),
+            exits: 0,
+            losses: Losses::default(),
         };
-        let mut losses = Losses::default();
         let mut loss_check = tokio::time::interval(Duration::from_secs(1));
         info!(
             scope = if args.all { "all" } else { "tree" },
@@ -148,87 +184,120 @@ mod linux {
             "streaming exit events"
         );
 
-        loop {
+        let closed = loop {
             tokio::select! {
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
-                _ = loss_check.tick() => report_losses(&probes, &mut losses),
+                _ = sigterm.recv() => break false,
+                _ = sigint.recv() => break false,
+                _ = loss_check.tick() => {
+                    if !writer.report_losses(probes.losses()) {
+                        break true;
+                    }
+                }
                 event = probes.next() => {
                     let event = event.context("failed to read kernel events")?;
-                    if !writer.write(&event)? {
-                        return Ok(ExitCode::SUCCESS);
+                    if !writer.write(&event) {
+                        break true;
                     }
                 }
             }
-        }
-        // Deliver what was already sensed before stopping.
-        while let Some(event) = probes.try_next() {
-            if !writer.write(&event)? {
-                break;
+        };
+        if !closed {
+            // Deliver what was already sensed before stopping.
+            while let Some(event) = probes.try_next() {
+                if !writer.write(&event) {
+                    break;
+                }
             }
+            writer.report_losses(probes.losses());
         }
-        report_losses(&probes, &mut losses);
-        info!("stopped");
+        let losses = probes.losses();
+        info!(
+            exits = writer.exits,
+            ringbuf_full = losses.ringbuf_full,
+            watch_table_full = losses.watch_table_full,
+            lines_lost = writer.sink.lost(),
+            "stopped"
+        );
         Ok(ExitCode::SUCCESS)
     }
 
     struct Writer {
         sink: LineSink,
         clock: WallClock,
-        /// Whether the last write failed (to log a failure once, not per line).
-        failing: bool,
+        /// Exit lines written.
+        exits: u64,
+        /// The kernel's loss counters as last reported.
+        losses: Losses,
     }
 
     impl Writer {
-        /// Writes an exit line; `Ok(false)` when standard output was closed
-        /// by its reader (`watchdog audit --all | head`), which ends the run.
-        fn write(&mut self, event: &KernelEvent) -> Result<bool, CliError> {
+        /// Writes an exit line; `false` when standard output was closed by
+        /// its reader (`watchdog audit --all | head`), which ends the run.
+        fn write(&mut self, event: &KernelEvent) -> bool {
             let KernelEvent::Exit(exit) = event else {
-                return Ok(true);
+                return true;
             };
-            match self
-                .sink
-                .write_line(&ExitLine::new(exit, &self.clock, Source::Ebpf))
-            {
+            let line = ExitLine::new(exit, &self.clock, Source::Ebpf);
+            match self.sink.write_line(&line) {
                 Ok(()) => {
-                    if self.failing {
-                        info!("writing exit events again");
-                        self.failing = false;
-                    }
-                    Ok(true)
+                    self.exits += 1;
+                    true
                 }
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe && self.sink.path().is_none() => {
-                    Ok(false)
-                }
-                Err(e) => {
-                    // A full disk or a vanished directory must not stop the
-                    // tracing: say so, keep going, and recover when it can.
-                    if !self.failing {
-                        error!(error = %e, pid = exit.pid, "failed to write an exit event; it is lost");
-                        self.failing = true;
-                    }
-                    Ok(true)
-                }
+                Err(e) => !self.reader_gone(&e),
             }
         }
-    }
 
-    fn report_losses(probes: &Probes, seen: &mut Losses) {
-        let now = probes.losses();
-        if now.ringbuf_full > seen.ringbuf_full {
-            warn!(
-                lost = now.ringbuf_full - seen.ringbuf_full,
-                total = now.ringbuf_full,
-                "the kernel event buffer was full: exit events were lost"
-            );
+        /// Writes an `events_lost` line for each kernel counter that grew:
+        /// losses belong in the stream whose gaps they explain, not only on
+        /// standard error. `false` when the reader of standard output left.
+        fn report_losses(&mut self, now: Losses) -> bool {
+            let counters = [
+                ("ringbuf_full", self.losses.ringbuf_full, now.ringbuf_full),
+                (
+                    "watch_table_full",
+                    self.losses.watch_table_full,
+                    now.watch_table_full,
+                ),
+            ];
+            self.losses = now;
+            for (counter, before, total) in counters {
+                if total <= before {
+                    continue;
+                }
+                let count = total - before;
+                match counter {
+                    "ringbuf_full" => warn!(
+                        lost = count,
+                        total, "the kernel event buffer was full: exit events were lost"
+                    ),
+                    _ => warn!(
+                        untracked = count,
+                        total,
+                        "the watch table was full: new processes of the watched tree are not tracked"
+                    ),
+                }
+                let line = EventsLostLine {
+                    ts: rfc3339(std::time::SystemTime::now()),
+                    event: "events_lost",
+                    counter,
+                    count,
+                    total,
+                };
+                if let Err(e) = self.sink.write_line(&line)
+                    && self.reader_gone(&e)
+                {
+                    return false;
+                }
+            }
+            true
         }
-        if now.watch_table_full > seen.watch_table_full {
-            warn!(
-                untracked = now.watch_table_full - seen.watch_table_full,
-                "the watch table was full: new processes of the watched tree are not tracked"
-            );
+
+        /// Whether a write failed because standard output's reader left.
+        /// Other failures (a full disk) were counted and logged by the sink,
+        /// and tracing goes on.
+        fn reader_gone(&self, e: &io::Error) -> bool {
+            e.kind() == io::ErrorKind::BrokenPipe && self.sink.path().is_none()
         }
-        *seen = now;
     }
 }
 
@@ -238,6 +307,43 @@ mod tests {
 
     use super::*;
     use crate::exit::ExitStatus;
+
+    #[test]
+    fn events_lost_line_has_the_documented_fields() {
+        let line = EventsLostLine {
+            ts: rfc3339(SystemTime::now()),
+            event: "events_lost",
+            counter: "ringbuf_full",
+            count: 3,
+            total: 10,
+        };
+        let text = serde_json::to_string(&line).unwrap();
+        assert!(
+            text.starts_with("{\"ts\":\"")
+                && text.ends_with(
+                    "\"event\":\"events_lost\",\"counter\":\"ringbuf_full\",\"count\":3,\"total\":10}"
+                ),
+            "{text}"
+        );
+    }
+
+    /// A refused output file is a usage error (exit code 2); an I/O failure
+    /// is not.
+    #[test]
+    fn refused_output_files_are_usage_errors() {
+        let refused = OpenError::Writable {
+            path: "/x".into(),
+            mode: 0o666,
+        };
+        assert!(
+            matches!(CliError::from(refused), CliError::Usage(m) if m.contains("chmod go-w /x"))
+        );
+        let failed = OpenError::Io {
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(matches!(CliError::from(failed), CliError::Failed(_)));
+    }
 
     #[test]
     fn exit_line_has_the_documented_fields() {

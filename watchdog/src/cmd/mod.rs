@@ -37,8 +37,9 @@ pub enum Command {
     /// see it. Exit 0 under the limit, 1 over it, 2 for usage errors.
     MemCheck(memcheck::MemCheckArgs),
     /// Watch running process trees against a memory limit; report
-    /// crossings and exits as JSON lines until SIGINT or SIGTERM, or until
-    /// every watched process has exited.
+    /// crossings and exits as JSON lines until SIGINT or SIGTERM, or (with
+    /// --pid) until every watched process has exited; --match keeps
+    /// watching for processes that start later.
     Watch(watch::WatchArgs),
     /// Run one service in the foreground: keep it under its memory budget,
     /// restart it by the policy, write every decision to the audit log.
@@ -61,8 +62,9 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
-/// The pids whose full command line matches `--match PATTERN`, or the
-/// usage error that says why there are none.
+/// The pids whose full command line matches `--match PATTERN` (never this
+/// watchdog or its ancestors, whose command lines may hold the pattern too),
+/// or the usage error that says why there are none.
 pub fn matching(pattern: &str) -> Result<Vec<u32>, CliError> {
     let regex = regex::Regex::new(pattern)
         .map_err(|e| CliError::Usage(format!("invalid --match pattern: {e}")))?;

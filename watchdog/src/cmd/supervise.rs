@@ -342,8 +342,9 @@ fn access(path: &Path, mode: libc::c_int) -> bool {
 pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
     let config = args.service()?;
     let audit = match &args.audit_log {
-        Some(path) => AuditLog::file(path, args.audit_fsync)
-            .with_context(|| format!("failed to open the audit log {}", path.display()))?,
+        // A refused file (a symlink, not ours, writable by others) is a
+        // usage error: exit 2.
+        Some(path) => AuditLog::file(path, args.audit_fsync)?,
         None => AuditLog::default_stdout().context("failed to use standard output")?,
     };
     let sensor = args.sensor.open().context("cannot watch memory")?;

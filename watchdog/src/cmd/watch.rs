@@ -1,7 +1,8 @@
 //! `watchdog watch`: watch running process trees against a memory limit
-//! and report crossings, re-arms and exits as JSON lines.
+//! and report crossings, re-arms and exits as JSON lines. With `--match`,
+//! processes that start later with a matching command line are watched too.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{collections::HashSet, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -11,10 +12,10 @@ use tracing::{info, warn};
 use crate::{
     cmd::CliError,
     cmd::ExitLine,
+    cmd::audit::output_sink,
     event::{WallClock, monotonic_now, rfc3339},
-    jsonl::LineSink,
     procs,
-    sensor::{GroupId, Limits, SensorArgs, SensorEvent},
+    sensor::{GroupId, Limits, Sensor, SensorArgs, SensorError, SensorEvent},
     size::Size,
 };
 
@@ -27,9 +28,15 @@ pub struct WatchArgs {
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Watch every process whose full command line matches, each with its
-    /// descendants as one group.
+    /// descendants as one group; processes that start later and match are
+    /// watched too, so this runs until SIGINT or SIGTERM. Never matches
+    /// this watchdog or the processes it runs under.
     #[arg(long = "match", value_name = "REGEX")]
     pub pattern: Option<String>,
+    /// With --match: how often to look for new matching processes
+    /// [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub rescan: Option<Duration>,
     /// The memory limit of each group (512MiB, 2GiB, 8192MB).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub limit: Size,
@@ -42,10 +49,18 @@ pub struct WatchArgs {
     pub step: Option<Size>,
     #[command(flatten)]
     pub sensor: SensorArgs,
-    /// Append the lines to FILE instead of standard output.
+    /// Append the lines to FILE (created mode 0640, never through a
+    /// symlink; an existing FILE must be owned by this user and not
+    /// writable by group or others) instead of writing them to standard
+    /// output.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
 }
+
+/// How often `--match` looks for new processes: soon enough for a process
+/// that lives for minutes, rare enough that reading every command line in
+/// /proc costs nothing noticeable.
+const DEFAULT_RESCAN: Duration = Duration::from_secs(2);
 
 #[derive(Serialize)]
 struct MemoryLine {
@@ -81,12 +96,31 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
             args.limit
         )));
     }
-    let roots = resolve_roots(&args)?;
-    let mut sink = match &args.output {
-        Some(path) => LineSink::append(path)
-            .with_context(|| format!("failed to open {} for appending", path.display()))?,
-        None => LineSink::stdout().context("failed to use standard output")?,
+    if args.rescan.is_some() && args.pattern.is_none() {
+        return Err(CliError::Usage(
+            "--rescan looks for new processes matching --match; \
+             it does nothing with --pid: drop it"
+                .into(),
+        ));
+    }
+    let rescan_every = args.rescan.unwrap_or(DEFAULT_RESCAN);
+    if rescan_every.is_zero() {
+        return Err(CliError::Usage(
+            "--rescan must be more than 0 (for example 2s)".into(),
+        ));
+    }
+    let pattern = match &args.pattern {
+        Some(p) => Some(
+            regex::Regex::new(p)
+                .map_err(|e| CliError::Usage(format!("invalid --match pattern: {e}")))?,
+        ),
+        None => None,
     };
+    let roots = match &pattern {
+        Some(regex) => procs::outermost(&matched_pids(regex)),
+        None => checked_pids(&args.pids)?,
+    };
+    let mut sink = output_sink(args.output.as_deref())?;
     let mut sensor = args.sensor.open().context("cannot watch memory")?;
     let source = sensor.source();
     let limits = Limits {
@@ -96,19 +130,22 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
     };
     let mut groups: Vec<(GroupId, u32)> = Vec::new();
     for root in roots {
-        match sensor.watch_tree(root, limits) {
-            Ok(group) => groups.push((group, root)),
-            Err(crate::sensor::SensorError::NoProcess(pid)) => {
-                warn!(pid, "process exited before it could be watched");
-            }
-            Err(err) => return Err(CliError::Failed(err.into())),
+        if let Some(group) = watch(&mut sensor, root, limits)? {
+            groups.push((group, root));
         }
     }
     if groups.is_empty() {
-        return Err(CliError::Usage("every process to watch has exited".into()));
+        match &args.pattern {
+            Some(p) => info!(pattern = %p, "no process matches yet; waiting for one"),
+            None => return Err(CliError::Usage("every process to watch has exited".into())),
+        }
     }
     let mut sigterm = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
+    let mut rescan = tokio::time::interval(rescan_every);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now, and the scan just above covered it.
+    rescan.tick().await;
     let clock = WallClock::new();
     info!(
         groups = groups.len(),
@@ -121,6 +158,12 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
         let event = tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+            _ = rescan.tick(), if pattern.is_some() => {
+                if let Some(regex) = &pattern {
+                    watch_new_matches(&mut sensor, &mut groups, regex, limits)?;
+                }
+                continue;
+            }
             event = sensor.next() => event.context("the sensor failed")?,
         };
         let now = rfc3339(clock.at(monotonic_now().as_nanos() as u64));
@@ -184,8 +227,11 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
                     sensor.remove_group(group);
                     groups.retain(|(g, _)| *g != group);
                     if groups.is_empty() {
-                        info!("every watched process exited");
-                        break;
+                        if pattern.is_none() {
+                            info!("every watched process exited");
+                            break;
+                        }
+                        info!("every watched process exited; waiting for new matches");
                     }
                 }
                 written
@@ -194,11 +240,13 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
                 Ok(())
             }
         };
-        if let Err(e) = written {
-            if e.kind() == std::io::ErrorKind::BrokenPipe && sink.path().is_none() {
-                return Ok(ExitCode::SUCCESS);
-            }
-            warn!(error = %e, "failed to write an event line; it is lost");
+        // Other failures (a full disk) were counted and logged by the sink,
+        // and are reported in the output once writing works again.
+        if let Err(e) = written
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+            && sink.path().is_none()
+        {
+            return Ok(ExitCode::SUCCESS);
         }
     }
     let stats = sensor.stats();
@@ -206,6 +254,7 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
         unconfirmed_crossings = stats.unconfirmed_crossings,
         lost_events = stats.lost_events,
         samples = stats.samples,
+        lines_lost = sink.lost(),
         "stopped"
     );
     Ok(ExitCode::SUCCESS)
@@ -218,16 +267,73 @@ fn root_of(groups: &[(GroupId, u32)], group: GroupId) -> Option<u32> {
         .map(|&(_, root)| root)
 }
 
-fn resolve_roots(args: &WatchArgs) -> Result<Vec<u32>, CliError> {
-    if let Some(pattern) = &args.pattern {
-        return Ok(procs::outermost(&crate::cmd::matching(pattern)?));
+/// Watches `root` and its descendants as a new group; `None` when it
+/// exited before it could be watched.
+fn watch(sensor: &mut Sensor, root: u32, limits: Limits) -> Result<Option<GroupId>, CliError> {
+    match sensor.watch_tree(root, limits) {
+        Ok(group) => Ok(Some(group)),
+        // A process that exits between the scan and the watch is normal.
+        Err(SensorError::NoProcess(pid)) => {
+            warn!(pid, "process exited before it could be watched");
+            Ok(None)
+        }
+        Err(err) => Err(CliError::Failed(err.into())),
     }
-    for &pid in &args.pids {
+}
+
+/// The pids whose command line matches now (never this process or its
+/// ancestors).
+fn matched_pids(regex: &regex::Regex) -> Vec<u32> {
+    procs::matching(regex)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Watches the outermost matching processes that no group holds yet: those
+/// that started (or came to match, by exec) since the last scan.
+fn watch_new_matches(
+    sensor: &mut Sensor,
+    groups: &mut Vec<(GroupId, u32)>,
+    regex: &regex::Regex,
+    limits: Limits,
+) -> Result<(), CliError> {
+    let matched = matched_pids(regex);
+    if matched.is_empty() {
+        return Ok(());
+    }
+    let held: HashSet<u32> = groups
+        .iter()
+        .flat_map(|&(group, root)| {
+            let mut members = sensor.members(group);
+            members.push(root);
+            members
+        })
+        .collect();
+    for root in procs::outermost(&matched) {
+        if held.contains(&root) {
+            continue;
+        }
+        if let Some(group) = watch(sensor, root, limits)? {
+            info!(
+                pid = root,
+                group = group.0,
+                command = procs::cmdline(root).unwrap_or_default(),
+                "watching a new matching process"
+            );
+            groups.push((group, root));
+        }
+    }
+    Ok(())
+}
+
+fn checked_pids(pids: &[u32]) -> Result<Vec<u32>, CliError> {
+    for &pid in pids {
         if pid == 0 || !procs::exists(pid) {
             return Err(CliError::Usage(format!(
                 "no process with pid {pid}: pass the pid of a running process to --pid"
             )));
         }
     }
-    Ok(args.pids.clone())
+    Ok(pids.to_vec())
 }

@@ -35,18 +35,35 @@ pub fn descendants(root: u32) -> HashSet<u32> {
 }
 
 /// The processes whose full command line (arguments joined by spaces)
-/// matches `pattern`, leaving out this process. Matching the whole command
-/// line, not the short name, is what finds `bun opencode` and `node
-/// opencode` alike.
+/// matches `pattern`, leaving out this process and its ancestors: the shell
+/// or service manager that started us with the pattern on its own command
+/// line (`sh -c "watchdog mem-check --match opencode"`) is not a target.
+/// Matching the whole command line, not the short name, is what finds `bun
+/// opencode` and `node opencode` alike.
 pub fn matching(pattern: &regex::Regex) -> Vec<(u32, String)> {
-    let me = std::process::id();
+    let ours = self_and_ancestors();
     let mut found: Vec<(u32, String)> = all_pids()
         .into_iter()
-        .filter(|&pid| pid != me)
+        .filter(|pid| !ours.contains(pid))
         .filter_map(|pid| cmdline(pid).map(|cmd| (pid, cmd)))
         .filter(|(_, cmd)| pattern.is_match(cmd))
         .collect();
     found.sort_unstable_by_key(|&(pid, _)| pid);
+    found
+}
+
+/// This process and each of its ancestors, up to the first process (whose
+/// parent reads as 0, also at the top of a pid namespace).
+fn self_and_ancestors() -> HashSet<u32> {
+    let mut found = HashSet::new();
+    let mut pid = std::process::id();
+    // `insert` failing would mean a cycle, which a stale read during
+    // reparenting could fake: stop rather than loop.
+    while pid != 0 && found.insert(pid) {
+        // None: the ancestor exited meanwhile; we were reparented, and
+        // what was above it is no longer above us.
+        pid = ppid(pid).unwrap_or(0);
+    }
     found
 }
 
@@ -61,4 +78,32 @@ pub fn outermost(pids: &[u32]) -> Vec<u32> {
         .copied()
         .filter(|p| !inside.contains(p))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards against `--match` reporting the shell that started us: this
+    /// process and every ancestor are left out.
+    #[test]
+    fn matching_leaves_out_this_process_and_its_ancestors() {
+        let everything = regex::Regex::new("").unwrap();
+        let found: HashSet<u32> = matching(&everything).into_iter().map(|(p, _)| p).collect();
+        let me = std::process::id();
+        let parent = ppid(me).expect("a parent");
+        assert!(!found.contains(&me));
+        assert!(!found.contains(&parent), "parent {parent} in {found:?}");
+        let ours = self_and_ancestors();
+        assert!(ours.contains(&me) && ours.contains(&parent), "{ours:?}");
+        assert!(!ours.contains(&0));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let found: HashSet<u32> = matching(&everything).into_iter().map(|(p, _)| p).collect();
+        child.kill().ok();
+        child.wait().ok();
+        assert!(found.contains(&child.id()), "a child is not an ancestor");
+    }
 }
