@@ -224,7 +224,16 @@ pub fn unprivileged_watchdog() -> (TempDir, Command) {
     let dir = TempDir::new("unpriv");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.path().join("watchdog");
-    std::fs::copy(watchdog_bin(), &bin).unwrap();
+    // Copied by a child process: a write descriptor of the copy open in
+    // this (multi-threaded) test process would leak into children other
+    // tests fork meanwhile, and exec of the copy would fail with ETXTBSY
+    // until they exec.
+    let copied = Command::new("cp")
+        .arg(watchdog_bin())
+        .arg(&bin)
+        .status()
+        .expect("run cp");
+    assert!(copied.success(), "cp failed: {copied:?}");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = Command::new(&bin);
     cmd.current_dir(dir.path());
