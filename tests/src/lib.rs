@@ -224,16 +224,7 @@ pub fn unprivileged_watchdog() -> (TempDir, Command) {
     let dir = TempDir::new("unpriv");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.path().join("watchdog");
-    // Copied by a child process: a write descriptor of the copy open in
-    // this (multi-threaded) test process would leak into children other
-    // tests fork meanwhile, and exec of the copy would fail with ETXTBSY
-    // until they exec.
-    let copied = Command::new("cp")
-        .arg(watchdog_bin())
-        .arg(&bin)
-        .status()
-        .expect("run cp");
-    assert!(copied.success(), "cp failed: {copied:?}");
+    copy_executable(&watchdog_bin(), &bin);
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cmd = Command::new(&bin);
     cmd.current_dir(dir.path());
@@ -252,6 +243,19 @@ pub fn unprivileged_watchdog() -> (TempDir, Command) {
         }
     }
     (dir, cmd)
+}
+
+/// Copies a program to be executed. The copy is written by a child (`cp`):
+/// a write descriptor of it open in this multi-threaded test process would
+/// leak into children other tests fork meanwhile, and exec of the copy
+/// would fail with ETXTBSY until they exec.
+pub fn copy_executable(from: &Path, to: &Path) {
+    let copied = Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(copied.success(), "cp {} failed: {copied:?}", from.display());
 }
 
 /// A fresh directory under the system temp dir, removed on drop.

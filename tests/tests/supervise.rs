@@ -448,7 +448,7 @@ fn user_drops_privileges() {
     let dir = TempDir::new("user");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let helper = dir.path().join("wd-helper");
-    std::fs::copy(HELPER, &helper).unwrap();
+    watchdog_tests::copy_executable(HELPER.as_ref(), &helper);
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = dir.path().join("audit.jsonl");
     let mut child = Command::new(watchdog_bin())
@@ -617,7 +617,7 @@ fn a_vanished_program_is_a_crash() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new("vanish");
     let helper = dir.path().join("wd-helper");
-    std::fs::copy(HELPER, &helper).unwrap();
+    watchdog_tests::copy_executable(HELPER.as_ref(), &helper);
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let log = dir.path().join("audit.jsonl");
     let mut child = Command::new(watchdog_bin())
