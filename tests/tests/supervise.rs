@@ -791,19 +791,16 @@ fn hard_limit_is_never_deferred() {
                     "alloc", "30", "sleep", "1000", "alloc", "60", "sleep", "100000",
                 ],
             );
-            let pid = first_pid(&sv.wait_for(&["started"], Duration::from_secs(20)));
-            wait_until(
-                "the run past its hard limit",
-                Duration::from_secs(10),
-                || charged(pid) > 60 << 20,
-            );
-            let crossed = Instant::now();
+            sv.wait_for(&["started"], Duration::from_secs(20));
+            let started = Instant::now();
+            // It passes the hard limit about a second in; deferred, it
+            // would be acted on a minute later.
             let status = sv.wait_exit(Duration::from_secs(10));
             assert!(status.success(), "{sensor} {deferral}: {status:?}");
             assert!(
-                crossed.elapsed() < Duration::from_secs(5),
-                "{sensor} {deferral}: acted on {:?} after the crossing",
-                crossed.elapsed()
+                started.elapsed() < Duration::from_secs(5),
+                "{sensor} {deferral}: ended {:?} after it started",
+                started.elapsed()
             );
             let lines = sv.lines();
             let over = lines
