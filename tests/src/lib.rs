@@ -245,6 +245,32 @@ pub fn unprivileged_watchdog() -> (TempDir, Command) {
     (dir, cmd)
 }
 
+/// Runs `watchdog ARGS` to its end (killed after `timeout`, so a command
+/// that should have been refused cannot hang the test): its exit code (none
+/// when killed) and standard error.
+pub fn run_watchdog(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(watchdog_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("failed to start watchdog");
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Copies a program to be executed. The copy is written by a child (`cp`):
 /// a write descriptor of it open in this multi-threaded test process would
 /// leak into children other tests fork meanwhile, and exec of the copy

@@ -539,28 +539,7 @@ fn unsafe_output_files_are_refused() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
     let me = std::process::id().to_string();
     // Killed if it runs on: a file that is taken keeps it running.
-    let run = |args: &[&str]| {
-        let mut child = Command::new(watchdog_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| watchdog_tests::run_watchdog(args, Duration::from_secs(15));
     let commands: [&[&str]; 2] = [
         &["audit", "--all", "--output", file],
         &[

@@ -1035,29 +1035,13 @@ fn bad_options_are_refused_with_exit_2() {
         (vec!["--cwd", "/nonexistent-dir"], "/nonexistent-dir"),
     ];
     for (args, needle) in cases {
-        let mut child = Command::new(watchdog_bin())
-            .arg("supervise")
-            .args(&args)
-            .args(["--sensor", "sampling", "--", HELPER, "sleep", "10"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{args:?}: accepted (still running after 10 s)");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-        assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+        let full: Vec<&str> = ["supervise"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .chain(["--sensor", "sampling", "--", HELPER, "sleep", "10"])
+            .collect();
+        let (code, err) = watchdog_tests::run_watchdog(&full, Duration::from_secs(10));
+        assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }

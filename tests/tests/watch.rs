@@ -70,26 +70,12 @@ fn match_watches_later_processes_ebpf() {
 #[test]
 fn rescan_without_match_is_refused() {
     let me = std::process::id().to_string();
-    let mut child = Command::new(watchdog_bin())
-        .args([
-            "watch", "--pid", &me, "--limit", "1GiB", "--sensor", "sampling",
-        ])
-        .args(["--rescan", "1s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = watchdog_tests::run_watchdog(
+        &[
+            "watch", "--pid", &me, "--limit", "1GiB", "--sensor", "sampling", "--rescan", "1s",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--rescan"), "{stderr}");
 }
