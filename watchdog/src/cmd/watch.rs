@@ -190,7 +190,9 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
                 }
                 written
             }
-            SensorEvent::Fork { .. } | SensorEvent::OomVictim { .. } => Ok(()),
+            SensorEvent::Fork { .. } | SensorEvent::OomVictim { .. } | SensorEvent::Lost { .. } => {
+                Ok(())
+            }
         };
         if let Err(e) = written {
             if e.kind() == std::io::ErrorKind::BrokenPipe && sink.path().is_none() {
@@ -202,6 +204,8 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
     let stats = sensor.stats();
     info!(
         unconfirmed_crossings = stats.unconfirmed_crossings,
+        rechecks = stats.rechecks,
+        resyncs = stats.resyncs,
         lost_events = stats.lost_events,
         samples = stats.samples,
         "stopped"

@@ -2,42 +2,67 @@
 //! page fault that makes them, and confirmed here with exact readings.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     time::{Duration, Instant},
 };
 
-use super::{Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, now_ns};
-use crate::kernel::{self, Charge, GroupConfig, KernelEvent, ProbeOptions, Probes};
+use super::{Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, Trigger, now_ns};
+use crate::{
+    kernel::{Charge, KernelEvent, Losses, ProbeOptions, Probes},
+    mem::{self, GroupReading},
+};
 
-/// How often an unconfirmed kernel crossing is re-checked while the
-/// kernel's approximate total stays over the limit.
-const RECHECK: Duration = Duration::from_millis(10);
+/// The first re-reading of a kernel crossing that exact readings did not
+/// confirm; each further one waits twice as long, up to [`RECHECK_MAX`],
+/// for as long as the kernel's total stays over the limit.
+const RECHECK_FIRST: Duration = Duration::from_millis(10);
+const RECHECK_MAX: Duration = Duration::from_millis(1280);
 
-/// The exact charged total of a set of processes now.
-fn exact_total(pids: impl IntoIterator<Item = u32>) -> u64 {
-    crate::mem::read_group(pids, crate::mem::Metric::Charged).charged_bytes
-}
+/// The loss counters are read after the ring buffer drains, at most this
+/// often.
+const LOSS_CHECK: Duration = Duration::from_secs(1);
 
 struct Group {
     limits: Limits,
     members: HashSet<u32>,
-    /// A kernel crossing that exact readings did not confirm yet: when to
-    /// look again, and the kernel's timestamp of it.
-    recheck: Option<(Instant, u64)>,
+    recheck: Option<Recheck>,
+}
+
+/// A kernel crossing that exact readings did not confirm yet.
+#[derive(Clone, Copy)]
+struct Recheck {
+    at: Instant,
+    /// The wait before `at`: the next one is twice as long.
+    backoff: Duration,
+    /// The kernel's timestamp of the crossing.
+    sensed_ns: u64,
 }
 
 pub struct EbpfSensor {
     probes: Probes,
     groups: HashMap<GroupId, Group>,
+    /// Events found outside [`Self::next`] (by `arm_at`, or resynchronising).
+    queue: VecDeque<SensorEvent>,
     stats: SensorStats,
+    /// The loss counters as last reported.
+    losses: Losses,
+    last_loss_check: Instant,
+    /// A check the rate limit deferred.
+    loss_check_due: Option<Instant>,
 }
 
 impl EbpfSensor {
     pub fn open() -> Result<Self, SensorError> {
+        let probes = Probes::load(ProbeOptions::default())?;
+        let losses = probes.losses();
         Ok(Self {
-            probes: Probes::load(ProbeOptions::default())?,
+            probes,
             groups: HashMap::new(),
+            queue: VecDeque::new(),
             stats: SensorStats::default(),
+            losses,
+            last_loss_check: Instant::now(),
+            loss_check_due: None,
         })
     }
 
@@ -46,27 +71,30 @@ impl EbpfSensor {
             return Err(SensorError::NoProcess(root));
         }
         // Read the tree first: the group starts from the sum of what its
-        // members have now, each member from its own reading.
-        let mut start: HashMap<u32, Charge> = crate::procs::descendants(root)
-            .into_iter()
-            .chain([root])
-            .map(|pid| (pid, Charge::of(pid)))
+        // members have now, each member from its own reading (its share of
+        // pages it shares with the others, when there are others).
+        let pids: Vec<u32> = std::iter::once(root)
+            .chain(crate::procs::descendants(root))
             .collect();
+        let read = if pids.len() > 1 {
+            Charge::shared
+        } else {
+            Charge::of
+        };
+        let mut start: HashMap<u32, Charge> = pids.iter().map(|&pid| (pid, read(pid))).collect();
         let initial: u64 = start.values().map(|c| c.total()).sum();
-        let id = self.probes.create_group(config(limits), initial)?;
-        let members = match self
-            .probes
-            .watch_tree(root, Some(id), |pid| start.remove(&pid).unwrap_or_default())
-        {
+        let id = self.probes.create_group(limits, initial)?;
+        let members = match self.probes.watch_tree(root, Some(id), |pid| {
+            start.remove(&pid).unwrap_or_else(|| Charge::shared(pid))
+        }) {
             Ok(members) => members,
             Err(err) => {
                 self.probes.remove_group(id);
                 return Err(err.into());
             }
         };
-        let group = GroupId(id.0);
         self.groups.insert(
-            group,
+            id,
             Group {
                 limits,
                 members,
@@ -75,9 +103,9 @@ impl EbpfSensor {
         );
         if limits.limit > 0 && initial >= limits.limit {
             // Already over: the kernel started it disarmed; confirm now.
-            self.schedule_recheck(group, now_ns());
+            self.schedule_recheck(id, now_ns());
         }
-        Ok(group)
+        Ok(id)
     }
 
     pub fn rearm(&mut self, group: GroupId) -> Result<(), SensorError> {
@@ -86,17 +114,46 @@ impl EbpfSensor {
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
         g.recheck = None;
-        self.probes.rearm(kernel::GroupId(group.0), false)?;
+        self.probes.rearm(group, &g.limits)?;
         Ok(())
+    }
+
+    pub fn arm_at(&mut self, group: GroupId, limit_bytes: u64) -> Result<(), SensorError> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        g.limits = g.limits.at(limit_bytes);
+        g.recheck = None;
+        // Disarmed while the limit changes, so that the programs do not
+        // fire against a half-written one.
+        self.probes.set_trigger(group, Trigger::Disarmed)?;
+        self.probes.set_limits(group, g.limits)?;
+        // The kernel fires on an update, and a group that is already over
+        // may not grow again: look now.
+        match self.confirm(group, None, now_ns()) {
+            Some(event) => self.queue.push_back(event),
+            None => self.probes.set_trigger(group, Trigger::Armed)?,
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, group: GroupId) -> Result<GroupReading, SensorError> {
+        let g = self
+            .groups
+            .get(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        Ok(read_members(&g.members))
     }
 
     pub fn remove_group(&mut self, group: GroupId) {
         if let Some(g) = self.groups.remove(&group) {
             for pid in g.members {
-                self.probes.unwatch(pid);
+                self.probes.unwatch(pid, Some(group));
             }
-            self.probes.remove_group(kernel::GroupId(group.0));
+            self.probes.remove_group(group);
         }
+        self.queue.retain(|e| event_group(e) != Some(group));
     }
 
     pub fn members(&self, group: GroupId) -> Vec<u32> {
@@ -115,24 +172,50 @@ impl EbpfSensor {
 
     fn schedule_recheck(&mut self, group: GroupId, sensed_ns: u64) {
         if let Some(g) = self.groups.get_mut(&group) {
-            g.recheck = Some((Instant::now(), sensed_ns));
+            g.recheck = Some(Recheck {
+                at: Instant::now() + RECHECK_FIRST,
+                backoff: RECHECK_FIRST,
+                sensed_ns,
+            });
         }
     }
 
     pub async fn next(&mut self) -> Result<SensorEvent, SensorError> {
         loop {
-            let due = self
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(event);
+            }
+            if self.probes.take_drained() {
+                // All that was written before is read: a loss counter that
+                // grew tells of losses among it.
+                self.loss_check_soon();
+                if !self.queue.is_empty() {
+                    continue;
+                }
+            }
+            let recheck = self
                 .groups
                 .iter()
-                .filter_map(|(&id, g)| g.recheck.map(|(at, _)| (at, id)))
+                .filter_map(|(&id, g)| g.recheck.map(|r| (r.at, id)))
                 .min();
-            let event = match due {
-                Some((at, id)) => {
+            let wake = match (recheck, self.loss_check_due) {
+                (Some((at, id)), Some(due)) if at <= due => Some((at, Some(id))),
+                (_, Some(due)) => Some((due, None)),
+                (Some((at, id)), None) => Some((at, Some(id))),
+                (None, None) => None,
+            };
+            let event = match wake {
+                Some((at, what)) => {
                     tokio::select! {
                         event = self.probes.next() => event?,
                         () = tokio::time::sleep_until(at.into()) => {
-                            if let Some(event) = self.recheck(id)? {
-                                return Ok(event);
+                            match what {
+                                Some(id) => {
+                                    if let Some(event) = self.recheck(id)? {
+                                        return Ok(event);
+                                    }
+                                }
+                                None => self.check_losses()?,
                             }
                             continue;
                         }
@@ -144,6 +227,87 @@ impl EbpfSensor {
                 return Ok(event);
             }
         }
+    }
+
+    /// Checks the loss counters now, or when the rate limit allows.
+    fn loss_check_soon(&mut self) {
+        let allowed = self.last_loss_check + LOSS_CHECK;
+        if Instant::now() >= allowed {
+            if let Err(err) = self.check_losses() {
+                tracing::warn!(error = %err, "failed to resynchronise after kernel losses");
+            }
+        } else {
+            self.loss_check_due.get_or_insert(allowed);
+        }
+    }
+
+    /// Reports counters that grew, then resynchronises the groups.
+    fn check_losses(&mut self) -> Result<(), SensorError> {
+        self.last_loss_check = Instant::now();
+        self.loss_check_due = None;
+        let now = self.probes.losses();
+        if now == self.losses {
+            return Ok(());
+        }
+        for ((counter, total), (_, seen)) in now.named().into_iter().zip(self.losses.named()) {
+            if total > seen {
+                tracing::warn!(
+                    counter,
+                    count = total - seen,
+                    total,
+                    "the kernel programs lost events; resynchronising from /proc"
+                );
+                self.queue.push_back(SensorEvent::Lost {
+                    counter,
+                    count: total - seen,
+                    total,
+                });
+            }
+        }
+        self.losses = now;
+        self.resync()
+    }
+
+    /// Brings every group back in line with /proc after losses: members
+    /// that are gone (their exit may be lost) leave, descendants the
+    /// kernel could not track are watched, the kernel's totals are
+    /// recomputed from the watch table, and each trigger is judged again
+    /// by an exact reading, so that no crossing or re-arm stays lost.
+    fn resync(&mut self) -> Result<(), SensorError> {
+        self.stats.resyncs += 1;
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for id in ids {
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            // ENOENT: exited; its exit event was lost or is still queued.
+            g.members.retain(|&pid| crate::procs::exists(pid));
+            let roots: Vec<u32> = g.members.iter().copied().collect();
+            self.probes
+                .watch_descendants(&roots, Some(id), &mut g.members, Charge::shared)?;
+            let total = self.probes.charged_in_table(id, g.members.iter().copied());
+            self.probes.set_group_total(id, total)?;
+            let reading = read_members(&g.members);
+            let limits = g.limits;
+            match self.probes.trigger(id) {
+                Some(Trigger::Armed)
+                    if limits.limit > 0 && reading.charged_bytes >= limits.limit =>
+                {
+                    self.probes.set_trigger(id, Trigger::Disarmed)?;
+                    let event = crossing(id, g, None, now_ns(), &reading);
+                    self.queue.push_back(event);
+                }
+                Some(Trigger::WaitBelow) if reading.charged_bytes < limits.rearm_below() => {
+                    self.probes.set_trigger(id, Trigger::Armed)?;
+                    self.queue.push_back(SensorEvent::Rearmed {
+                        group: id,
+                        charged_bytes: reading.charged_bytes,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn handle(&mut self, event: KernelEvent) -> Result<Option<SensorEvent>, SensorError> {
@@ -199,58 +363,86 @@ impl EbpfSensor {
         })
     }
 
-    fn group_of(&self, slot: u32) -> Option<GroupId> {
-        let id = GroupId(slot);
+    /// The group of a kernel handle; `None` for no group, or one that was
+    /// removed (a late fork or exit of an earlier group).
+    fn group_of(&self, handle: u32) -> Option<GroupId> {
+        let id = GroupId(handle);
         self.groups.contains_key(&id).then_some(id)
     }
 
     /// Reads the group exactly; the crossing event when it is over.
     fn confirm(&mut self, group: GroupId, pid: Option<u32>, sensed_ns: u64) -> Option<SensorEvent> {
         let g = self.groups.get_mut(&group)?;
-        let charged = exact_total(g.members.iter().copied());
-        if g.limits.limit == 0 || charged < g.limits.limit {
+        let reading = read_members(&g.members);
+        if g.limits.limit == 0 || reading.charged_bytes < g.limits.limit {
             return None;
         }
         g.recheck = None;
-        Some(SensorEvent::OverLimit(Crossing {
-            group,
-            pid,
-            charged_bytes: charged,
-            limit_bytes: g.limits.limit,
-            sensed_ns,
-            confirmed_ns: now_ns(),
-            members: g.members.len(),
-        }))
+        Some(crossing(group, g, pid, sensed_ns, &reading))
     }
 
     /// Looks again at a crossing that did not confirm: confirmed now, or
     /// re-armed once the kernel's total is back under the limit, or
-    /// checked again shortly.
+    /// checked again after twice the last wait.
     fn recheck(&mut self, group: GroupId) -> Result<Option<SensorEvent>, SensorError> {
-        let Some((_, sensed_ns)) = self.groups.get(&group).and_then(|g| g.recheck) else {
+        let Some(recheck) = self.groups.get(&group).and_then(|g| g.recheck) else {
             return Ok(None);
         };
-        if let Some(event) = self.confirm(group, None, sensed_ns) {
+        self.stats.rechecks += 1;
+        if let Some(event) = self.confirm(group, None, recheck.sensed_ns) {
             return Ok(Some(event));
         }
-        let kernel_group = kernel::GroupId(group.0);
         let limit = self.groups[&group].limits.limit;
-        if self.probes.group_total(kernel_group) < i64::try_from(limit).unwrap_or(i64::MAX) {
-            self.probes.rearm(kernel_group, true)?;
-            if let Some(g) = self.groups.get_mut(&group) {
-                g.recheck = None;
-            }
-        } else if let Some(g) = self.groups.get_mut(&group) {
-            g.recheck = Some((Instant::now() + RECHECK, sensed_ns));
+        let under = self.probes.group_total(group) < i64::try_from(limit).unwrap_or(i64::MAX);
+        if under {
+            self.probes.set_trigger(group, Trigger::Armed)?;
+        }
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.recheck = (!under).then(|| {
+                let backoff = (recheck.backoff * 2).min(RECHECK_MAX);
+                Recheck {
+                    at: Instant::now() + backoff,
+                    backoff,
+                    ..recheck
+                }
+            });
         }
         Ok(None)
     }
 }
 
-fn config(limits: Limits) -> GroupConfig {
-    GroupConfig {
-        limit: limits.limit,
-        rearm_below: limits.rearm_below(),
-        step: limits.step,
+fn read_members(members: &HashSet<u32>) -> GroupReading {
+    let pids: Vec<u32> = members.iter().copied().collect();
+    mem::read_tree(&pids)
+}
+
+fn crossing(
+    group: GroupId,
+    g: &Group,
+    pid: Option<u32>,
+    sensed_ns: u64,
+    reading: &GroupReading,
+) -> SensorEvent {
+    SensorEvent::OverLimit(Crossing {
+        group,
+        pid,
+        charged_bytes: reading.charged_bytes,
+        limit_bytes: g.limits.limit,
+        sensed_ns,
+        confirmed_ns: now_ns(),
+        members: reading.members.len(),
+        metric: reading.metric.unwrap_or(mem::Charged::AnonShmem),
+    })
+}
+
+/// The group an event is about, if any.
+fn event_group(event: &SensorEvent) -> Option<GroupId> {
+    match event {
+        SensorEvent::OverLimit(c) => Some(c.group),
+        SensorEvent::Rearmed { group, .. } | SensorEvent::Changed { group, .. } => Some(*group),
+        SensorEvent::Exit { group, .. }
+        | SensorEvent::Fork { group, .. }
+        | SensorEvent::OomVictim { group, .. } => *group,
+        SensorEvent::Lost { .. } => None,
     }
 }

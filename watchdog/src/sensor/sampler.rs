@@ -8,12 +8,12 @@ use std::{
 };
 
 use super::{
-    Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, Source, exits::ExitWatcher,
-    now_ns,
+    Crossing, Edge, GroupId, Limits, SensorError, SensorEvent, SensorStats, Source, Trigger,
+    exits::ExitWatcher, now_ns,
 };
 use crate::{
     event::ProcessExit,
-    mem::{self, Metric},
+    mem::{self, GroupReading},
     procs,
 };
 
@@ -58,13 +58,6 @@ impl SamplingOptions {
             min + Duration::from_secs_f64(span * (1.0 - ratio) / 0.5)
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Trigger {
-    Armed,
-    Disarmed,
-    WaitBelow,
 }
 
 struct Group {
@@ -137,12 +130,28 @@ impl Sampler {
             .groups
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
-        g.trigger = if g.charged < g.limits.rearm_below() {
-            Trigger::Armed
-        } else {
-            Trigger::WaitBelow
-        };
+        g.trigger = Trigger::after_crossing(g.charged, &g.limits);
         Ok(())
+    }
+
+    pub fn arm_at(&mut self, group: GroupId, limit_bytes: u64) -> Result<(), SensorError> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        g.limits = g.limits.at(limit_bytes);
+        g.trigger = Trigger::Armed;
+        // Sample now: a group already over is reported at once.
+        self.sample(group, Instant::now())
+    }
+
+    pub fn read(&self, group: GroupId) -> Result<GroupReading, SensorError> {
+        let g = self
+            .groups
+            .get(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        let pids: Vec<u32> = g.members.iter().copied().collect();
+        Ok(mem::read_tree(&pids))
     }
 
     pub fn remove_group(&mut self, group: GroupId) {
@@ -265,7 +274,8 @@ impl Sampler {
                 self.exits.watch(pid)?;
             }
         }
-        let reading = mem::read_group(current.keys().copied(), Metric::Charged);
+        let pids: Vec<u32> = current.keys().copied().collect();
+        let reading = mem::read_tree(&pids);
         for r in &reading.members {
             if let Some(info) = self.members.get_mut(&r.pid) {
                 info.peak_rss = info.peak_rss.max(r.vm_rss_bytes.unwrap_or(r.charged_bytes));
@@ -275,9 +285,8 @@ impl Sampler {
         let charged = reading.charged_bytes;
         g.charged = charged;
         let limits = g.limits;
-        match g.trigger {
-            Trigger::Armed if limits.limit > 0 && charged >= limits.limit => {
-                g.trigger = Trigger::Disarmed;
+        match g.trigger.observe(charged, &limits) {
+            Some(Edge::Fired) => {
                 let at = now_ns();
                 self.queue.push_back(SensorEvent::OverLimit(Crossing {
                     group: id,
@@ -286,17 +295,17 @@ impl Sampler {
                     limit_bytes: limits.limit,
                     sensed_ns: at,
                     confirmed_ns: at,
-                    members: current.len(),
+                    members: reading.members.len(),
+                    metric: reading.metric.unwrap_or(mem::Charged::AnonShmem),
                 }));
             }
-            Trigger::WaitBelow if charged < limits.rearm_below() => {
-                g.trigger = Trigger::Armed;
+            Some(Edge::Rearmed) => {
                 self.queue.push_back(SensorEvent::Rearmed {
                     group: id,
                     charged_bytes: charged,
                 });
             }
-            _ => {}
+            None => {}
         }
         if limits.step > 0 && charged.abs_diff(g.step_base) >= limits.step {
             g.step_base = charged;
