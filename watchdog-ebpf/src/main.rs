@@ -67,11 +67,20 @@ static GROUP_COUNTERS: Array<GroupCounters> = Array::with_max_entries(MAX_GROUPS
 static GROUP_STATE: Array<u32> = Array::with_max_entries(MAX_GROUPS, 0);
 
 /// Legacy exit program, `audit --all`: the processes whose exit was
-/// reported, keyed by their `signal_struct`, with the time of the report,
-/// so that the several threads of one process that see `signal->live == 0`
-/// report it once.
+/// reported, keyed by tgid and `signal_struct`, with the time of the
+/// report, so that the several threads of one process that see
+/// `signal->live == 0` report it once.
 #[map]
-static EXIT_SEEN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_EXITING, 0);
+static EXIT_SEEN: LruHashMap<ExitKey, u64> = LruHashMap::with_max_entries(MAX_EXITING, 0);
+
+/// A process, told apart from a later one that gets the same pid or the
+/// same (freed and reused) signal_struct: both are needed to collide.
+#[repr(C)]
+struct ExitKey {
+    signal: u64,
+    tgid: u32,
+    _pad: u32,
+}
 
 /// Per CPU: the process whose page fault this CPU handled last, its mm,
 /// and the counter values its contribution was last brought up to date
@@ -177,23 +186,28 @@ enum Once {
 
 /// Two threads of one exiting process reach the exit tracepoint within
 /// this of each other (they are all in do_exit at once); an `EXIT_SEEN`
-/// record older than this belongs to an earlier process whose
-/// signal_struct was freed and its memory reused.
+/// record older than this belongs to an earlier process (pid and
+/// signal_struct both reused).
 const SAME_EXIT_NS: u64 = 1_000_000_000;
 
-/// Whether this is the first report of the process whose signal_struct is
-/// at `signal`.
-fn first_report(signal: u64) -> bool {
+/// Whether this is the first report of process `tgid`, whose signal_struct
+/// is at `signal`.
+fn first_report(tgid: u32, signal: u64) -> bool {
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    match EXIT_SEEN.get_ptr_mut(signal) {
+    let key = ExitKey {
+        signal,
+        tgid,
+        _pad: 0,
+    };
+    match EXIT_SEEN.get_ptr_mut(&key) {
         Some(at) => {
             // SAFETY: a valid map value; the compare-and-swap lets one
             // thread claim a stale record.
             let seen = unsafe { atomic::load(at) };
             now.wrapping_sub(seen) >= SAME_EXIT_NS && unsafe { atomic::cas(at, seen, now) }
         }
-        None => EXIT_SEEN.insert(signal, now, BPF_NOEXIST).is_ok(),
+        None => EXIT_SEEN.insert(&key, now, BPF_NOEXIST).is_ok(),
     }
 }
 
@@ -340,7 +354,7 @@ fn report_exit(tgid: u32, task: *const u8, watch: Watch, once: Once) -> Result<(
     let report = match once {
         Once::Already => true,
         Once::EntryRemoved => removed,
-        Once::FirstSeen => first_report(signal as u64),
+        Once::FirstSeen => first_report(tgid, signal as u64),
     };
     if !report {
         return Ok(());

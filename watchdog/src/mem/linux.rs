@@ -177,6 +177,30 @@ pub fn read(pid: u32, metric: Metric) -> Result<Reading, MemError> {
     })
 }
 
+/// Whether `pid` shares its address space with its parent, itself one of
+/// `members` (a CLONE_VM child: vfork, posix_spawn, before exec). Asked of
+/// the kernel with kcmp(KCMP_VM); `false` where kcmp is unavailable.
+pub(super) fn shares_parent_mm(pid: u32, members: &std::collections::HashSet<u32>) -> bool {
+    /// include/uapi/linux/kcmp.h
+    const KCMP_VM: libc::c_long = 1;
+    let Some(parent) = crate::procs::ppid(pid).filter(|p| members.contains(p)) else {
+        return false;
+    };
+    // SAFETY: kcmp takes two pids, a type and two unused arguments, and
+    // returns 0 when the resource is the same.
+    let same = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            libc::c_long::from(pid as libc::pid_t),
+            libc::c_long::from(parent as libc::pid_t),
+            KCMP_VM,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    same == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,11 @@ mod linux;
 mod macos;
 
 #[cfg(target_os = "linux")]
+use linux::shares_parent_mm;
+#[cfg(target_os = "linux")]
 pub use linux::{parse_smaps_rollup, parse_status, read, read_shared};
+#[cfg(target_os = "macos")]
+use macos::shares_parent_mm;
 #[cfg(target_os = "macos")]
 pub use macos::{read, read_shared};
 
@@ -101,10 +105,16 @@ pub fn read_group(pids: impl IntoIterator<Item = u32>, metric: Metric) -> GroupR
 /// with.
 pub fn read_tree(pids: &[u32]) -> GroupReading {
     if pids.len() <= 1 {
-        sum(pids.iter().copied(), |pid| read(pid, Metric::Charged))
-    } else {
-        sum(pids.iter().copied(), read_shared)
+        return sum(pids.iter().copied(), |pid| read(pid, Metric::Charged));
     }
+    // A vfork / posix_spawn child shares its parent's whole mm until it
+    // execs: its smaps_rollup is its parent's, and is charged once.
+    let members: std::collections::HashSet<u32> = pids.iter().copied().collect();
+    let own = pids
+        .iter()
+        .copied()
+        .filter(|&pid| !shares_parent_mm(pid, &members));
+    sum(own, read_shared)
 }
 
 fn sum(

@@ -185,6 +185,12 @@ impl EbpfSensor {
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
             }
+            if let Some(event) = self.probes.try_next() {
+                if let Some(event) = self.handle(event)? {
+                    return Ok(event);
+                }
+                continue;
+            }
             if self.probes.take_drained() {
                 // All that was written before is read: a loss counter that
                 // grew tells of losses among it.
