@@ -299,17 +299,13 @@ mod tests {
             // SAFETY: inside the mapping.
             unsafe { block.cast::<u8>().add(offset).write_volatile(1) };
         }
-        let mut fds = [0; 2];
-        // SAFETY: a valid array of two ints.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: the child only blocks in read and exits.
+        // SAFETY: the child only waits for signals (async-signal-safe)
+        // until it is killed.
         let child = unsafe { libc::fork() };
         if child == 0 {
-            let mut byte = 0u8;
-            // SAFETY: async-signal-safe calls on our own descriptor.
-            unsafe {
-                libc::read(fds[0], (&raw mut byte).cast(), 1);
-                libc::_exit(0);
+            loop {
+                // SAFETY: as above.
+                unsafe { libc::pause() };
             }
         }
         assert!(child > 0);
@@ -317,11 +313,10 @@ mod tests {
         let pids = [me, child as u32];
         let rss = super::super::read_group(pids, Metric::Charged).charged_bytes;
         let tree = super::super::read_tree(&pids);
-        // SAFETY: our own descriptors and child.
+        // SAFETY: our own child and mapping.
         unsafe {
-            libc::close(fds[1]);
+            libc::kill(child, libc::SIGKILL);
             libc::waitpid(child, std::ptr::null_mut(), 0);
-            libc::close(fds[0]);
             libc::munmap(block, LEN);
         }
         assert_eq!(tree.metric, Some(Charged::PssAnonShmem));

@@ -323,6 +323,38 @@ impl Sampler {
 mod tests {
     use super::*;
 
+    /// `arm_at` under what a group already has reports it at once, with
+    /// the new limit and the measure that confirmed it; `read` reads it by
+    /// the same measure.
+    #[tokio::test]
+    async fn arming_under_the_current_total_reports_at_once() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let mut sampler = Sampler::new(SamplingOptions::default());
+        let group = sampler
+            .watch_tree(child.id(), Limits::new(1 << 40))
+            .unwrap();
+        let reading = sampler.read(group).unwrap();
+        assert!(reading.charged_bytes > 0, "{reading:?}");
+        #[cfg(target_os = "linux")]
+        assert_eq!(reading.metric, Some(mem::Charged::AnonShmem));
+        sampler.arm_at(group, 4096).unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(1), sampler.next())
+            .await
+            .expect("an event at once")
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let SensorEvent::OverLimit(c) = event else {
+            panic!("{event:?}");
+        };
+        assert_eq!((c.group, c.limit_bytes), (group, 4096));
+        assert_eq!(c.metric, reading.metric.unwrap());
+        assert!(sampler.arm_at(GroupId(999), 1).is_err(), "unknown group");
+    }
+
     #[test]
     fn interval_shrinks_near_the_limit() {
         let o = SamplingOptions {
