@@ -20,7 +20,7 @@ mod macos;
 #[cfg(target_os = "linux")]
 use linux::shares_parent_mm;
 #[cfg(target_os = "linux")]
-pub use linux::{parse_smaps_rollup, parse_status, read, read_shared};
+pub use linux::{read, read_shared};
 #[cfg(target_os = "macos")]
 use macos::shares_parent_mm;
 #[cfg(target_os = "macos")]
