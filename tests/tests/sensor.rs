@@ -368,6 +368,28 @@ fn a_prefork_tree_is_charged_each_page_once() {
     }
 }
 
+/// The other side of charging a forked child only its growth: children
+/// that write to the pages they share with their parent get their own
+/// copies without any counter moving (60 MiB becomes 240). The tree is
+/// still caught going over 150 MiB, by the exact reading of trees whose
+/// processes share pages.
+#[test]
+fn prefork_children_writing_their_pages_are_caught() {
+    for mode in tree_modes("prefork_children_writing_their_pages_are_caught") {
+        let steps = ["prefork-write", "60", "3", "wait-stdin"];
+        let s = Scenario::start(mode, &steps, "150MiB", &[]);
+        let line = s.expect_memory("memory_over_limit", Duration::from_secs(4));
+        assert!(bytes(&line) >= 150 * MIB, "{mode:?}: {line}");
+        assert_eq!(line["members"], 4, "{mode:?}: {line}");
+        // Re-armed by `watch`, it waits to fall below the re-arm level by
+        // the same exact reading: no crossing again every second.
+        if let Some(again) = s.next_memory(Duration::from_millis(2500)) {
+            panic!("{mode:?}: a second memory event while still over: {again}");
+        }
+        s.finish();
+    }
+}
+
 /// Issue 7, item 6: a process of 80 MiB starting short children, as
 /// Python's `subprocess.run` does (fork children lingering before exec,
 /// and posix_spawn children sharing its mm until exec), is never over a

@@ -36,6 +36,9 @@
 //! - `prefork MIB N`: touch MIB mebibytes, then fork N children that share
 //!   them copy-on-write and wait for a line (or end of input) on the
 //!   shared standard input (a prefork server)
+//! - `prefork-write MIB N`: as `prefork`, but each child writes to every
+//!   page it shares with the parent (copy-on-write: each gets its own copy)
+//!   before it waits
 //! - `spawn-loop N`: N times start `/bin/true` and reap it, alternately by
 //!   fork (the child lingers 20 ms before exec, as a runtime closing its
 //!   descriptors does) and by posix_spawn (vfork: the child shares this
@@ -275,21 +278,28 @@ fn main() {
                 unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
             }
             "exit" => process::exit(number("an exit code") as i32),
-            "prefork" => {
+            "prefork" | "prefork-write" => {
                 let mib = number("mebibytes") as usize;
                 let n = number("a child count");
-                kept.push(Block::touch(mib));
+                let block = Block::touch(mib);
+                let write = step == "prefork-write";
                 for _ in 0..n {
                     // SAFETY: single-threaded here; the child blocks in
                     // read and exits without returning into the steps.
                     let pid = unsafe { libc::fork() };
                     if pid == 0 {
+                        if write {
+                            for page in 0..block.len / 4096 {
+                                block.touch_page(page);
+                            }
+                        }
                         let mut line = String::new();
                         let _ = std::io::stdin().lock().read_line(&mut line);
                         process::exit(0);
                     }
                     assert!(pid > 0, "fork failed");
                 }
+                kept.push(block);
             }
             "spawn-loop" => {
                 let n = number("a count");

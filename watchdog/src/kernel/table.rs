@@ -171,6 +171,16 @@ impl Probes {
         Ok(())
     }
 
+    /// Whether any of `members` of `group` is charged less than all its
+    /// resident pages because it shares some with its tree: a forked child
+    /// before exec, or a process registered with its share of a tree.
+    pub fn shares_pages(&self, group: GroupId, members: impl IntoIterator<Item = u32>) -> bool {
+        members
+            .into_iter()
+            .filter_map(|pid| self.watched.get(&pid, 0).ok())
+            .any(|w| w.group == group.0 && (w.base_anon > 0 || w.base_shmem > 0))
+    }
+
     /// What the kernel programs charge `members` of `group` now, in bytes:
     /// the sum of their entries' contributions.
     pub fn charged_in_table(&self, group: GroupId, members: impl IntoIterator<Item = u32>) -> u64 {

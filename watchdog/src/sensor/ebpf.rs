@@ -22,10 +22,34 @@ const RECHECK_MAX: Duration = Duration::from_millis(1280);
 /// often.
 const LOSS_CHECK: Duration = Duration::from_secs(1);
 
+/// How often a group whose processes share pages copy-on-write is read
+/// exactly. A forked child is charged by the kernel programs only its
+/// growth since fork, and its counters do not move when it writes to a
+/// page it shares with its parent: the private copy replaces the shared
+/// page in its count (wp_page_copy, mm/memory.c). Such a tree can grow
+/// unseen by the running total, so it is also read, this often, by the
+/// measure that counts each page once, for as long as it has such members.
+const SHARED_CHECK: Duration = Duration::from_secs(1);
+
 struct Group {
     limits: Limits,
     members: HashSet<u32>,
     recheck: Option<Recheck>,
+    /// When to read the group exactly next, while its members share pages.
+    shared_check: Option<Instant>,
+    /// Re-armed after a crossing while its members share pages: the
+    /// kernel's running total undercounts such a group, so it is left
+    /// disarmed there, and re-armed from here once an exact reading is
+    /// below the re-arm level.
+    wait_below: bool,
+}
+
+/// What the sensor wakes up for besides kernel events.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Wake {
+    Recheck(GroupId),
+    SharedCheck(GroupId),
+    Losses,
 }
 
 /// A kernel crossing that exact readings did not confirm yet.
@@ -93,12 +117,15 @@ impl EbpfSensor {
                 return Err(err.into());
             }
         };
+        let shared_check = (members.len() > 1).then(|| Instant::now() + SHARED_CHECK);
         self.groups.insert(
             id,
             Group {
                 limits,
                 members,
                 recheck: None,
+                shared_check,
+                wait_below: false,
             },
         );
         if limits.limit > 0 && initial >= limits.limit {
@@ -114,7 +141,18 @@ impl EbpfSensor {
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
         g.recheck = None;
-        self.probes.rearm(group, &g.limits)?;
+        if g.shared_check.is_none() {
+            self.probes.rearm(group, &g.limits)?;
+            return Ok(());
+        }
+        let charged = read_members(&g.members).charged_bytes;
+        g.wait_below = Trigger::after_crossing(charged, &g.limits) == Trigger::WaitBelow;
+        let trigger = if g.wait_below {
+            Trigger::Disarmed
+        } else {
+            Trigger::Armed
+        };
+        self.probes.set_trigger(group, trigger)?;
         Ok(())
     }
 
@@ -125,6 +163,7 @@ impl EbpfSensor {
             .ok_or(SensorError::UnknownGroup(group))?;
         g.limits = g.limits.at(limit_bytes);
         g.recheck = None;
+        g.wait_below = false;
         // Disarmed while the limit changes, so that the programs do not
         // fire against a half-written one.
         self.probes.set_trigger(group, Trigger::Disarmed)?;
@@ -199,29 +238,31 @@ impl EbpfSensor {
                     continue;
                 }
             }
-            let recheck = self
+            let wake = self
                 .groups
                 .iter()
-                .filter_map(|(&id, g)| g.recheck.map(|r| (r.at, id)))
+                .flat_map(|(&id, g)| {
+                    let recheck = g.recheck.map(|r| (r.at, Wake::Recheck(id)));
+                    let shared = g.shared_check.map(|at| (at, Wake::SharedCheck(id)));
+                    recheck.into_iter().chain(shared)
+                })
+                .chain(self.loss_check_due.map(|at| (at, Wake::Losses)))
                 .min();
-            let wake = match (recheck, self.loss_check_due) {
-                (Some((at, id)), Some(due)) if at <= due => Some((at, Some(id))),
-                (_, Some(due)) => Some((due, None)),
-                (Some((at, id)), None) => Some((at, Some(id))),
-                (None, None) => None,
-            };
             let event = match wake {
                 Some((at, what)) => {
                     tokio::select! {
                         event = self.probes.next() => event?,
                         () = tokio::time::sleep_until(at.into()) => {
-                            match what {
-                                Some(id) => {
-                                    if let Some(event) = self.recheck(id)? {
-                                        return Ok(event);
-                                    }
+                            let event = match what {
+                                Wake::Recheck(id) => self.recheck(id)?,
+                                Wake::SharedCheck(id) => self.shared_check(id)?,
+                                Wake::Losses => {
+                                    self.check_losses()?;
+                                    None
                                 }
-                                None => self.check_losses()?,
+                            };
+                            if let Some(event) = event {
+                                return Ok(event);
                             }
                             continue;
                         }
@@ -293,8 +334,8 @@ impl EbpfSensor {
                 .watch_descendants(&roots, Some(id), &mut g.members, Charge::shared)?;
             let total = self.probes.charged_in_table(id, g.members.iter().copied());
             self.probes.set_group_total(id, total)?;
-            let reading = read_members(&g.members);
             let limits = g.limits;
+            let reading = read_against(&g.members, limits.limit);
             match self.probes.trigger(id) {
                 Some(Trigger::Armed)
                     if limits.limit > 0 && reading.charged_bytes >= limits.limit =>
@@ -322,6 +363,9 @@ impl EbpfSensor {
                 let group = self.group_of(fork.group);
                 if let Some(g) = group.and_then(|id| self.groups.get_mut(&id)) {
                     g.members.insert(fork.child);
+                    // The child shares its parent's pages until it execs.
+                    g.shared_check
+                        .get_or_insert_with(|| Instant::now() + SHARED_CHECK);
                 }
                 Some(SensorEvent::Fork { group, fork })
             }
@@ -379,12 +423,53 @@ impl EbpfSensor {
     /// Reads the group exactly; the crossing event when it is over.
     fn confirm(&mut self, group: GroupId, pid: Option<u32>, sensed_ns: u64) -> Option<SensorEvent> {
         let g = self.groups.get_mut(&group)?;
-        let reading = read_members(&g.members);
+        let reading = read_against(&g.members, g.limits.limit);
         if g.limits.limit == 0 || reading.charged_bytes < g.limits.limit {
             return None;
         }
         g.recheck = None;
         Some(crossing(group, g, pid, sensed_ns, &reading))
+    }
+
+    /// Reads a group whose members share pages: a crossing the running
+    /// total cannot see (see [`SHARED_CHECK`]) is reported like any other.
+    /// Stops once no member shares pages any more.
+    fn shared_check(&mut self, group: GroupId) -> Result<Option<SensorEvent>, SensorError> {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(None);
+        };
+        if !self.probes.shares_pages(group, g.members.iter().copied()) {
+            g.shared_check = None;
+            if std::mem::take(&mut g.wait_below) {
+                // The running total is whole again: the kernel takes over.
+                self.probes.set_trigger(group, Trigger::WaitBelow)?;
+            }
+            return Ok(None);
+        }
+        g.shared_check = Some(Instant::now() + SHARED_CHECK);
+        if g.recheck.is_some()
+            || !(g.wait_below || self.probes.trigger(group) == Some(Trigger::Armed))
+        {
+            return Ok(None);
+        }
+        self.stats.shared_checks += 1;
+        let reading = read_against(&g.members, g.limits.limit);
+        if g.wait_below {
+            if reading.charged_bytes >= g.limits.rearm_below() {
+                return Ok(None);
+            }
+            g.wait_below = false;
+            self.probes.set_trigger(group, Trigger::Armed)?;
+            return Ok(Some(SensorEvent::Rearmed {
+                group,
+                charged_bytes: reading.charged_bytes,
+            }));
+        }
+        if g.limits.limit == 0 || reading.charged_bytes < g.limits.limit {
+            return Ok(None);
+        }
+        self.probes.set_trigger(group, Trigger::Disarmed)?;
+        Ok(Some(crossing(group, g, None, now_ns(), &reading)))
     }
 
     /// Looks again at a crossing that did not confirm: confirmed now, or
@@ -420,6 +505,12 @@ impl EbpfSensor {
 fn read_members(members: &HashSet<u32>) -> GroupReading {
     let pids: Vec<u32> = members.iter().copied().collect();
     mem::read_tree(&pids)
+}
+
+/// A reading to compare with `limit` (see [`mem::read_tree_against`]).
+fn read_against(members: &HashSet<u32>, limit: u64) -> GroupReading {
+    let pids: Vec<u32> = members.iter().copied().collect();
+    mem::read_tree_against(&pids, limit)
 }
 
 fn crossing(

@@ -157,6 +157,9 @@ pub struct SensorStats {
     pub rechecks: u64,
     /// Resynchronisations of the groups after kernel losses.
     pub resyncs: u64,
+    /// Exact readings of groups whose processes share pages copy-on-write
+    /// (kernel programs; see `sensor::ebpf`).
+    pub shared_checks: u64,
     /// Events the kernel could not deliver (ring buffer full).
     pub lost_events: u64,
     /// Samples taken (sampling sensors).

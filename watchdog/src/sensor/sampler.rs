@@ -275,7 +275,7 @@ impl Sampler {
             }
         }
         let pids: Vec<u32> = current.keys().copied().collect();
-        let reading = mem::read_tree(&pids);
+        let reading = mem::read_tree_against(&pids, g.limits.limit);
         for r in &reading.members {
             if let Some(info) = self.members.get_mut(&r.pid) {
                 info.peak_rss = info.peak_rss.max(r.vm_rss_bytes.unwrap_or(r.charged_bytes));
