@@ -200,6 +200,7 @@ impl Probes {
             ring,
             pending: VecDeque::new(),
             drained: false,
+            read_since_empty: false,
             page_size,
         };
         probes.self_check()?;

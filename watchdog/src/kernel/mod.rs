@@ -40,8 +40,10 @@ pub struct Probes {
     ring: AsyncFd<RingBuf<MapData>>,
     /// Events read while looking for something else (during the self-check).
     pending: VecDeque<KernelEvent>,
-    /// Whether the ring buffer was found empty since this was last cleared
+    /// Whether the ring buffer was emptied since this was last cleared
     /// (see [`Probes::take_drained`]).
     drained: bool,
+    /// Whether a record was read since the ring was last found empty.
+    read_since_empty: bool,
     page_size: u64,
 }

@@ -79,14 +79,12 @@ impl Probes {
             }
             let mut guard = self.ring.readable_mut().await?;
             let raw = guard.get_inner_mut().next().map(|item| decode(&item));
+            note_read(&mut self.drained, &mut self.read_since_empty, raw.is_some());
             match raw {
                 Some(Some(raw)) => return Ok(self.convert(&raw)),
                 // A record of a size this build does not know: skip it.
                 Some(None) => continue,
-                None => {
-                    self.drained = true;
-                    guard.clear_ready();
-                }
+                None => guard.clear_ready(),
             }
         }
     }
@@ -97,10 +95,9 @@ impl Probes {
             return Some(event);
         }
         loop {
-            let Some(raw) = self.ring.get_mut().next().map(|item| decode(&item)) else {
-                self.drained = true;
-                return None;
-            };
+            let raw = self.ring.get_mut().next().map(|item| decode(&item));
+            note_read(&mut self.drained, &mut self.read_since_empty, raw.is_some());
+            let raw = raw?;
             if let Some(raw) = raw {
                 return Some(self.convert(&raw));
             }
@@ -155,11 +152,22 @@ impl Probes {
         }
     }
 
-    /// Whether the ring buffer was found empty since the last call: all
-    /// that the programs wrote before then has been read, so a loss
-    /// counter read now tells whether any of it was lost.
+    /// Whether the ring buffer was emptied since the last call (records
+    /// were read, then none was left): all that the programs wrote before
+    /// then has been read, so a loss counter read now tells whether any of
+    /// it was lost. An idle ring is not drained again and again.
     pub fn take_drained(&mut self) -> bool {
         std::mem::take(&mut self.drained)
+    }
+}
+
+/// Notes a read from the ring: a record, or none left after some were
+/// read (drained).
+fn note_read(drained: &mut bool, read_since_empty: &mut bool, got_record: bool) {
+    if got_record {
+        *read_since_empty = true;
+    } else if std::mem::take(read_since_empty) {
+        *drained = true;
     }
 }
 
