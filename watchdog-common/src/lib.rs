@@ -43,7 +43,8 @@ pub struct Event {
     pub ktime_ns: u64,
     /// Exit: peak resident set of the process in pages (`signal->maxrss`).
     pub peak_rss_pages: u64,
-    /// The group (watched tree root) the process belonged to, 0 for none.
+    /// The group handle (see [`group_slot`]) the process belonged to, 0
+    /// for none.
     pub group: u32,
     /// Exit: `task->tgid` read through the BTF offsets; it must equal `pid`.
     /// Userspace uses it to check the offsets are right.
@@ -57,23 +58,44 @@ pub struct Event {
 }
 
 /// Value of the `WATCHED` map, keyed by tgid.
+///
+/// A process is charged `max(0, last - base)` pages per counter: its
+/// growth since `base`. A forked child starts with `base` at the counters
+/// it inherited (fork copies the parent's resident counts although the
+/// pages are shared copy-on-write), so each page is charged once; exec
+/// resets `base` to 0 (a new mm owns all its pages).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Watch {
-    /// The group (a slot in the `GROUP_*` arrays, 1..MAX_GROUPS) whose
-    /// total this process is charged to; 0 for none (exits only).
+    /// The group handle (see [`group_slot`]) this process is charged to; 0
+    /// for none (exits only).
     pub group: u32,
-    /// Reserved, zero.
+    /// `WATCH_*` bits.
     pub flags: u32,
-    /// What this process last contributed to its group, in pages, per
-    /// counter (MM_ANONPAGES, MM_SHMEMPAGES). Swapped atomically, so
-    /// concurrent updates from its threads telescope to the right sum.
+    /// The counters (MM_ANONPAGES, MM_SHMEMPAGES) as last brought up to
+    /// date, in pages. Swapped atomically, so concurrent updates from the
+    /// process's threads telescope to the right sum.
     pub last_anon: i64,
     pub last_shmem: i64,
-    /// The process's mm, learned on its first update (0 until then), so
-    /// that updates to other address spaces are told apart without
-    /// reading `current->mm` on every page fault.
+    /// Pages of each counter not charged to this process (see above).
+    pub base_anon: i64,
+    pub base_shmem: i64,
+    /// The process's mm, set at fork or learned on its first update (0
+    /// until then), so that updates to other address spaces are told apart
+    /// without reading `current->mm` on every page fault.
     pub mm: u64,
+}
+
+/// [`Watch::flags`]: the process shares its parent's mm (vfork,
+/// posix_spawn, clone with CLONE_VM): every page is the parent's, and it is
+/// charged nothing until it execs.
+pub const WATCH_SHARED_MM: u32 = 1;
+
+/// The contribution of one counter: growth above `base`, never negative.
+#[inline(always)]
+pub const fn charged_pages(counter: i64, base: i64) -> i64 {
+    let pages = counter - base;
+    if pages > 0 { pages } else { 0 }
 }
 
 /// A process's contribution is brought up to date when a counter moved by
@@ -84,6 +106,20 @@ pub const GRANULE_PAGES: i64 = 16;
 
 /// Number of group slots (slot 0 means "no group").
 pub const MAX_GROUPS: u32 = 4096;
+
+/// A group handle is its slot in the low [`GROUP_SLOT_BITS`] bits and a
+/// generation above them, so that a member of an earlier use of the slot
+/// (still forking or exiting after its group was removed) is never
+/// credited to the group that uses the slot now.
+pub const GROUP_SLOT_BITS: u32 = 16;
+
+/// The slot of a group handle.
+#[inline(always)]
+pub const fn group_slot(handle: u32) -> u32 {
+    handle & ((1 << GROUP_SLOT_BITS) - 1)
+}
+
+const _: () = assert!(MAX_GROUPS <= 1 << GROUP_SLOT_BITS);
 
 /// `GROUP_LIMITS` value: set by userspace, read by the kernel programs.
 #[repr(C)]
@@ -96,6 +132,11 @@ pub struct GroupLimits {
     /// Emit [`EVENT_CHANGED`] when the total moved this much since the last
     /// one; 0 disables it.
     pub step: u64,
+    /// The handle of the group using this slot now; 0 when free. Updates
+    /// carrying another handle are ignored.
+    pub handle: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
 }
 
 /// `GROUP_COUNTERS` value: owned by the kernel programs once the group has
@@ -109,7 +150,7 @@ pub struct GroupCounters {
     pub step_base: i64,
 }
 
-/// `GROUP_STATE` values.
+/// `GROUP_STATE` values (userspace mirrors them as `sensor::Trigger`).
 pub const GROUP_DISARMED: u32 = 0;
 pub const GROUP_ARMED: u32 = 1;
 pub const GROUP_WAIT_BELOW: u32 = 2;
@@ -161,6 +202,10 @@ pub mod counter {
     pub const COUNT: u32 = 2;
 }
 
+/// Capacity of the `EXIT_SEEN` map: processes whose exit the legacy exit
+/// program reports at the same time, far more than can be exiting at once.
+pub const MAX_EXITING: u32 = 8192;
+
 /// Capacity of the `WATCHED` map.
 pub const MAX_WATCHED: u32 = 65_536;
 
@@ -181,7 +226,7 @@ mod pod {
 // The layouts are part of the kernel/user contract: fail the build, not the
 // verifier, if they change by accident.
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
-const _: () = assert!(core::mem::size_of::<Watch>() == 32);
+const _: () = assert!(core::mem::size_of::<Watch>() == 48);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
-const _: () = assert!(core::mem::size_of::<GroupLimits>() == 24);
+const _: () = assert!(core::mem::size_of::<GroupLimits>() == 32);
 const _: () = assert!(core::mem::size_of::<GroupCounters>() == 16);

@@ -25,14 +25,14 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use watchdog_common::{
     COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_OOM_VICTIM,
     EVENT_REARMED, Event, GRANULE_PAGES, GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW,
-    GroupCounters, GroupLimits, KernelOffsets, MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES,
-    SIGNAL_GROUP_EXIT, Watch, counter,
+    GroupCounters, GroupLimits, KernelOffsets, MAX_EXITING, MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES,
+    SIGNAL_GROUP_EXIT, WATCH_SHARED_MM, Watch, charged_pages, counter, group_slot,
 };
 
 /// Watched processes, keyed by tgid.
@@ -65,6 +65,22 @@ static GROUP_COUNTERS: Array<GroupCounters> = Array::with_max_entries(MAX_GROUPS
 /// programs disarm with a compare-and-swap, so one crossing fires once.
 #[map]
 static GROUP_STATE: Array<u32> = Array::with_max_entries(MAX_GROUPS, 0);
+
+/// Legacy exit program, `audit --all`: the processes whose exit was
+/// reported, keyed by tgid and `signal_struct`, with the time of the
+/// report, so that the several threads of one process that see
+/// `signal->live == 0` report it once.
+#[map]
+static EXIT_SEEN: LruHashMap<ExitKey, u64> = LruHashMap::with_max_entries(MAX_EXITING, 0);
+
+/// A process, told apart from a later one that gets the same pid or the
+/// same (freed and reused) signal_struct: both are needed to collide.
+#[repr(C)]
+struct ExitKey {
+    signal: u64,
+    tgid: u32,
+    _pad: u32,
+}
 
 /// Per CPU: the process whose page fault this CPU handled last, its mm,
 /// and the counter values its contribution was last brought up to date
@@ -123,14 +139,20 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
     let group_dead: u64 = ctx.arg(1);
     if group_dead != 0 {
-        let _ = report_exit(tgid, task, watch);
+        // group_dead is true in exactly one thread: the one whose
+        // atomic_dec_and_test(&signal->live) reached 0 (kernel/exit.c).
+        let _ = report_exit(tgid, task, watch, Once::Already);
     }
     0
 }
 
 /// sched_process_exit before 6.16: `(struct task_struct *p)`, fired per
-/// thread after `signal->live` was decremented, so the thread that sees it at
-/// zero is the last one.
+/// thread after exit_mm, long after `signal->live` was decremented
+/// (kernel/exit.c, do_exit): every thread that gets here after the last
+/// decrement sees it at 0, so several threads of one process can. Exactly
+/// one of them reports: the one that removes the process's watch entry, or,
+/// for a process without one (`audit --all`), the first to record it in
+/// `EXIT_SEEN`.
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit_legacy(ctx: RawTracePointContext) -> i32 {
     let tgid = current_tgid();
@@ -141,10 +163,56 @@ pub fn sched_process_exit_legacy(ctx: RawTracePointContext) -> i32 {
     let off = OFFSETS.load();
     let live = read::<i32>(task, off.task_signal, off.signal_live).unwrap_or(1);
     if live == 0 {
-        let _ = report_exit(tgid, task, watch);
+        let once = if WATCH_ALL.load() != 0 {
+            Once::FirstSeen
+        } else {
+            Once::EntryRemoved
+        };
+        let _ = report_exit(tgid, task, watch, once);
     }
     0
 }
+
+/// How the exit program knows that this thread is the one to report.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Once {
+    /// The tracepoint fires once per process.
+    Already,
+    /// The thread that removes the watch entry reports.
+    EntryRemoved,
+    /// The first thread to record the process in `EXIT_SEEN` reports.
+    FirstSeen,
+}
+
+/// Two threads of one exiting process reach the exit tracepoint within
+/// this of each other (they are all in do_exit at once); an `EXIT_SEEN`
+/// record older than this belongs to an earlier process (pid and
+/// signal_struct both reused).
+const SAME_EXIT_NS: u64 = 1_000_000_000;
+
+/// Whether this is the first report of process `tgid`, whose signal_struct
+/// is at `signal`.
+fn first_report(tgid: u32, signal: u64) -> bool {
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = ExitKey {
+        signal,
+        tgid,
+        _pad: 0,
+    };
+    match EXIT_SEEN.get_ptr_mut(&key) {
+        Some(at) => {
+            // SAFETY: a valid map value; the compare-and-swap lets one
+            // thread claim a stale record.
+            let seen = unsafe { atomic::load(at) };
+            now.wrapping_sub(seen) >= SAME_EXIT_NS && unsafe { atomic::cas(at, seen, now) }
+        }
+        None => EXIT_SEEN.insert(&key, now, BPF_NOEXIST).is_ok(),
+    }
+}
+
+/// `bpf_map_update_elem` flag (include/uapi/linux/bpf.h).
+const BPF_NOEXIST: u64 = 1;
 
 /// sched_process_fork: `(struct task_struct *parent, struct task_struct *child)`,
 /// fired in the forking task for every clone, threads included.
@@ -211,22 +279,35 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
         // A new thread of the watched process, not a new process.
         return Ok(());
     }
-    let child_watch = Watch {
+    // fork() copies the parent's resident counters into the child
+    // (dup_mmap -> copy_page_range counts every copied pte, kernel/fork.c,
+    // mm/memory.c) although the pages are shared copy-on-write: charge the
+    // child only its growth from here. A CLONE_VM child (vfork,
+    // posix_spawn) shares the parent's whole mm until it execs: charge it
+    // nothing until then. This tracepoint fires after copy_process, with the
+    // child's mm complete (kernel/fork.c, kernel_clone).
+    let mut child_watch = Watch {
         group: watch.group,
         ..Watch::default()
     };
+    let child_mm = read_field::<*const u8>(child, off.task_mm)?;
+    if child_mm == current_mm(&off)? {
+        child_watch.flags = WATCH_SHARED_MM;
+    } else if !child_mm.is_null() {
+        let anon = read_counter(child_mm, off.anon_index, &off)?;
+        let shmem = read_counter(child_mm, off.shmem_index, &off)?;
+        child_watch.last_anon = anon;
+        child_watch.base_anon = anon;
+        child_watch.last_shmem = shmem;
+        child_watch.base_shmem = shmem;
+        child_watch.mm = child_mm as u64;
+    }
+    // The kernel owns the entry of a new process: one left behind by a
+    // process that held this pid before is replaced.
     if WATCHED.insert(tgid, child_watch, 0).is_err() {
         count(counter::WATCH_TABLE_FULL);
     } else {
         set_filter(tgid, 1);
-        if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
-            // The copied address space is resident in the child from the
-            // start.
-            let mm = read_field::<*const u8>(child, off.task_mm)?;
-            if !mm.is_null() {
-                recharge(entry, tgid, mm, &off)?;
-            }
-        }
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count(counter::RINGBUF_FULL);
@@ -245,23 +326,39 @@ fn track_fork(parent: u32, child: *const u8, watch: Watch) -> Result<(), i64> {
     Ok(())
 }
 
-fn report_exit(tgid: u32, task: *const u8, watch: Watch) -> Result<(), i64> {
+fn report_exit(tgid: u32, task: *const u8, watch: Watch, once: Once) -> Result<(), i64> {
     let off = OFFSETS.load();
-    // Its memory no longer counts toward its group.
+    // Its memory no longer counts toward its group. Swapping each counter
+    // to its base leaves nothing to subtract for a second thread.
     if let Some(entry) = WATCHED.get_ptr_mut(tgid) {
         // SAFETY: a valid map value; the swaps are atomic against the
         // process's other updates.
         let pages = unsafe {
-            atomic::swap(&raw mut (*entry).last_anon, 0)
-                + atomic::swap(&raw mut (*entry).last_shmem, 0)
+            let base_anon = (*entry).base_anon;
+            let base_shmem = (*entry).base_shmem;
+            charged_pages(
+                atomic::swap(&raw mut (*entry).last_anon, base_anon),
+                base_anon,
+            ) + charged_pages(
+                atomic::swap(&raw mut (*entry).last_shmem, base_shmem),
+                base_shmem,
+            )
         };
         add_to_group(watch.group, tgid, -(pages << (off.page_shift & 63)));
     }
     // Forget the process: even if the event cannot be sent, the tgid must
     // not stay in the table to be reused by an unrelated process.
     set_filter(tgid, 0);
-    let _ = WATCHED.remove(tgid);
+    let removed = WATCHED.remove(tgid).is_ok();
     let signal = read_field::<*const u8>(task, off.task_signal)?;
+    let report = match once {
+        Once::Already => true,
+        Once::EntryRemoved => removed,
+        Once::FirstSeen => first_report(tgid, signal as u64),
+    };
+    if !report {
+        return Ok(());
+    }
     let leader = read_field::<*const u8>(task, off.task_group_leader)?;
     let flags = read_field::<u32>(signal, off.signal_flags)?;
     // What wait(2) will report: the group exit code for exit_group() and
@@ -402,11 +499,17 @@ fn on_rss_stat<const TYPED: bool>(mm: *const u8, member: u32, tgid: u32) -> Resu
     let Some(entry) = WATCHED.get_ptr_mut(tgid) else {
         return Ok(());
     };
+    // A vfork child's updates are to its parent's pages: charged to the
+    // parent when it next faults, and to the child from its exec on.
     // SAFETY: a valid map value; each field is read once.
-    let last = if anon {
-        unsafe { &raw mut (*entry).last_anon }
+    if unsafe { (*entry).flags } & WATCH_SHARED_MM != 0 {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let (last, base) = if anon {
+        unsafe { (&raw mut (*entry).last_anon, (*entry).base_anon) }
     } else {
-        unsafe { &raw mut (*entry).last_shmem }
+        unsafe { (&raw mut (*entry).last_shmem, (*entry).base_shmem) }
     };
     // Updates to another process's mm (kswapd, ptrace, process_vm_writev,
     // an mm being torn down after exit) are not this process's doing. The
@@ -456,7 +559,8 @@ fn on_rss_stat<const TYPED: bool>(mm: *const u8, member: u32, tgid: u32) -> Resu
     let before = unsafe { atomic::swap(last, pages) };
     // SAFETY: as above.
     let group = unsafe { (*entry).group };
-    add_to_group(group, tgid, (pages - before) << (off.page_shift & 63));
+    let delta = charged_pages(pages, base) - charged_pages(before, base);
+    add_to_group(group, tgid, delta << (off.page_shift & 63));
     Ok(())
 }
 
@@ -498,18 +602,24 @@ fn read_counter(mm: *const u8, member: u32, off: &KernelOffsets) -> Result<i64, 
     Ok(read_field::<i64>(mm, at)?.max(0))
 }
 
-/// Makes `mm` the process's address space (a new process, or exec) and
-/// its contribution that of `mm`'s counters, adding the difference to its
-/// group.
+/// Makes `mm` the process's own address space (at exec) and its
+/// contribution all of `mm`'s counters, adding the difference to its group.
 fn recharge(entry: *mut Watch, tgid: u32, mm: *const u8, off: &KernelOffsets) -> Result<(), i64> {
     let anon = read_counter(mm, off.anon_index, off)?;
     let shmem = read_counter(mm, off.shmem_index, off)?;
-    // SAFETY: a valid map value; the swaps are atomic against the
-    // process's other updates.
+    // SAFETY: a valid map value. exec leaves a single thread (de_thread,
+    // fs/exec.c), so nothing updates the entry concurrently; the swaps
+    // keep it consistent anyway.
     let before = unsafe {
         (*entry).mm = mm as u64;
-        atomic::swap(&raw mut (*entry).last_anon, anon)
-            + atomic::swap(&raw mut (*entry).last_shmem, shmem)
+        (*entry).flags &= !WATCH_SHARED_MM;
+        let base_anon = atomic::swap(&raw mut (*entry).base_anon, 0);
+        let base_shmem = atomic::swap(&raw mut (*entry).base_shmem, 0);
+        charged_pages(atomic::swap(&raw mut (*entry).last_anon, anon), base_anon)
+            + charged_pages(
+                atomic::swap(&raw mut (*entry).last_shmem, shmem),
+                base_shmem,
+            )
     };
     // SAFETY: as above.
     let group = unsafe { (*entry).group };
@@ -526,13 +636,19 @@ fn add_to_group(group: u32, tgid: u32, delta: i64) {
     if delta == 0 || group == 0 {
         return;
     }
+    let slot = group_slot(group);
     let (Some(counters), Some(state), Some(limits)) = (
-        GROUP_COUNTERS.get_ptr_mut(group),
-        GROUP_STATE.get_ptr_mut(group),
-        GROUP_LIMITS.get(group),
+        GROUP_COUNTERS.get_ptr_mut(slot),
+        GROUP_STATE.get_ptr_mut(slot),
+        GROUP_LIMITS.get(slot),
     ) else {
         return;
     };
+    // A member of an earlier group in this slot (forking or exiting after
+    // that group was removed) is not charged to this one.
+    if limits.handle != group {
+        return;
+    }
     // SAFETY (all atomics below): valid map values of this group, which
     // the programs change only atomically.
     let before = unsafe { atomic::fetch_add(&raw mut (*counters).total, delta) };
@@ -548,12 +664,27 @@ fn add_to_group(group: u32, tgid: u32, delta: i64) {
     {
         emit(EVENT_REARMED, tgid, group, total, limits.limit);
     }
-    if limit > 0
-        && total >= limit
-        && unsafe { atomic::load(state) } == GROUP_ARMED
-        && unsafe { atomic::cas(state, GROUP_ARMED, GROUP_DISARMED) }
-    {
-        emit(EVENT_CROSSING, tgid, group, total, limits.limit);
+    if limit > 0 && total >= limit && unsafe { atomic::load(state) } == GROUP_ARMED {
+        // The record first: a crossing that cannot be reported leaves the
+        // group armed (it fires on a later update, or userspace finds it
+        // when it sees the loss), never disarmed for good.
+        let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+            count(counter::RINGBUF_FULL);
+            return;
+        };
+        if unsafe { atomic::cas(state, GROUP_ARMED, GROUP_DISARMED) } {
+            entry.write(group_event(
+                EVENT_CROSSING,
+                tgid,
+                group,
+                total,
+                limits.limit,
+            ));
+            entry.submit(BPF_RB_FORCE_WAKEUP);
+        } else {
+            // Another CPU's update fired it.
+            entry.discard(0);
+        }
     }
     if limits.step > 0 {
         let base_ref = unsafe { &raw mut (*counters).step_base };
@@ -571,7 +702,15 @@ fn emit(kind: u32, tgid: u32, group: u32, bytes: i64, limit: u64) {
         count(counter::RINGBUF_FULL);
         return;
     };
-    entry.write(Event {
+    entry.write(group_event(kind, tgid, group, bytes, limit));
+    // Group events are rare and waited for: wake the reader now rather
+    // than leave it to the ring buffer's adaptive notification.
+    entry.submit(BPF_RB_FORCE_WAKEUP);
+}
+
+#[inline(always)]
+fn group_event(kind: u32, tgid: u32, group: u32, bytes: i64, limit: u64) -> Event {
+    Event {
         kind,
         pid: tgid,
         // SAFETY: the helper has no preconditions.
@@ -580,10 +719,7 @@ fn emit(kind: u32, tgid: u32, group: u32, bytes: i64, limit: u64) {
         bytes,
         limit,
         ..Event::default()
-    });
-    // Group events are rare and waited for: wake the reader now rather
-    // than leave it to the ring buffer's adaptive notification.
-    entry.submit(BPF_RB_FORCE_WAKEUP);
+    }
 }
 
 /// `bpf_ringbuf_submit` flag (include/uapi/linux/bpf.h).

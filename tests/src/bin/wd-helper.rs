@@ -39,6 +39,24 @@
 //! - `fork-storm N`: fork N children one after another, each exiting at
 //!   once, reaping each
 //! - `exit CODE`: exit with CODE
+//! - `prefork MIB N`: touch MIB mebibytes, then fork N children that share
+//!   them copy-on-write and wait for a line (or end of input) on the
+//!   shared standard input (a prefork server)
+//! - `prefork-write MIB N`: as `prefork`, but each child writes to every
+//!   page it shares with the parent (copy-on-write: each gets its own copy)
+//!   before it waits
+//! - `spawn-loop N`: N times start `/bin/true` and reap it, alternately by
+//!   fork (the child lingers 20 ms before exec, as a runtime closing its
+//!   descriptors does) and by posix_spawn (vfork: the child shares this
+//!   process's mm until exec), as Python's `subprocess.run` does
+//! - `shared-fork MIB N`: map MIB mebibytes of shared anonymous memory and
+//!   touch it, then fork N children that each touch all of it and wait for
+//!   a line (or end of input) on the shared standard input
+//! - `thread-storm THREADS ROUNDS`: ROUNDS times fork a child that starts
+//!   THREADS threads and, once all run, calls exit_group with code 7 while
+//!   they do; reap it
+//! - `fork-storm N`: N times fork a child that exits at once, and reap it
+//! - `touch FILE`: create FILE (a signal to the test)
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
 
@@ -301,6 +319,153 @@ fn main() {
                 }
             }
             "exit" => process::exit(number("an exit code") as i32),
+            "prefork" | "prefork-write" => {
+                let mib = number("mebibytes") as usize;
+                let n = number("a child count");
+                let block = Block::touch(mib);
+                let write = step == "prefork-write";
+                for _ in 0..n {
+                    // SAFETY: single-threaded here; the child blocks in
+                    // read and exits without returning into the steps.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        if write {
+                            for page in 0..block.len / 4096 {
+                                block.touch_page(page);
+                            }
+                        }
+                        let mut line = String::new();
+                        let _ = std::io::stdin().lock().read_line(&mut line);
+                        process::exit(0);
+                    }
+                    assert!(pid > 0, "fork failed");
+                }
+                kept.push(block);
+            }
+            "spawn-loop" => {
+                let n = number("a count");
+                let path = c"/bin/true";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                let envp = [std::ptr::null()];
+                for i in 0..n {
+                    let pid = if i % 2 == 0 {
+                        // SAFETY: single-threaded here; the child sleeps
+                        // and execs or exits.
+                        let pid = unsafe { libc::fork() };
+                        if pid == 0 {
+                            thread::sleep(Duration::from_millis(20));
+                            // SAFETY: valid NUL-terminated arrays.
+                            unsafe {
+                                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                                libc::_exit(127);
+                            }
+                        }
+                        pid
+                    } else {
+                        let mut pid = 0;
+                        // SAFETY: valid pointers; no file actions or
+                        // attributes.
+                        let rc = unsafe {
+                            libc::posix_spawn(
+                                &mut pid,
+                                path.as_ptr(),
+                                std::ptr::null(),
+                                std::ptr::null(),
+                                argv.as_ptr().cast(),
+                                envp.as_ptr().cast(),
+                            )
+                        };
+                        assert_eq!(rc, 0, "posix_spawn failed");
+                        pid
+                    };
+                    assert!(pid > 0, "fork failed");
+                    // SAFETY: our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
+            }
+            "shared-fork" => {
+                let mib = number("mebibytes") as usize;
+                let n = number("a child count");
+                let len = mib << 20;
+                // SAFETY: a fresh shared anonymous mapping, kept to exit.
+                let addr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                assert_ne!(addr, libc::MAP_FAILED, "mmap failed");
+                let touch = || {
+                    for offset in (0..len).step_by(4096) {
+                        // SAFETY: inside the mapping.
+                        unsafe { addr.cast::<u8>().add(offset).write_volatile(1) };
+                    }
+                };
+                touch();
+                for _ in 0..n {
+                    // SAFETY: single-threaded here; the child touches,
+                    // blocks in read and exits.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        touch();
+                        let mut line = String::new();
+                        let _ = std::io::stdin().lock().read_line(&mut line);
+                        process::exit(0);
+                    }
+                    assert!(pid > 0, "fork failed");
+                }
+            }
+            "thread-storm" => {
+                let threads = number("a thread count") as usize;
+                let rounds = number("a round count");
+                for _ in 0..rounds {
+                    // SAFETY: single-threaded here; the child runs its own
+                    // threads and exits without returning into the steps.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads + 1));
+                        for _ in 0..threads {
+                            let barrier = std::sync::Arc::clone(&barrier);
+                            thread::spawn(move || {
+                                barrier.wait();
+                                loop {
+                                    thread::park();
+                                }
+                            });
+                        }
+                        barrier.wait();
+                        // exit_group: every thread goes through do_exit
+                        // at once.
+                        // SAFETY: ends the process.
+                        unsafe { libc::syscall(libc::SYS_exit_group, 7) };
+                        unreachable!();
+                    }
+                    assert!(pid > 0, "fork failed");
+                    // SAFETY: our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
+            }
+            "fork-storm" => {
+                let n = number("a count");
+                for _ in 0..n {
+                    // SAFETY: the child only calls _exit.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        unsafe { libc::_exit(0) };
+                    }
+                    assert!(pid > 0, "fork failed");
+                    // SAFETY: our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
+            }
+            "touch" => {
+                let path = steps.next().unwrap_or_else(|| usage("touch needs a file"));
+                std::fs::write(path, b"").expect("touch");
+            }
             other => usage(&format!("unknown step {other:?}")),
         }
     }

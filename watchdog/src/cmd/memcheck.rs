@@ -174,6 +174,7 @@ fn print_table(report: &Report, tree: bool) {
         }
         let what = match target.metric {
             Charged::AnonShmem => "RssAnon+RssShmem",
+            Charged::PssAnonShmem => "Pss_Anon+Pss_Shmem",
             Charged::VmrssFallback => "VmRSS (this kernel has no RssAnon/RssShmem)",
             Charged::Rss => "VmRSS",
             Charged::Pss => "PSS",

@@ -252,6 +252,8 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
     let stats = sensor.stats();
     info!(
         unconfirmed_crossings = stats.unconfirmed_crossings,
+        rechecks = stats.rechecks,
+        resyncs = stats.resyncs,
         lost_events = stats.lost_events,
         samples = stats.samples,
         lines_lost = sink.lost(),

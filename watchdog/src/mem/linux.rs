@@ -58,17 +58,80 @@ fn parse_kb(value: &str) -> Option<u64> {
     }
 }
 
-/// The `Pss:` line of /proc/PID/smaps_rollup, in bytes.
-pub fn parse_smaps_pss(text: &str) -> Result<Option<u64>, BadField> {
+/// The lines of /proc/PID/smaps_rollup used here, in bytes, each `None`
+/// when absent (Pss_Anon and Pss_Shmem exist since Linux 5.6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmapsRollup {
+    pub rss: Option<u64>,
+    pub pss: Option<u64>,
+    pub pss_anon: Option<u64>,
+    pub pss_shmem: Option<u64>,
+}
+
+/// Parses /proc/PID/smaps_rollup by field presence, as [`parse_status`].
+pub fn parse_smaps_rollup(text: &str) -> Result<SmapsRollup, BadField> {
+    let mut out = SmapsRollup::default();
     for line in text.lines() {
-        if let Some(value) = line.strip_prefix("Pss:") {
-            return parse_kb(value).map(Some).ok_or_else(|| BadField {
-                field: "Pss".to_owned(),
-                value: value.trim().to_owned(),
-            });
-        }
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let slot = match name {
+            "Rss" => &mut out.rss,
+            "Pss" => &mut out.pss,
+            "Pss_Anon" => &mut out.pss_anon,
+            "Pss_Shmem" => &mut out.pss_shmem,
+            _ => continue,
+        };
+        *slot = Some(parse_kb(value).ok_or_else(|| BadField {
+            field: name.to_owned(),
+            value: value.trim().to_owned(),
+        })?);
     }
-    Ok(None)
+    Ok(out)
+}
+
+fn read_rollup(pid: u32) -> Result<SmapsRollup, MemError> {
+    parse_smaps_rollup(&read_proc(pid, "smaps_rollup")?).map_err(|bad| MemError::Malformed {
+        pid,
+        file: "smaps_rollup",
+        field: bad.field,
+        value: bad.value,
+    })
+}
+
+/// Reads one process of a tree: its share of its anonymous and shmem
+/// pages (Pss_Anon + Pss_Shmem), so that pages it shares with others of
+/// the tree (copy-on-write after fork, shared memory) are charged once
+/// over the tree. Falls back to [`Metric::Charged`] on kernels without
+/// those lines. Costs about 10 ms per GiB mapped.
+pub fn read_shared(pid: u32) -> Result<Reading, MemError> {
+    let rollup = match read_rollup(pid) {
+        Ok(rollup) => rollup,
+        // smaps_rollup needs ptrace access (PTRACE_MODE_READ, unlike
+        // status): another user's process, read without privilege, is
+        // charged all it has.
+        Err(MemError::Io { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) =>
+        {
+            return read(pid, Metric::Charged);
+        }
+        Err(err) => return Err(err),
+    };
+    let (Some(anon), Some(shmem)) = (rollup.pss_anon, rollup.pss_shmem) else {
+        // No mm (a zombie or kernel thread reads as empty), or a kernel
+        // before 5.6.
+        return read(pid, Metric::Charged);
+    };
+    Ok(Reading {
+        pid,
+        anon_bytes: Some(anon),
+        shmem_bytes: Some(shmem),
+        file_bytes: None,
+        swap_bytes: None,
+        vm_rss_bytes: rollup.rss,
+        charged_bytes: anon.saturating_add(shmem),
+        metric: Charged::PssAnonShmem,
+    })
 }
 
 fn read_proc(pid: u32, file: &str) -> Result<String, MemError> {
@@ -98,15 +161,7 @@ pub fn read(pid: u32, metric: Metric) -> Result<Reading, MemError> {
         },
         Metric::Rss => (status.vm_rss.ok_or(MemError::NoMemory(pid))?, Charged::Rss),
         Metric::Pss => {
-            let text = read_proc(pid, "smaps_rollup")?;
-            let pss = parse_smaps_pss(&text)
-                .map_err(|bad| MemError::Malformed {
-                    pid,
-                    file: "smaps_rollup",
-                    field: bad.field,
-                    value: bad.value,
-                })?
-                .ok_or(MemError::NoMemory(pid))?;
+            let pss = read_rollup(pid)?.pss.ok_or(MemError::NoMemory(pid))?;
             (pss, Charged::Pss)
         }
     };
@@ -120,6 +175,30 @@ pub fn read(pid: u32, metric: Metric) -> Result<Reading, MemError> {
         charged_bytes,
         metric,
     })
+}
+
+/// Whether `pid` shares its address space with its parent, itself one of
+/// `members` (a CLONE_VM child: vfork, posix_spawn, before exec). Asked of
+/// the kernel with kcmp(KCMP_VM); `false` where kcmp is unavailable.
+pub(super) fn shares_parent_mm(pid: u32, members: &std::collections::HashSet<u32>) -> bool {
+    /// include/uapi/linux/kcmp.h
+    const KCMP_VM: libc::c_long = 1;
+    let Some(parent) = crate::procs::ppid(pid).filter(|p| members.contains(p)) else {
+        return false;
+    };
+    // SAFETY: kcmp takes two pids, a type and two unused arguments, and
+    // returns 0 when the resource is the same.
+    let same = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            libc::c_long::from(pid as libc::pid_t),
+            libc::c_long::from(parent as libc::pid_t),
+            KCMP_VM,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    same == 0
 }
 
 #[cfg(test)]
@@ -187,11 +266,67 @@ mod tests {
 
     #[test]
     fn pss_from_smaps_rollup() {
-        let text =
-            "55fd-7ffe ---p 0 00:00 0 [rollup]\nRss:\t1744 kB\nPss:\t632 kB\nPss_Anon:\t112 kB\n";
-        assert_eq!(parse_smaps_pss(text).unwrap(), Some(632 * 1024));
-        assert_eq!(parse_smaps_pss("Rss: 1 kB\n").unwrap(), None);
-        assert!(parse_smaps_pss("Pss: x kB\n").is_err());
+        let text = "55fd-7ffe ---p 0 00:00 0 [rollup]\nRss:\t1744 kB\nPss:\t632 kB\n\
+            Pss_Dirty:\t100 kB\nPss_Anon:\t112 kB\nPss_File:\t520 kB\nPss_Shmem:\t0 kB\n";
+        let r = parse_smaps_rollup(text).unwrap();
+        assert_eq!(r.rss, Some(1744 * 1024));
+        assert_eq!(r.pss, Some(632 * 1024));
+        assert_eq!(r.pss_anon, Some(112 * 1024));
+        assert_eq!(r.pss_shmem, Some(0), "present and zero");
+        assert_eq!(parse_smaps_rollup("Rss: 1 kB\n").unwrap().pss, None);
+        assert!(parse_smaps_rollup("Pss: x kB\n").is_err());
+        assert!(parse_smaps_rollup("Pss_Anon: 1 MB\n").is_err());
+    }
+
+    /// A forked child shares its parent's pages: RssAnon counts them in
+    /// both, Pss_Anon splits them, so the tree's sum counts them once.
+    #[test]
+    fn shared_pages_are_charged_once_over_a_tree() {
+        const LEN: usize = 32 << 20;
+        // SAFETY: a fresh private anonymous mapping, touched below.
+        let block = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(block, libc::MAP_FAILED);
+        for offset in (0..LEN).step_by(4096) {
+            // SAFETY: inside the mapping.
+            unsafe { block.cast::<u8>().add(offset).write_volatile(1) };
+        }
+        // SAFETY: the child only waits for signals (async-signal-safe)
+        // until it is killed.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            loop {
+                // SAFETY: as above.
+                unsafe { libc::pause() };
+            }
+        }
+        assert!(child > 0);
+        let me = std::process::id();
+        let pids = [me, child as u32];
+        let rss = super::super::read_group(pids, Metric::Charged).charged_bytes;
+        let tree = super::super::read_tree(&pids);
+        // SAFETY: our own child and mapping.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+            libc::munmap(block, LEN);
+        }
+        assert_eq!(tree.metric, Some(Charged::PssAnonShmem));
+        assert_eq!(tree.members.len(), 2);
+        assert!(
+            rss >= tree.charged_bytes + 24 * (1 << 20),
+            "{rss} vs {tree:?}"
+        );
+        let one = super::super::read_tree(&[me]);
+        assert_eq!(one.metric, Some(Charged::AnonShmem), "one process: its own");
     }
 
     #[test]

@@ -46,6 +46,18 @@ pub fn read(pid: u32, metric: Metric) -> Result<Reading, MemError> {
     })
 }
 
+/// Reads one process of a tree. macOS reports no per-process share of a
+/// page (nothing like PSS), so a tree is charged its members'
+/// phys_footprint.
+pub fn read_shared(pid: u32) -> Result<Reading, MemError> {
+    read(pid, Metric::Charged)
+}
+
+/// A vfork child on macOS shares nothing it is charged for: never.
+pub(super) fn shares_parent_mm(_pid: u32, _members: &std::collections::HashSet<u32>) -> bool {
+    false
+}
+
 /// task_info(TASK_VM_INFO) through a task port, when one can be had.
 fn task_vm_info_of(pid: libc::c_int) -> Option<task_vm_info> {
     let mut task: mach_port_name_t = MACH_PORT_NULL;

@@ -2,42 +2,91 @@
 //! page fault that makes them, and confirmed here with exact readings.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     time::{Duration, Instant},
 };
 
-use super::{Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, now_ns};
-use crate::kernel::{self, Charge, GroupConfig, KernelEvent, ProbeOptions, Probes};
+use super::{Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, Trigger, now_ns};
+use crate::{
+    kernel::{Charge, KernelEvent, Losses, ProbeOptions, Probes},
+    mem::{self, GroupReading},
+};
 
-/// How often an unconfirmed kernel crossing is re-checked while the
-/// kernel's approximate total stays over the limit.
-const RECHECK: Duration = Duration::from_millis(10);
+/// The first re-reading of a kernel crossing that exact readings did not
+/// confirm; each further one waits twice as long, up to [`RECHECK_MAX`],
+/// for as long as the kernel's total stays over the limit.
+const RECHECK_FIRST: Duration = Duration::from_millis(10);
+const RECHECK_MAX: Duration = Duration::from_millis(1280);
 
-/// The exact charged total of a set of processes now.
-fn exact_total(pids: impl IntoIterator<Item = u32>) -> u64 {
-    crate::mem::read_group(pids, crate::mem::Metric::Charged).charged_bytes
-}
+/// The loss counters are read after the ring buffer drains, at most this
+/// often.
+const LOSS_CHECK: Duration = Duration::from_secs(1);
+
+/// How often a group whose processes share pages copy-on-write is read
+/// exactly. A forked child is charged by the kernel programs only its
+/// growth since fork, and its counters do not move when it writes to a
+/// page it shares with its parent: the private copy replaces the shared
+/// page in its count (wp_page_copy, mm/memory.c). Such a tree can grow
+/// unseen by the running total, so it is also read, this often, by the
+/// measure that counts each page once, for as long as it has such members.
+const SHARED_CHECK: Duration = Duration::from_secs(1);
 
 struct Group {
     limits: Limits,
     members: HashSet<u32>,
-    /// A kernel crossing that exact readings did not confirm yet: when to
-    /// look again, and the kernel's timestamp of it.
-    recheck: Option<(Instant, u64)>,
+    recheck: Option<Recheck>,
+    /// When to read the group exactly next, while its members share pages.
+    shared_check: Option<Instant>,
+    /// Re-armed after a crossing while its members share pages: the
+    /// kernel's running total undercounts such a group, so it is left
+    /// disarmed there, and re-armed from here once an exact reading is
+    /// below the re-arm level.
+    wait_below: bool,
+}
+
+/// What the sensor wakes up for besides kernel events.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Wake {
+    Recheck(GroupId),
+    SharedCheck(GroupId),
+    Losses,
+}
+
+/// A kernel crossing that exact readings did not confirm yet.
+#[derive(Clone, Copy)]
+struct Recheck {
+    at: Instant,
+    /// The wait before `at`: the next one is twice as long.
+    backoff: Duration,
+    /// The kernel's timestamp of the crossing.
+    sensed_ns: u64,
 }
 
 pub struct EbpfSensor {
     probes: Probes,
     groups: HashMap<GroupId, Group>,
+    /// Events found outside [`Self::next`] (by `arm_at`, or resynchronising).
+    queue: VecDeque<SensorEvent>,
     stats: SensorStats,
+    /// The loss counters as last reported.
+    losses: Losses,
+    last_loss_check: Instant,
+    /// A check the rate limit deferred.
+    loss_check_due: Option<Instant>,
 }
 
 impl EbpfSensor {
     pub fn open() -> Result<Self, SensorError> {
+        let probes = Probes::load(ProbeOptions::default())?;
+        let losses = probes.losses();
         Ok(Self {
-            probes: Probes::load(ProbeOptions::default())?,
+            probes,
             groups: HashMap::new(),
+            queue: VecDeque::new(),
             stats: SensorStats::default(),
+            losses,
+            last_loss_check: Instant::now(),
+            loss_check_due: None,
         })
     }
 
@@ -46,38 +95,44 @@ impl EbpfSensor {
             return Err(SensorError::NoProcess(root));
         }
         // Read the tree first: the group starts from the sum of what its
-        // members have now, each member from its own reading.
-        let mut start: HashMap<u32, Charge> = crate::procs::descendants(root)
-            .into_iter()
-            .chain([root])
-            .map(|pid| (pid, Charge::of(pid)))
+        // members have now, each member from its own reading (its share of
+        // pages it shares with the others, when there are others).
+        let pids: Vec<u32> = std::iter::once(root)
+            .chain(crate::procs::descendants(root))
             .collect();
+        let read = if pids.len() > 1 {
+            Charge::shared
+        } else {
+            Charge::of
+        };
+        let mut start: HashMap<u32, Charge> = pids.iter().map(|&pid| (pid, read(pid))).collect();
         let initial: u64 = start.values().map(|c| c.total()).sum();
-        let id = self.probes.create_group(config(limits), initial)?;
-        let members = match self
-            .probes
-            .watch_tree(root, Some(id), |pid| start.remove(&pid).unwrap_or_default())
-        {
+        let id = self.probes.create_group(limits, initial)?;
+        let members = match self.probes.watch_tree(root, Some(id), |pid| {
+            start.remove(&pid).unwrap_or_else(|| Charge::shared(pid))
+        }) {
             Ok(members) => members,
             Err(err) => {
                 self.probes.remove_group(id);
                 return Err(err.into());
             }
         };
-        let group = GroupId(id.0);
+        let shared_check = (members.len() > 1).then(|| Instant::now() + SHARED_CHECK);
         self.groups.insert(
-            group,
+            id,
             Group {
                 limits,
                 members,
                 recheck: None,
+                shared_check,
+                wait_below: false,
             },
         );
         if limits.limit > 0 && initial >= limits.limit {
             // Already over: the kernel started it disarmed; confirm now.
-            self.schedule_recheck(group, now_ns());
+            self.schedule_recheck(id, now_ns());
         }
-        Ok(group)
+        Ok(id)
     }
 
     pub fn rearm(&mut self, group: GroupId) -> Result<(), SensorError> {
@@ -86,17 +141,58 @@ impl EbpfSensor {
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
         g.recheck = None;
-        self.probes.rearm(kernel::GroupId(group.0), false)?;
+        if g.shared_check.is_none() {
+            self.probes.rearm(group, &g.limits)?;
+            return Ok(());
+        }
+        let charged = read_members(&g.members).charged_bytes;
+        g.wait_below = Trigger::after_crossing(charged, &g.limits) == Trigger::WaitBelow;
+        let trigger = if g.wait_below {
+            Trigger::Disarmed
+        } else {
+            Trigger::Armed
+        };
+        self.probes.set_trigger(group, trigger)?;
         Ok(())
+    }
+
+    pub fn arm_at(&mut self, group: GroupId, limit_bytes: u64) -> Result<(), SensorError> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        g.limits = g.limits.at(limit_bytes);
+        g.recheck = None;
+        g.wait_below = false;
+        // Disarmed while the limit changes, so that the programs do not
+        // fire against a half-written one.
+        self.probes.set_trigger(group, Trigger::Disarmed)?;
+        self.probes.set_limits(group, g.limits)?;
+        // The kernel fires on an update, and a group that is already over
+        // may not grow again: look now.
+        match self.confirm(group, None, now_ns()) {
+            Some(event) => self.queue.push_back(event),
+            None => self.probes.set_trigger(group, Trigger::Armed)?,
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, group: GroupId) -> Result<GroupReading, SensorError> {
+        let g = self
+            .groups
+            .get(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        Ok(read_members(&g.members))
     }
 
     pub fn remove_group(&mut self, group: GroupId) {
         if let Some(g) = self.groups.remove(&group) {
             for pid in g.members {
-                self.probes.unwatch(pid);
+                self.probes.unwatch(pid, Some(group));
             }
-            self.probes.remove_group(kernel::GroupId(group.0));
+            self.probes.remove_group(group);
         }
+        self.queue.retain(|e| event_group(e) != Some(group));
     }
 
     pub fn members(&self, group: GroupId) -> Vec<u32> {
@@ -115,23 +211,57 @@ impl EbpfSensor {
 
     fn schedule_recheck(&mut self, group: GroupId, sensed_ns: u64) {
         if let Some(g) = self.groups.get_mut(&group) {
-            g.recheck = Some((Instant::now(), sensed_ns));
+            g.recheck = Some(Recheck {
+                at: Instant::now() + RECHECK_FIRST,
+                backoff: RECHECK_FIRST,
+                sensed_ns,
+            });
         }
     }
 
     pub async fn next(&mut self) -> Result<SensorEvent, SensorError> {
         loop {
-            let due = self
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(event);
+            }
+            if let Some(event) = self.probes.try_next() {
+                if let Some(event) = self.handle(event)? {
+                    return Ok(event);
+                }
+                continue;
+            }
+            if self.probes.take_drained() {
+                // All that was written before is read: a loss counter that
+                // grew tells of losses among it.
+                self.loss_check_soon();
+                if !self.queue.is_empty() {
+                    continue;
+                }
+            }
+            let wake = self
                 .groups
                 .iter()
-                .filter_map(|(&id, g)| g.recheck.map(|(at, _)| (at, id)))
+                .flat_map(|(&id, g)| {
+                    let recheck = g.recheck.map(|r| (r.at, Wake::Recheck(id)));
+                    let shared = g.shared_check.map(|at| (at, Wake::SharedCheck(id)));
+                    recheck.into_iter().chain(shared)
+                })
+                .chain(self.loss_check_due.map(|at| (at, Wake::Losses)))
                 .min();
-            let event = match due {
-                Some((at, id)) => {
+            let event = match wake {
+                Some((at, what)) => {
                     tokio::select! {
                         event = self.probes.next() => event?,
                         () = tokio::time::sleep_until(at.into()) => {
-                            if let Some(event) = self.recheck(id)? {
+                            let event = match what {
+                                Wake::Recheck(id) => self.recheck(id)?,
+                                Wake::SharedCheck(id) => self.shared_check(id)?,
+                                Wake::Losses => {
+                                    self.check_losses()?;
+                                    None
+                                }
+                            };
+                            if let Some(event) = event {
                                 return Ok(event);
                             }
                             continue;
@@ -146,12 +276,96 @@ impl EbpfSensor {
         }
     }
 
+    /// Checks the loss counters now, or when the rate limit allows.
+    fn loss_check_soon(&mut self) {
+        let allowed = self.last_loss_check + LOSS_CHECK;
+        if Instant::now() >= allowed {
+            if let Err(err) = self.check_losses() {
+                tracing::warn!(error = %err, "failed to resynchronise after kernel losses");
+            }
+        } else {
+            self.loss_check_due.get_or_insert(allowed);
+        }
+    }
+
+    /// Reports counters that grew, then resynchronises the groups.
+    fn check_losses(&mut self) -> Result<(), SensorError> {
+        self.last_loss_check = Instant::now();
+        self.loss_check_due = None;
+        let now = self.probes.losses();
+        if now == self.losses {
+            return Ok(());
+        }
+        for ((counter, total), (_, seen)) in now.named().into_iter().zip(self.losses.named()) {
+            if total > seen {
+                tracing::warn!(
+                    counter,
+                    count = total - seen,
+                    total,
+                    "the kernel programs lost events; resynchronising from /proc"
+                );
+                self.queue.push_back(SensorEvent::Lost {
+                    counter,
+                    count: total - seen,
+                    total,
+                });
+            }
+        }
+        self.losses = now;
+        self.resync()
+    }
+
+    /// Brings every group back in line with /proc after losses: members
+    /// that are gone (their exit may be lost) leave, descendants the
+    /// kernel could not track are watched, the kernel's totals are
+    /// recomputed from the watch table, and each trigger is judged again
+    /// by an exact reading, so that no crossing or re-arm stays lost.
+    fn resync(&mut self) -> Result<(), SensorError> {
+        self.stats.resyncs += 1;
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for id in ids {
+            let Some(g) = self.groups.get_mut(&id) else {
+                continue;
+            };
+            // ENOENT: exited; its exit event was lost or is still queued.
+            g.members.retain(|&pid| crate::procs::exists(pid));
+            let roots: Vec<u32> = g.members.iter().copied().collect();
+            self.probes
+                .watch_descendants(&roots, Some(id), &mut g.members, Charge::shared)?;
+            let total = self.probes.charged_in_table(id, g.members.iter().copied());
+            self.probes.set_group_total(id, total)?;
+            let limits = g.limits;
+            let reading = read_against(&g.members, limits.limit);
+            match self.probes.trigger(id) {
+                Some(Trigger::Armed)
+                    if limits.limit > 0 && reading.charged_bytes >= limits.limit =>
+                {
+                    self.probes.set_trigger(id, Trigger::Disarmed)?;
+                    let event = crossing(id, g, None, now_ns(), &reading);
+                    self.queue.push_back(event);
+                }
+                Some(Trigger::WaitBelow) if reading.charged_bytes < limits.rearm_below() => {
+                    self.probes.set_trigger(id, Trigger::Armed)?;
+                    self.queue.push_back(SensorEvent::Rearmed {
+                        group: id,
+                        charged_bytes: reading.charged_bytes,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn handle(&mut self, event: KernelEvent) -> Result<Option<SensorEvent>, SensorError> {
         Ok(match event {
             KernelEvent::Fork(fork) => {
                 let group = self.group_of(fork.group);
                 if let Some(g) = group.and_then(|id| self.groups.get_mut(&id)) {
                     g.members.insert(fork.child);
+                    // The child shares its parent's pages until it execs.
+                    g.shared_check
+                        .get_or_insert_with(|| Instant::now() + SHARED_CHECK);
                 }
                 Some(SensorEvent::Fork { group, fork })
             }
@@ -199,59 +413,133 @@ impl EbpfSensor {
         })
     }
 
-    fn group_of(&self, slot: u32) -> Option<GroupId> {
-        let id = GroupId(slot);
+    /// The group of a kernel handle; `None` for no group, or one that was
+    /// removed (a late fork or exit of an earlier group).
+    fn group_of(&self, handle: u32) -> Option<GroupId> {
+        let id = GroupId(handle);
         self.groups.contains_key(&id).then_some(id)
     }
 
     /// Reads the group exactly; the crossing event when it is over.
     fn confirm(&mut self, group: GroupId, pid: Option<u32>, sensed_ns: u64) -> Option<SensorEvent> {
         let g = self.groups.get_mut(&group)?;
-        let charged = exact_total(g.members.iter().copied());
-        if g.limits.limit == 0 || charged < g.limits.limit {
+        let reading = read_against(&g.members, g.limits.limit);
+        if g.limits.limit == 0 || reading.charged_bytes < g.limits.limit {
             return None;
         }
         g.recheck = None;
-        Some(SensorEvent::OverLimit(Crossing {
-            group,
-            pid,
-            charged_bytes: charged,
-            limit_bytes: g.limits.limit,
-            sensed_ns,
-            confirmed_ns: now_ns(),
-            members: g.members.len(),
-            metric: crate::mem::Charged::AnonShmem,
-        }))
+        Some(crossing(group, g, pid, sensed_ns, &reading))
+    }
+
+    /// Reads a group whose members share pages: a crossing the running
+    /// total cannot see (see [`SHARED_CHECK`]) is reported like any other.
+    /// Stops once no member shares pages any more.
+    fn shared_check(&mut self, group: GroupId) -> Result<Option<SensorEvent>, SensorError> {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(None);
+        };
+        if !self.probes.shares_pages(group, g.members.iter().copied()) {
+            g.shared_check = None;
+            if std::mem::take(&mut g.wait_below) {
+                // The running total is whole again: the kernel takes over.
+                self.probes.set_trigger(group, Trigger::WaitBelow)?;
+            }
+            return Ok(None);
+        }
+        g.shared_check = Some(Instant::now() + SHARED_CHECK);
+        if g.recheck.is_some()
+            || !(g.wait_below || self.probes.trigger(group) == Some(Trigger::Armed))
+        {
+            return Ok(None);
+        }
+        self.stats.shared_checks += 1;
+        let reading = read_against(&g.members, g.limits.limit);
+        if g.wait_below {
+            if reading.charged_bytes >= g.limits.rearm_below() {
+                return Ok(None);
+            }
+            g.wait_below = false;
+            self.probes.set_trigger(group, Trigger::Armed)?;
+            return Ok(Some(SensorEvent::Rearmed {
+                group,
+                charged_bytes: reading.charged_bytes,
+            }));
+        }
+        if g.limits.limit == 0 || reading.charged_bytes < g.limits.limit {
+            return Ok(None);
+        }
+        self.probes.set_trigger(group, Trigger::Disarmed)?;
+        Ok(Some(crossing(group, g, None, now_ns(), &reading)))
     }
 
     /// Looks again at a crossing that did not confirm: confirmed now, or
     /// re-armed once the kernel's total is back under the limit, or
-    /// checked again shortly.
+    /// checked again after twice the last wait.
     fn recheck(&mut self, group: GroupId) -> Result<Option<SensorEvent>, SensorError> {
-        let Some((_, sensed_ns)) = self.groups.get(&group).and_then(|g| g.recheck) else {
+        let Some(recheck) = self.groups.get(&group).and_then(|g| g.recheck) else {
             return Ok(None);
         };
-        if let Some(event) = self.confirm(group, None, sensed_ns) {
+        self.stats.rechecks += 1;
+        if let Some(event) = self.confirm(group, None, recheck.sensed_ns) {
             return Ok(Some(event));
         }
-        let kernel_group = kernel::GroupId(group.0);
         let limit = self.groups[&group].limits.limit;
-        if self.probes.group_total(kernel_group) < i64::try_from(limit).unwrap_or(i64::MAX) {
-            self.probes.rearm(kernel_group, true)?;
-            if let Some(g) = self.groups.get_mut(&group) {
-                g.recheck = None;
-            }
-        } else if let Some(g) = self.groups.get_mut(&group) {
-            g.recheck = Some((Instant::now() + RECHECK, sensed_ns));
+        let under = self.probes.group_total(group) < i64::try_from(limit).unwrap_or(i64::MAX);
+        if under {
+            self.probes.set_trigger(group, Trigger::Armed)?;
+        }
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.recheck = (!under).then(|| {
+                let backoff = (recheck.backoff * 2).min(RECHECK_MAX);
+                Recheck {
+                    at: Instant::now() + backoff,
+                    backoff,
+                    ..recheck
+                }
+            });
         }
         Ok(None)
     }
 }
 
-fn config(limits: Limits) -> GroupConfig {
-    GroupConfig {
-        limit: limits.limit,
-        rearm_below: limits.rearm_below(),
-        step: limits.step,
+fn read_members(members: &HashSet<u32>) -> GroupReading {
+    let pids: Vec<u32> = members.iter().copied().collect();
+    mem::read_tree(&pids)
+}
+
+/// A reading to compare with `limit` (see [`mem::read_tree_against`]).
+fn read_against(members: &HashSet<u32>, limit: u64) -> GroupReading {
+    let pids: Vec<u32> = members.iter().copied().collect();
+    mem::read_tree_against(&pids, limit)
+}
+
+fn crossing(
+    group: GroupId,
+    g: &Group,
+    pid: Option<u32>,
+    sensed_ns: u64,
+    reading: &GroupReading,
+) -> SensorEvent {
+    SensorEvent::OverLimit(Crossing {
+        group,
+        pid,
+        charged_bytes: reading.charged_bytes,
+        limit_bytes: g.limits.limit,
+        sensed_ns,
+        confirmed_ns: now_ns(),
+        members: reading.members.len(),
+        metric: reading.metric.unwrap_or(mem::Charged::AnonShmem),
+    })
+}
+
+/// The group an event is about, if any.
+fn event_group(event: &SensorEvent) -> Option<GroupId> {
+    match event {
+        SensorEvent::OverLimit(c) => Some(c.group),
+        SensorEvent::Rearmed { group, .. } | SensorEvent::Changed { group, .. } => Some(*group),
+        SensorEvent::Exit { group, .. }
+        | SensorEvent::Fork { group, .. }
+        | SensorEvent::OomVictim { group, .. } => *group,
+        SensorEvent::Lost { .. } => None,
     }
 }

@@ -3,22 +3,27 @@
 //! (procfs on Linux, task_info / proc_pid_rusage on macOS).
 //!
 //! Memory is watched per group: a root process and all its descendants,
-//! charged the sum of their exact readings. A group fires once when it
-//! crosses its limit, then stays quiet until [`Sensor::rearm`] and a dip
-//! below `limit - hysteresis`, so a value hovering at the limit cannot
-//! flood anyone.
+//! charged each page once (see [`crate::mem::read_tree`]). A group fires
+//! once when it crosses its limit, then stays quiet until
+//! [`Sensor::rearm`] and a dip below `limit - hysteresis`, so a value
+//! hovering at the limit cannot flood anyone.
 
 #[cfg(target_os = "linux")]
 mod ebpf;
 mod exits;
+mod group;
 mod sampler;
 
 use std::fmt;
 
 use serde::Serialize;
 
-use crate::event::{ProcessExit, ProcessFork};
+use crate::{
+    event::{ProcessExit, ProcessFork},
+    mem::{Charged, GroupReading},
+};
 
+pub use group::{Edge, GroupId, Limits, Trigger};
 pub use sampler::SamplingOptions;
 
 /// Which sensor to use.
@@ -79,37 +84,6 @@ impl fmt::Display for Source {
     }
 }
 
-/// A group's thresholds, in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    /// The group fires when its charged total reaches this; 0: never.
-    pub limit: u64,
-    /// After firing, it re-arms once it is below `limit - hysteresis`.
-    pub hysteresis: u64,
-    /// Report changes of at least this much ([`SensorEvent::Changed`]);
-    /// 0: off.
-    pub step: u64,
-}
-
-impl Limits {
-    /// `limit` with the default hysteresis (5% of it).
-    pub fn new(limit: u64) -> Self {
-        Self {
-            limit,
-            hysteresis: limit / 20,
-            step: 0,
-        }
-    }
-
-    pub fn rearm_below(&self) -> u64 {
-        self.limit.saturating_sub(self.hysteresis)
-    }
-}
-
-/// A watched group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GroupId(pub u32);
-
 /// A confirmed crossing: the group's exact charged total is at or over its
 /// limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,15 +101,9 @@ pub struct Crossing {
     pub confirmed_ns: u64,
     /// Members read for the confirmation.
     pub members: usize,
-    /// The measure that confirmed it.
-    pub metric: crate::mem::Charged,
-}
-
-/// An exact reading of a group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GroupTotal {
-    pub charged_bytes: u64,
-    pub metric: crate::mem::Charged,
+    /// The measure that confirmed it: RssAnon + RssShmem for a single
+    /// process, Pss_Anon + Pss_Shmem for a tree of several.
+    pub metric: Charged,
 }
 
 /// What the sensor reports.
@@ -167,8 +135,11 @@ pub enum SensorEvent {
         group: Option<GroupId>,
         pid: u32,
     },
-    /// The kernel could not deliver some events: `count` more were lost
-    /// by `counter` (`total` in all).
+    /// The kernel programs lost events or could not track processes
+    /// (`counter`: `ringbuf_full`, `watch_table_full`): `count` since the
+    /// last report, `total` since the sensor started. The sensor has
+    /// resynchronised its groups from /proc and re-armed them; exits and
+    /// forks lost meanwhile are not reported.
     Lost {
         counter: &'static str,
         count: u64,
@@ -181,6 +152,14 @@ pub enum SensorEvent {
 pub struct SensorStats {
     /// Kernel crossings that exact readings did not confirm (re-armed).
     pub unconfirmed_crossings: u64,
+    /// Exact re-readings of unconfirmed crossings (backing off while the
+    /// kernel's total stays over the limit).
+    pub rechecks: u64,
+    /// Resynchronisations of the groups after kernel losses.
+    pub resyncs: u64,
+    /// Exact readings of groups whose processes share pages copy-on-write
+    /// (kernel programs; see `sensor::ebpf`).
+    pub shared_checks: u64,
     /// Events the kernel could not deliver (ring buffer full).
     pub lost_events: u64,
     /// Samples taken (sampling sensors).
@@ -260,12 +239,35 @@ impl Sensor {
         }
     }
 
-    /// Re-arms a group after its crossing was handled.
+    /// Re-arms a group after its crossing was handled: it fires again
+    /// once it has been below `limit - hysteresis`.
     pub fn rearm(&mut self, group: GroupId) -> Result<(), SensorError> {
         match self {
             #[cfg(target_os = "linux")]
             Self::Ebpf(s) => s.rearm(group),
             Self::Sampler(s) => s.rearm(group),
+        }
+    }
+
+    /// Makes `limit_bytes` the group's limit (the hysteresis kept in
+    /// proportion) and arms it now. A group already at or over it is
+    /// reported at once ([`SensorEvent::OverLimit`] follows), never left
+    /// silent.
+    pub fn arm_at(&mut self, group: GroupId, limit_bytes: u64) -> Result<(), SensorError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.arm_at(group, limit_bytes),
+            Self::Sampler(s) => s.arm_at(group, limit_bytes),
+        }
+    }
+
+    /// An exact reading of the group now, by the measure crossings are
+    /// confirmed with (each page counted once).
+    pub fn read(&self, group: GroupId) -> Result<GroupReading, SensorError> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => s.read(group),
+            Self::Sampler(s) => s.read(group),
         }
     }
 
@@ -275,21 +277,6 @@ impl Sensor {
             #[cfg(target_os = "linux")]
             Self::Ebpf(s) => s.remove_group(group),
             Self::Sampler(s) => s.remove_group(group),
-        }
-    }
-
-    /// Fires when the group reaches `limit` bytes, armed now.
-    pub fn arm_at(&mut self, group: GroupId, limit: u64) -> Result<(), SensorError> {
-        let _ = limit;
-        self.rearm(group)
-    }
-
-    /// The group's exact charged total now.
-    pub fn read(&self, group: GroupId) -> GroupTotal {
-        let reading = crate::mem::read_group(self.members(group), crate::mem::Metric::Charged);
-        GroupTotal {
-            charged_bytes: reading.charged_bytes,
-            metric: crate::mem::Charged::AnonShmem,
         }
     }
 

@@ -8,12 +8,12 @@ use std::{
 };
 
 use super::{
-    Crossing, GroupId, Limits, SensorError, SensorEvent, SensorStats, Source, exits::ExitWatcher,
-    now_ns,
+    Crossing, Edge, GroupId, Limits, SensorError, SensorEvent, SensorStats, Source, Trigger,
+    exits::ExitWatcher, now_ns,
 };
 use crate::{
     event::ProcessExit,
-    mem::{self, Metric},
+    mem::{self, GroupReading},
     procs,
 };
 
@@ -58,13 +58,6 @@ impl SamplingOptions {
             min + Duration::from_secs_f64(span * (1.0 - ratio) / 0.5)
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Trigger {
-    Armed,
-    Disarmed,
-    WaitBelow,
 }
 
 struct Group {
@@ -137,12 +130,28 @@ impl Sampler {
             .groups
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
-        g.trigger = if g.charged < g.limits.rearm_below() {
-            Trigger::Armed
-        } else {
-            Trigger::WaitBelow
-        };
+        g.trigger = Trigger::after_crossing(g.charged, &g.limits);
         Ok(())
+    }
+
+    pub fn arm_at(&mut self, group: GroupId, limit_bytes: u64) -> Result<(), SensorError> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        g.limits = g.limits.at(limit_bytes);
+        g.trigger = Trigger::Armed;
+        // Sample now: a group already over is reported at once.
+        self.sample(group, Instant::now())
+    }
+
+    pub fn read(&self, group: GroupId) -> Result<GroupReading, SensorError> {
+        let g = self
+            .groups
+            .get(&group)
+            .ok_or(SensorError::UnknownGroup(group))?;
+        let pids: Vec<u32> = g.members.iter().copied().collect();
+        Ok(mem::read_tree(&pids))
     }
 
     pub fn remove_group(&mut self, group: GroupId) {
@@ -265,7 +274,8 @@ impl Sampler {
                 self.exits.watch(pid)?;
             }
         }
-        let reading = mem::read_group(current.keys().copied(), Metric::Charged);
+        let pids: Vec<u32> = current.keys().copied().collect();
+        let reading = mem::read_tree_against(&pids, g.limits.limit);
         for r in &reading.members {
             if let Some(info) = self.members.get_mut(&r.pid) {
                 info.peak_rss = info.peak_rss.max(r.vm_rss_bytes.unwrap_or(r.charged_bytes));
@@ -275,9 +285,8 @@ impl Sampler {
         let charged = reading.charged_bytes;
         g.charged = charged;
         let limits = g.limits;
-        match g.trigger {
-            Trigger::Armed if limits.limit > 0 && charged >= limits.limit => {
-                g.trigger = Trigger::Disarmed;
+        match g.trigger.observe(charged, &limits) {
+            Some(Edge::Fired) => {
                 let at = now_ns();
                 self.queue.push_back(SensorEvent::OverLimit(Crossing {
                     group: id,
@@ -286,21 +295,17 @@ impl Sampler {
                     limit_bytes: limits.limit,
                     sensed_ns: at,
                     confirmed_ns: at,
-                    members: current.len(),
-                    metric: reading
-                        .members
-                        .first()
-                        .map_or(crate::mem::Charged::AnonShmem, |r| r.metric),
+                    members: reading.members.len(),
+                    metric: reading.metric.unwrap_or(mem::Charged::AnonShmem),
                 }));
             }
-            Trigger::WaitBelow if charged < limits.rearm_below() => {
-                g.trigger = Trigger::Armed;
+            Some(Edge::Rearmed) => {
                 self.queue.push_back(SensorEvent::Rearmed {
                     group: id,
                     charged_bytes: charged,
                 });
             }
-            _ => {}
+            None => {}
         }
         if limits.step > 0 && charged.abs_diff(g.step_base) >= limits.step {
             g.step_base = charged;
@@ -317,6 +322,38 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `arm_at` under what a group already has reports it at once, with
+    /// the new limit and the measure that confirmed it; `read` reads it by
+    /// the same measure.
+    #[tokio::test]
+    async fn arming_under_the_current_total_reports_at_once() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let mut sampler = Sampler::new(SamplingOptions::default());
+        let group = sampler
+            .watch_tree(child.id(), Limits::new(1 << 40))
+            .unwrap();
+        let reading = sampler.read(group).unwrap();
+        assert!(reading.charged_bytes > 0, "{reading:?}");
+        #[cfg(target_os = "linux")]
+        assert_eq!(reading.metric, Some(mem::Charged::AnonShmem));
+        sampler.arm_at(group, 4096).unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(1), sampler.next())
+            .await
+            .expect("an event at once")
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let SensorEvent::OverLimit(c) = event else {
+            panic!("{event:?}");
+        };
+        assert_eq!((c.group, c.limit_bytes), (group, 4096));
+        assert_eq!(c.metric, reading.metric.unwrap());
+        assert!(sampler.arm_at(GroupId(999), 1).is_err(), "unknown group");
+    }
 
     #[test]
     fn interval_shrinks_near_the_limit() {

@@ -302,11 +302,18 @@ impl Platform for Host {
                 }
             }
             Effect::Measure { group } => {
-                let reading = self.sensor.read(group);
-                return Some(Input::Reading {
-                    charged: reading.charged_bytes,
-                    metric: reading.metric,
-                });
+                return match self.sensor.read(group) {
+                    Ok(reading) => Some(Input::Reading {
+                        charged: reading.charged_bytes,
+                        // Nothing could be read: every member is gone, which
+                        // the reaper reports next.
+                        metric: reading.metric.unwrap_or(crate::mem::Charged::AnonShmem),
+                    }),
+                    Err(e) => {
+                        warn!(service = service.name(), error = %e, "cannot read the run's memory");
+                        None
+                    }
+                };
             }
             Effect::ArmAt { group, limit } => {
                 if let Err(e) = self.sensor.arm_at(group, limit) {
