@@ -55,7 +55,6 @@
 //! - `thread-storm THREADS ROUNDS`: ROUNDS times fork a child that starts
 //!   THREADS threads and, once all run, calls exit_group with code 7 while
 //!   they do; reap it
-//! - `fork-storm N`: N times fork a child that exits at once, and reap it
 //! - `touch FILE`: create FILE (a signal to the test)
 
 use std::{io::BufRead, os::unix::process::CommandExt, process, thread, time::Duration};
@@ -443,19 +442,6 @@ fn main() {
                         // SAFETY: ends the process.
                         unsafe { libc::syscall(libc::SYS_exit_group, 7) };
                         unreachable!();
-                    }
-                    assert!(pid > 0, "fork failed");
-                    // SAFETY: our own child.
-                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-                }
-            }
-            "fork-storm" => {
-                let n = number("a count");
-                for _ in 0..n {
-                    // SAFETY: the child only calls _exit.
-                    let pid = unsafe { libc::fork() };
-                    if pid == 0 {
-                        unsafe { libc::_exit(0) };
                     }
                     assert!(pid > 0, "fork failed");
                     // SAFETY: our own child.
