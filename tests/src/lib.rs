@@ -77,6 +77,8 @@ pub struct Watchdog {
     lines: Receiver<Value>,
     log: Arc<Mutex<Vec<String>>>,
     ready: Receiver<()>,
+    /// Signalled when its standard error reached its end.
+    log_done: Receiver<()>,
 }
 
 /// What `watchdog audit` logs on stderr once it is attached and streaming.
@@ -115,6 +117,7 @@ impl Watchdog {
         let (ready_tx, ready) = mpsc::channel();
         let stderr = child.stderr.take().expect("piped");
         let log_writer = Arc::clone(&log);
+        let (done_tx, log_done) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
@@ -124,12 +127,14 @@ impl Watchdog {
                 }
                 log_writer.lock().unwrap().push(line);
             }
+            let _ = done_tx.send(());
         });
         Self {
             child,
             lines,
             log,
             ready,
+            log_done,
         }
     }
 
@@ -193,6 +198,9 @@ impl Watchdog {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Its last lines (the one that says it stopped) are read
+                // before anyone looks at the log.
+                let _ = self.log_done.recv_timeout(Duration::from_secs(5));
                 return status;
             }
             if Instant::now() > deadline {

@@ -200,6 +200,8 @@ pub enum Input {
         oom: Option<OomEvidence>,
         /// The run's peak resident set, as the reaper measured it.
         peak_rss_bytes: Option<u64>,
+        /// Why the run could not be started, when it could not.
+        error: Option<String>,
     },
     /// Stop supervising: drain the run and end.
     Shutdown,
@@ -251,6 +253,8 @@ pub struct Record {
     pub restart_in: Option<Duration>,
     pub reason: Option<&'static str>,
     pub oom: Option<OomEvidence>,
+    /// Why a run could not be started.
+    pub error: Option<String>,
 }
 
 impl Record {
@@ -268,6 +272,7 @@ impl Record {
             restart_in: None,
             reason: None,
             oom: None,
+            error: None,
         }
     }
 }
@@ -309,6 +314,11 @@ pub struct Policy {
     over_since: Option<Instant>,
     /// The reading that triggered enforcement.
     trigger: Option<(u64, Charged)>,
+    /// When the memory signal was sent to this run (`MemoryAction::Signal`):
+    /// an exit within the grace after it is the signal's doing, not a crash.
+    signalled: Option<Instant>,
+    /// Why the last run ended.
+    last_cause: Option<Cause>,
     shutting_down: bool,
     rng: u64,
 }
@@ -324,6 +334,8 @@ impl Policy {
             overruns: 0,
             over_since: None,
             trigger: None,
+            signalled: None,
+            last_cause: None,
             shutting_down: false,
             rng,
         }
@@ -331,6 +343,12 @@ impl Policy {
 
     pub fn crash_count(&self) -> u32 {
         self.crash_count
+    }
+
+    /// Whether the last run failed (a crash or an OOM kill): supervision
+    /// that ends there ends in failure.
+    pub fn failed(&self) -> bool {
+        matches!(self.last_cause, Some(Cause::Crash | Cause::OomKill))
     }
 
     /// When [`Input::Timer`] must be fed next, from the state alone: the
@@ -385,7 +403,8 @@ impl Policy {
                 status,
                 oom,
                 peak_rss_bytes,
-            } => self.exited(status, oom, peak_rss_bytes, now),
+                error,
+            } => self.exited(status, oom, peak_rss_bytes, error, now),
             Input::Shutdown => self.shutdown(now),
         }
     }
@@ -397,6 +416,7 @@ impl Policy {
         self.phase = Phase::Running { since: now };
         self.over_since = None;
         self.trigger = None;
+        self.signalled = None;
         let mut actions = vec![Action::Record(Record::new(
             Event::Started,
             self.crash_count,
@@ -477,7 +497,17 @@ impl Policy {
                 actions.extend([Action::Record(drain), Action::Signal(mem.drain_signal)]);
             }
             MemoryAction::Signal => {
-                actions.extend([Action::Signal(mem.drain_signal), Action::Rearm]);
+                self.trigger = Some((charged, metric));
+                self.signalled = Some(now);
+                let mut drain = Record::new(Event::DrainStarted, self.crash_count);
+                drain.charged_bytes = Some(charged);
+                drain.metric = Some(metric);
+                drain.reason = Some("signal");
+                actions.extend([
+                    Action::Record(drain),
+                    Action::Signal(mem.drain_signal),
+                    Action::Rearm,
+                ]);
             }
             MemoryAction::Marker => actions.extend([Action::Mark, Action::Rearm]),
             MemoryAction::Exec(argv) => {
@@ -532,7 +562,9 @@ impl Policy {
             killed: false,
             memory: false,
         };
-        vec![Action::Signal(self.cfg.stop_signal)]
+        let mut drain = Record::new(Event::DrainStarted, self.crash_count);
+        drain.reason = Some("shutdown");
+        vec![Action::Record(drain), Action::Signal(self.cfg.stop_signal)]
     }
 
     fn shutdown(&mut self, now: Instant) -> Vec<Action> {
@@ -573,6 +605,7 @@ impl Policy {
         status: ExitStatus,
         oom: Option<OomEvidence>,
         peak_rss_bytes: Option<u64>,
+        error: Option<String>,
         now: Instant,
     ) -> Vec<Action> {
         let (since, drained) = match self.phase {
@@ -601,17 +634,26 @@ impl Policy {
             }
         } else if oom.is_some() {
             Cause::OomKill
+        } else if self.signalled.is_some_and(|at| {
+            let grace = self.cfg.memory.as_ref().map_or(Duration::ZERO, |m| m.grace);
+            now.saturating_duration_since(at) <= grace
+        }) {
+            // It ended on the memory signal we sent it.
+            Cause::MemoryDrain
         } else if clean {
             Cause::CleanExit
         } else {
             Cause::Crash
         };
 
+        self.last_cause = Some(cause);
+        self.signalled = None;
         let mut exit = Record::new(Event::Exited, self.crash_count);
         exit.cause = Some(cause);
         exit.status = Some(status);
         exit.uptime = uptime;
         exit.peak_rss_bytes = peak_rss_bytes;
+        exit.error = error;
         if cause == Cause::OomKill {
             exit.oom = oom;
         }
@@ -766,6 +808,7 @@ mod tests {
                 status,
                 oom: None,
                 peak_rss_bytes: None,
+                error: None,
             })
         }
 
@@ -850,6 +893,7 @@ mod tests {
                 status,
                 oom,
                 peak_rss_bytes: None,
+                error: None,
             });
             assert_eq!(exit_record(&actions).cause, Some(want), "{status:?}");
         }
@@ -1149,8 +1193,9 @@ mod tests {
             assert!(!actions.iter().any(|a| matches!(a, Action::KillTree)));
             assert!(actions.contains(&Action::Rearm), "{action:?}: {actions:?}");
             assert_eq!(h.policy.next_deadline(), None);
-            // A later exit is judged on its own: a clean exit stays clean.
-            let exit = exit_record(&h.exit_after(S, CLEAN));
+            // A later exit, past the grace, is judged on its own: a clean
+            // exit stays clean.
+            let exit = exit_record(&h.exit_after(Duration::from_secs(11), CLEAN));
             assert_eq!(exit.cause, Some(Cause::CleanExit), "{action:?}");
         }
     }
@@ -1159,7 +1204,9 @@ mod tests {
     fn shutdown_drains_and_ends() {
         let mut h = Harness::new(Config::default());
         let actions = h.feed(Input::Shutdown);
-        assert_eq!(actions[0], Action::Signal(libc::SIGTERM));
+        assert_eq!(actions.last(), Some(&Action::Signal(libc::SIGTERM)));
+        let drain = h.records(Event::DrainStarted);
+        assert_eq!(drain[0].reason, Some("shutdown"), "the drain is recorded");
         let actions = h.exit_after(Duration::from_millis(50), CLEAN);
         assert_eq!(exit_record(&actions).cause, Some(Cause::Shutdown));
         assert!(actions.contains(&Action::Done));
@@ -1237,7 +1284,10 @@ mod tests {
         });
         assert_eq!(h.feed(reading(150)), vec![]);
         h.advance(S);
-        assert_eq!(h.feed(Input::Shutdown), vec![Action::Signal(libc::SIGTERM)]);
+        assert!(
+            h.feed(Input::Shutdown)
+                .contains(&Action::Signal(libc::SIGTERM))
+        );
         let deadline = h.now + Duration::from_secs(6);
         assert_eq!(h.policy.next_deadline(), Some(deadline));
         h.now = deadline;
@@ -1300,17 +1350,74 @@ mod tests {
         assert_eq!(p.handle(Input::Start, t), vec![Action::Spawn]);
         assert_eq!(p.handle(Input::Shutdown, t), vec![]);
         let started = p.handle(Input::Started, t);
-        assert_eq!(started[1..], [Action::Signal(libc::SIGTERM)], "{started:?}");
+        assert_eq!(
+            started.last(),
+            Some(&Action::Signal(libc::SIGTERM)),
+            "{started:?}"
+        );
         assert!(p.next_deadline().is_some());
         let exit = p.handle(
             Input::Exited {
                 status: CLEAN,
                 oom: None,
                 peak_rss_bytes: None,
+                error: None,
             },
             t + S,
         );
         assert_eq!(exit_record(&exit).cause, Some(Cause::Shutdown));
         assert!(exit.contains(&Action::Done));
+    }
+    /// Regression: `--on-memory signal` counted the service's death from
+    /// our own signal as a crash, and gave up after a few.
+    #[test]
+    fn death_by_the_memory_signal_is_not_a_crash() {
+        let mut memory = MemoryPolicy::new(100);
+        memory.action = MemoryAction::Signal;
+        memory.grace = Duration::from_secs(5);
+        let mut h = Harness::new(Config {
+            max_crashes: 2,
+            memory: Some(memory),
+            ..Config::default()
+        });
+        for _ in 0..5 {
+            let signal = h.feed(reading(150));
+            assert!(
+                signal.contains(&Action::Signal(libc::SIGTERM)),
+                "{signal:?}"
+            );
+            let drain = h.records(Event::DrainStarted);
+            assert_eq!(drain.last().unwrap().reason, Some("signal"));
+            let actions = h.exit_after(
+                Duration::from_millis(100),
+                ExitStatus::Signal {
+                    signal: libc::SIGTERM,
+                    core_dumped: false,
+                },
+            );
+            let exit = exit_record(&actions);
+            assert_eq!(exit.cause, Some(Cause::MemoryDrain));
+            assert_eq!(exit.crash_count, 0);
+            h.respawn(&actions);
+        }
+    }
+
+    /// Regression: with `--restart never` a crash ended supervision as a
+    /// success; it is a failure.
+    #[test]
+    fn a_last_run_that_crashed_fails() {
+        let mut h = Harness::new(Config {
+            restart: RestartPolicy::Never,
+            ..Config::default()
+        });
+        let actions = h.exit_after(S, CRASH);
+        assert!(actions.contains(&Action::Done));
+        assert!(h.policy.failed());
+        let mut h = Harness::new(Config {
+            restart: RestartPolicy::Never,
+            ..Config::default()
+        });
+        h.exit_after(S, CLEAN);
+        assert!(!h.policy.failed());
     }
 }

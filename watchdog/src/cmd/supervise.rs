@@ -379,7 +379,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
         Some(Outcome::CannotStart(error)) => Err(CliError::Usage(format!(
             "failed to start {argv0:?}: {error}"
         ))),
-        Some(Outcome::GaveUp) => Ok(ExitCode::FAILURE),
+        Some(Outcome::GaveUp | Outcome::Failed) => Ok(ExitCode::FAILURE),
         _ => Ok(ExitCode::SUCCESS),
     }
 }

@@ -116,8 +116,12 @@ pub enum Effect {
 /// How supervision of a service ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Stopped (shutdown, or the restart policy says no more).
+    /// Stopped (shutdown, or the restart policy says no more after a run
+    /// that did not fail).
     Stopped,
+    /// The restart policy says no more after a run that failed (a crash,
+    /// an OOM kill).
+    Failed,
     /// Gave up after too many crashes.
     GaveUp,
     /// The very first start failed: a mistake in the command line.
@@ -341,6 +345,7 @@ impl Service {
                         status: ExitStatus::Code(127),
                         oom: None,
                         peak_rss_bytes: None,
+                        error: Some(error),
                     },
                     now,
                 )
@@ -373,6 +378,7 @@ impl Service {
                         status,
                         oom,
                         peak_rss_bytes: Some(peak_rss_bytes),
+                        error: None,
                     },
                     now,
                 );
@@ -507,7 +513,15 @@ impl Service {
                 Action::Record(record) => {
                     effects.push(Effect::Audit(Box::new(self.record_line(&record))))
                 }
-                Action::Done => effects.push(self.finish(Outcome::Stopped)),
+                Action::Done => {
+                    let outcome = if self.policy.failed() {
+                        tracing::error!(service = %self.cfg.name, "the service failed and is not restarted");
+                        Outcome::Failed
+                    } else {
+                        Outcome::Stopped
+                    };
+                    effects.push(self.finish(outcome));
+                }
                 Action::GiveUp => {
                     tracing::error!(service = %self.cfg.name, "gave up: too many crashes");
                     effects.push(self.finish(Outcome::GaveUp));
@@ -547,6 +561,7 @@ impl Service {
         line.restart_in_ms = record.restart_in.map(millis);
         // An OOM kill says what the verdict rests on.
         line.reason = record.reason.or(record.oom.map(OomEvidence::as_str));
+        line.error = record.error.clone();
         line
     }
 

@@ -426,7 +426,7 @@ async fn shutdown_during_a_spawn_drains_the_run() {
     );
     assert_eq!(
         seen.events(),
-        [Event::Started, Event::Exited],
+        [Event::Started, Event::DrainStarted, Event::Exited],
         "started, drained, ended"
     );
 }
@@ -462,7 +462,12 @@ async fn marker_and_hook_outcomes_are_recorded() {
         let events: Vec<Event> = seen
             .events()
             .into_iter()
-            .filter(|e| !matches!(e, Event::Started | Event::MemoryOverLimit | Event::Exited))
+            .filter(|e| {
+                !matches!(
+                    e,
+                    Event::Started | Event::MemoryOverLimit | Event::DrainStarted | Event::Exited
+                )
+            })
             .collect();
         assert_eq!(events, want, "{action:?}");
         let lines = seen.lines();
