@@ -43,15 +43,25 @@ pub enum OpenError {
         path.display(), path.display()
     )]
     Writable { path: PathBuf, mode: u32 },
-    #[error("failed to open {} for appending: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    // `error`, not `source`: the cause is in the message, and chained as a
+    // source too it would be printed twice.
+    #[error("failed to open {} for appending: {error}", path.display())]
+    Io { path: PathBuf, error: io::Error },
 }
 
 impl OpenError {
     /// Whether the user can fix this by choosing or fixing the file (a
     /// usage error, exit code 2), rather than a failure of the system.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, Self::Io { .. })
+        match self {
+            // A missing directory, a path that is a directory, or one this
+            // user may not write: the path given is wrong.
+            Self::Io { error, .. } => matches!(
+                error.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::EISDIR | libc::EACCES | libc::EROFS)
+            ),
+            _ => true,
+        }
     }
 }
 
@@ -305,13 +315,13 @@ fn open_append(path: &Path) -> Result<File, OpenError> {
             } else {
                 OpenError::Io {
                     path: path.to_owned(),
-                    source,
+                    error: source,
                 }
             }
         })?;
     let meta = file.metadata().map_err(|source| OpenError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     // Devices (/dev/null) are the system's; regular files and FIFOs are
     // where a reader trusts what it finds.

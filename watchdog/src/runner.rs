@@ -32,6 +32,9 @@ pub struct User {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    /// Home directory and login shell, for the service's environment.
+    pub home: String,
+    pub shell: String,
 }
 
 impl User {
@@ -98,12 +101,35 @@ impl User {
             )
         };
         groups.truncate(if rc < 0 { 0 } else { n.max(0) as usize });
+        // SAFETY: getpwnam_r filled these with NUL-terminated strings in
+        // `buf` (or left them null).
+        let text = |p: *const libc::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        };
         Ok(Self {
             name: name.to_owned(),
             uid: pwd.pw_uid,
             gid: pwd.pw_gid,
             groups,
+            home: text(pwd.pw_dir),
+            shell: text(pwd.pw_shell),
         })
+    }
+
+    /// What a login as this user sets: HOME, USER, LOGNAME, SHELL.
+    pub fn env(&self) -> [(String, String); 4] {
+        [
+            ("HOME".into(), self.home.clone()),
+            ("USER".into(), self.name.clone()),
+            ("LOGNAME".into(), self.name.clone()),
+            ("SHELL".into(), self.shell.clone()),
+        ]
     }
 }
 
@@ -182,12 +208,23 @@ pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
             .first()
             .ok_or_else(|| io::Error::other("empty command"))?,
     );
+    // The user's login variables first: the service's own --env wins.
+    let login = spec.user.as_ref().map(User::env).unwrap_or_default();
     cmd.args(&spec.argv[1..])
+        .envs(login.iter().map(|(k, v)| (k, v)))
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
-    if let Some(cwd) = &spec.cwd {
-        cmd.current_dir(cwd);
-    }
+    // The working directory is entered after privileges are dropped (below),
+    // so the service can enter only what its user may.
+    let cwd = spec
+        .cwd
+        .as_ref()
+        .map(|dir| {
+            use std::os::unix::ffi::OsStrExt;
+            CString::new(dir.as_os_str().as_bytes())
+                .map_err(|_| io::Error::other("the working directory has a NUL"))
+        })
+        .transpose()?;
     let (ready_w_fd, go_r_fd) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
     let user = spec.user.clone();
     let groups: Vec<libc::gid_t> = user
@@ -198,7 +235,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
     let parent = unsafe { libc::getpid() };
     // SAFETY: between fork and exec the closure calls only async-signal-safe
     // functions (setpgid, getpid, getppid, write, read, setgroups, setgid,
-    // setuid, prctl, _exit) on values prepared before the fork.
+    // setuid, chdir, prctl, _exit) on values prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // A process group of its own: drain and kill reach every
@@ -219,6 +256,11 @@ pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
                 && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
                     || libc::setgid(user.gid as libc::gid_t) != 0
                     || libc::setuid(user.uid as libc::uid_t) != 0)
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(dir) = &cwd
+                && libc::chdir(dir.as_ptr()) != 0
             {
                 return Err(io::Error::last_os_error());
             }

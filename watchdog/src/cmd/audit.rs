@@ -340,7 +340,7 @@ mod tests {
         );
         let failed = OpenError::Io {
             path: "/x".into(),
-            source: std::io::Error::from_raw_os_error(libc::EIO),
+            error: std::io::Error::from_raw_os_error(libc::EIO),
         };
         assert!(matches!(CliError::from(failed), CliError::Failed(_)));
     }

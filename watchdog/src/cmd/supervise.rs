@@ -35,10 +35,10 @@ pub struct SuperviseArgs {
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     pub max_rss: Option<Size>,
     /// Only act when the tree stays over --max-rss this long.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "max_rss")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "max_rss", allow_hyphen_values = true)]
     pub over_for: Option<Duration>,
     /// No --max-rss enforcement during the first moments of each run.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "max_rss")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "max_rss", allow_hyphen_values = true)]
     pub startup_grace: Option<Duration>,
     /// A limit enforced at once, whatever --over-for or --startup-grace say
     /// (at least --max-rss).
@@ -50,10 +50,10 @@ pub struct SuperviseArgs {
     )]
     pub hard_limit: Option<Size>,
     /// Time between the drain signal and SIGKILL of the whole tree.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10s", allow_hyphen_values = true)]
     pub grace: Duration,
     /// The signal that asks the service to drain (number or name).
-    #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM", value_parser = parse_signal)]
+    #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM", value_parser = parse_signal, allow_hyphen_values = true)]
     pub drain_signal: i32,
     /// What to do over --max-rss: restart (drain, then start again),
     /// signal (send the drain signal only), marker (write --marker-file),
@@ -80,22 +80,32 @@ pub struct SuperviseArgs {
     #[arg(long, value_enum, default_value_t = RestartPolicy::Always)]
     pub restart: RestartPolicy,
     /// Give up after this many crashes in a row (exit 1).
-    #[arg(long, value_name = "N", default_value_t = 5)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        allow_hyphen_values = true
+    )]
     pub max_crashes: u32,
     /// The first (and shortest) wait before a restart after a crash.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s", allow_hyphen_values = true)]
     pub backoff_floor: Duration,
     /// The longest wait before a restart; the wait doubles up to it.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s", allow_hyphen_values = true)]
     pub backoff_cap: Duration,
     /// A run this long starts the crash count afresh.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m", allow_hyphen_values = true)]
     pub stable_after: Duration,
     /// Immediate restarts after clean exits allowed per --clean-window.
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        allow_hyphen_values = true
+    )]
     pub clean_budget: u32,
     /// The window --clean-budget counts restarts in.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60s", allow_hyphen_values = true)]
     pub clean_window: Duration,
     /// Append the audit log (JSON lines) here [default: standard output,
     /// unless it is a terminal].
@@ -175,12 +185,16 @@ impl SuperviseArgs {
                 humantime::format_duration(self.backoff_cap)
             ));
         }
-        if self.sensor.min_interval > self.sensor.interval {
-            return usage(format!(
-                "--min-interval ({}) is longer than --interval ({}); make the minimum the shorter",
-                humantime::format_duration(self.sensor.min_interval),
-                humantime::format_duration(self.sensor.interval)
-            ));
+        self.sensor.check().map_err(CliError::Usage)?;
+        if name.is_empty() {
+            return usage("--name must not be empty".into());
+        }
+        if self.drain_signal == libc::SIGSTOP {
+            return usage(
+                "--drain-signal SIGSTOP would freeze the service, not drain it; use SIGTERM, \
+                 SIGINT, SIGQUIT or the signal the service drains on"
+                    .into(),
+            );
         }
         let on_memory = self.on_memory.unwrap_or(OnMemory::Restart);
         if self.hook.is_some() && on_memory != OnMemory::Exec {
@@ -189,13 +203,16 @@ impl SuperviseArgs {
         if self.marker_file.is_some() && on_memory != OnMemory::Marker {
             return usage("--marker-file is only used with --on-memory marker".into());
         }
-        if let Some(cwd) = &self.cwd
-            && !cwd.is_dir()
-        {
-            return usage(format!(
-                "--cwd {}: no such directory; pass an existing directory",
-                cwd.display()
-            ));
+        if let Some(cwd) = &self.cwd {
+            if !cwd.exists() {
+                return usage(format!(
+                    "--cwd {}: no such directory; pass an existing directory",
+                    cwd.display()
+                ));
+            }
+            if !cwd.is_dir() {
+                return usage(format!("--cwd {}: not a directory", cwd.display()));
+            }
         }
         let memory = match self.max_rss {
             None => None,
@@ -281,6 +298,12 @@ impl SuperviseArgs {
 
 /// A marker's directory must exist and be writable by us.
 fn check_marker_dir(path: &Path) -> Result<(), CliError> {
+    if path.is_dir() {
+        return Err(CliError::Usage(format!(
+            "--marker-file {}: a directory; name the marker file itself",
+            path.display()
+        )));
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -355,6 +378,7 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
     let mut host = Host::new(sensor, audit).context("failed to set up the supervisor")?;
     let name = config.name.clone();
     let argv0 = config.spec.argv[0].clone();
+    let cwd = config.spec.cwd.clone();
     info!(service = %name, source = %source, "supervising");
     let mut services = [Service::new(config)];
     let shutdown = async {
@@ -376,9 +400,10 @@ pub async fn run(args: SuperviseArgs) -> Result<ExitCode, CliError> {
     );
     driven.map_err(|e| CliError::Failed(e.into()))?;
     match services[0].outcome() {
-        Some(Outcome::CannotStart(error)) => Err(CliError::Usage(format!(
-            "failed to start {argv0:?}: {error}"
-        ))),
+        Some(Outcome::CannotStart(error)) => Err(CliError::Usage(match &cwd {
+            Some(dir) => format!("failed to start {argv0:?} in {}: {error}", dir.display()),
+            None => format!("failed to start {argv0:?}: {error}"),
+        })),
         Some(Outcome::GaveUp | Outcome::Failed) => Ok(ExitCode::FAILURE),
         _ => Ok(ExitCode::SUCCESS),
     }
@@ -484,6 +509,24 @@ mod tests {
             ),
             (&["--hook-arg", "x"], "--hook"),
             (&["--cwd", "/nonexistent/dir"], "/nonexistent/dir"),
+            (&["--cwd", "/etc/hostname"], "not a directory"),
+            (&["--grace", "-1s"], "--grace"),
+            (&["--max-crashes", "-1"], "--max-crashes"),
+            (&["--drain-signal", "-1"], "--drain-signal"),
+            (&["--drain-signal", "SIGSTOP"], "--drain-signal"),
+            (&["--name", ""], "--name"),
+            (&["--interval", "0s"], "--interval"),
+            (
+                &[
+                    "--max-rss",
+                    "1MiB",
+                    "--on-memory",
+                    "marker",
+                    "--marker-file",
+                    "/tmp",
+                ],
+                "a directory",
+            ),
         ];
         for (args, needle) in cases {
             let err = parse(args).expect_err(&format!("{args:?} accepted"));

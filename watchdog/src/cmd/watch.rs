@@ -121,6 +121,7 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
         None => checked_pids(&args.pids)?,
     };
     let mut sink = output_sink(args.output.as_deref())?;
+    args.sensor.check().map_err(CliError::Usage)?;
     let mut sensor = args.sensor.open().context("cannot watch memory")?;
     let source = sensor.source();
     let limits = Limits {

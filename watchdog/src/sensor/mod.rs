@@ -45,14 +45,29 @@ pub struct SensorArgs {
     #[arg(long, value_enum, default_value_t = SensorChoice::Auto)]
     pub sensor: SensorChoice,
     /// Sampling interval while far from the limit (sampling sensor).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s", allow_hyphen_values = true)]
     pub interval: std::time::Duration,
     /// Shortest sampling interval, used near the limit (sampling sensor).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms", allow_hyphen_values = true)]
     pub min_interval: std::time::Duration,
 }
 
 impl SensorArgs {
+    /// Refuses intervals that cannot work: the usage error's message.
+    pub fn check(&self) -> Result<(), String> {
+        if self.interval.is_zero() || self.min_interval.is_zero() {
+            return Err("--interval and --min-interval must be more than 0".into());
+        }
+        if self.min_interval > self.interval {
+            return Err(format!(
+                "--min-interval ({}) is longer than --interval ({}); make the minimum the shorter",
+                humantime::format_duration(self.min_interval),
+                humantime::format_duration(self.interval)
+            ));
+        }
+        Ok(())
+    }
+
     /// Opens the sensor these options choose.
     pub fn open(&self) -> Result<Sensor, SensorError> {
         Sensor::open(

@@ -414,7 +414,7 @@ fn write_marker(path: &Path, marker: &Marker) -> io::Result<()> {
     let result = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(0o640)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)
         .and_then(|mut f| {
