@@ -347,3 +347,12 @@ mod tests {
         ));
     }
 }
+
+/// Whether `pid` still has its memory: not gone, not a zombie (whose
+/// /proc/PID/statm reads all zeros once its mm is released).
+pub(super) fn has_memory(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .is_some_and(|pages| pages > 0)
+}

@@ -94,3 +94,8 @@ fn rusage_footprint(pid: u32, cpid: libc::c_int) -> Result<(u64, Option<u64>), M
     let info = unsafe { info.assume_init() };
     Ok((info.ri_phys_footprint, Some(info.ri_resident_size)))
 }
+
+/// Whether `pid` is still there to be read.
+pub(super) fn has_memory(pid: u32) -> bool {
+    crate::procs::exists(pid)
+}
