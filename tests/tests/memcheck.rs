@@ -208,3 +208,34 @@ fn match_leaves_out_the_shell_that_runs_it() {
         .collect();
     assert_eq!(pids, [idle.pid()], "{stdout}");
 }
+
+/// `mem-check --tree` charges a tree as the limits do, each page once: a
+/// prefork tree (64 MiB in the parent, four children sharing it
+/// copy-on-write) reads ~64 MiB, not 320, and is under a 128 MiB limit.
+#[test]
+fn a_tree_is_read_as_the_limits_read_it() {
+    let idle = Idle::start(&["prefork", "64", "4"]);
+    let pid = idle.pid();
+    wait_charged(pid, 64 << 20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .count()
+        < 4
+    {
+        assert!(Instant::now() < deadline, "the children never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (code, out, err) = mem_check(&["--tree", "--json", "--limit", "128MiB", &pid.to_string()]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let target = &report["targets"][0];
+    assert_eq!(target["metric"], "pss_anon_shmem", "{target}");
+    let charged = target["charged_bytes"].as_u64().unwrap();
+    assert!(
+        (60 << 20..100 << 20).contains(&charged),
+        "charged {} MiB: {target}",
+        charged >> 20
+    );
+}

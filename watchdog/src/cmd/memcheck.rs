@@ -101,14 +101,31 @@ pub fn run(args: MemCheckArgs) -> Result<ExitCode, CliError> {
             }
             Err(err) => return Err(CliError::Failed(err.into())),
         };
-        let group = mem::read_group(pids.iter().copied().skip(1), args.metric);
-        for err in &group.errors {
-            tracing::warn!(error = %err, "member skipped");
-        }
-        let metric = root_reading.metric;
-        let charged_bytes = root_reading.charged_bytes + group.charged_bytes;
-        let members: Vec<Member> = std::iter::once(root_reading)
-            .chain(group.members)
+        // A tree is charged as the limits charge it: each page once (the
+        // shares of what its processes share), not the sum of their RSS.
+        let shared = args.tree && args.metric == mem::Metric::Charged && pids.len() > 1;
+        let (metric, charged_bytes, readings) = if shared {
+            let tree = mem::read_tree(&pids);
+            for err in &tree.errors {
+                tracing::warn!(error = %err, "member skipped");
+            }
+            (
+                tree.metric.unwrap_or(root_reading.metric),
+                tree.charged_bytes,
+                tree.members,
+            )
+        } else {
+            let group = mem::read_group(pids.iter().copied().skip(1), args.metric);
+            for err in &group.errors {
+                tracing::warn!(error = %err, "member skipped");
+            }
+            let charged = root_reading.charged_bytes + group.charged_bytes;
+            let metric = root_reading.metric;
+            let readings = std::iter::once(root_reading).chain(group.members).collect();
+            (metric, charged, readings)
+        };
+        let members: Vec<Member> = readings
+            .into_iter()
             .map(|reading| Member {
                 command: procs::cmdline(reading.pid).unwrap_or_default(),
                 reading,
@@ -116,7 +133,10 @@ pub fn run(args: MemCheckArgs) -> Result<ExitCode, CliError> {
             .collect();
         targets.push(Target {
             pid: root,
-            command: members[0].command.clone(),
+            command: members
+                .first()
+                .map(|m| m.command.clone())
+                .unwrap_or_default(),
             charged_bytes,
             metric,
             over_limit: args.limit.map(|l| charged_bytes >= l.bytes()),
