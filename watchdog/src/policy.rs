@@ -82,6 +82,10 @@ impl MemoryPolicy {
     }
 }
 
+/// How often a deferred decision is looked at again, at most and at least.
+const LOOK_MIN: Duration = Duration::from_millis(50);
+const LOOK_MAX: Duration = Duration::from_secs(1);
+
 /// The policy's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -312,6 +316,10 @@ pub struct Policy {
     /// When the run went over the soft limit and the decision was
     /// deferred (by `over_for` or the startup grace).
     over_since: Option<Instant>,
+    /// While a decision is deferred: when to look again (a dip under the
+    /// limit at any look cancels it), and whether a look is under way.
+    look_at: Option<Instant>,
+    looking: bool,
     /// The reading that triggered enforcement.
     trigger: Option<(u64, Charged)>,
     /// When the memory signal was sent to this run (`MemoryAction::Signal`):
@@ -333,6 +341,8 @@ impl Policy {
             clean_restarts: VecDeque::new(),
             overruns: 0,
             over_since: None,
+            look_at: None,
+            looking: false,
             trigger: None,
             signalled: None,
             last_cause: None,
@@ -361,7 +371,12 @@ impl Policy {
                 ..
             } => Some(deadline),
             Phase::BackingOff { until } => Some(until),
-            Phase::Running { since } => self.over_since.map(|over| self.due(since, over)),
+            // A reading was asked for: its answer, not the clock, is next.
+            Phase::Running { .. } if self.looking => None,
+            Phase::Running { since } => self.over_since.map(|over| {
+                let due = self.due(since, over);
+                self.look_at.map_or(due, |look| look.min(due))
+            }),
             _ => None,
         }
     }
@@ -415,6 +430,8 @@ impl Policy {
         }
         self.phase = Phase::Running { since: now };
         self.over_since = None;
+        self.look_at = None;
+        self.looking = false;
         self.trigger = None;
         self.signalled = None;
         let mut actions = vec![Action::Record(Record::new(
@@ -433,6 +450,8 @@ impl Policy {
         let Phase::Running { since } = self.phase else {
             return vec![];
         };
+        self.looking = false;
+        self.look_at = None;
         let Some(mem) = self.cfg.memory.clone() else {
             return vec![];
         };
@@ -449,8 +468,14 @@ impl Policy {
             }
             let first = self.over_since.is_none();
             let over_since = *self.over_since.get_or_insert(now);
-            if now < self.due(since, over_since) {
-                // Deferred; meanwhile the hard limit must still be heard.
+            let due = self.due(since, over_since);
+            if now < due {
+                // Deferred: looked at again a few times before it is due,
+                // so that a dip under the limit cancels it (the sensor is
+                // not armed at the soft limit meanwhile); and the hard
+                // limit must still be heard.
+                let step = ((due - over_since) / 5).clamp(LOOK_MIN, LOOK_MAX);
+                self.look_at = Some((now + step).min(due));
                 return match mem.hard_limit {
                     Some(hard) if first => vec![Action::ArmAt(hard)],
                     _ => vec![],
@@ -540,10 +565,14 @@ impl Policy {
                 self.phase = Phase::Spawning;
                 vec![Action::Spawn]
             }
-            // A deferred decision is due: decide on a fresh reading.
+            // A deferred decision is due, or due a look: on a fresh reading.
             Phase::Running { since }
-                if self.over_since.is_some_and(|o| now >= self.due(since, o)) =>
+                if !self.looking
+                    && self.over_since.is_some_and(|o| {
+                        now >= self.due(since, o) || self.look_at.is_some_and(|l| now >= l)
+                    }) =>
             {
+                self.looking = true;
                 vec![Action::Measure]
             }
             _ => vec![],
@@ -1129,7 +1158,8 @@ mod tests {
         assert_eq!(first, vec![]);
         assert_eq!(
             h.policy.next_deadline(),
-            Some(h.now + Duration::from_secs(30))
+            Some(h.now + LOOK_MAX),
+            "looked at again before the window ends"
         );
         // A dip below cancels the window.
         h.advance(Duration::from_secs(20));
@@ -1139,7 +1169,8 @@ mod tests {
         assert_eq!(again, vec![]);
         assert_eq!(
             h.policy.next_deadline(),
-            Some(h.now + Duration::from_secs(30))
+            Some(h.now + LOOK_MAX),
+            "looked at again before the window ends"
         );
         // Still over when the window ends: enforce.
         h.advance(Duration::from_secs(30));
@@ -1163,7 +1194,7 @@ mod tests {
         h.advance(Duration::from_secs(5));
         let soft = h.feed(reading(200));
         assert_eq!(soft, vec![Action::ArmAt(500)], "the hard limit is watched");
-        assert_eq!(h.policy.next_deadline(), Some(t0 + Duration::from_secs(60)));
+        assert_eq!(h.policy.next_deadline(), Some(h.now + LOOK_MAX));
         let hard = h.feed(reading(600));
         assert!(hard.contains(&Action::Signal(libc::SIGTERM)), "{hard:?}");
         let over = h.records(Event::MemoryOverLimit);
@@ -1419,5 +1450,48 @@ mod tests {
         });
         h.exit_after(S, CLEAN);
         assert!(!h.policy.failed());
+    }
+
+    /// Regression: with a slow sensor, a deferred decision was decided by
+    /// the readings at its two ends; a dip in between did not count. It is
+    /// looked at again during the window, and a dip cancels it.
+    #[test]
+    fn a_dip_during_the_window_cancels_the_decision() {
+        let mut memory = MemoryPolicy::new(100);
+        memory.over_for = Some(Duration::from_millis(2500));
+        let mut h = Harness::new(Config {
+            memory: Some(memory),
+            ..Config::default()
+        });
+        assert_eq!(h.feed(reading(150)), vec![]);
+        let look = h.policy.next_deadline().unwrap();
+        assert_eq!(look, h.now + Duration::from_millis(500));
+        h.now = look;
+        assert_eq!(h.feed(Input::Timer), vec![Action::Measure]);
+        assert_eq!(h.policy.next_deadline(), None, "waiting for the reading");
+        assert_eq!(h.feed(reading(150)), vec![], "still over");
+        h.now = h.policy.next_deadline().unwrap();
+        assert_eq!(h.feed(Input::Timer), vec![Action::Measure]);
+        assert_eq!(
+            h.feed(reading(90)),
+            vec![Action::ArmAt(100)],
+            "a dip cancels"
+        );
+        assert_eq!(h.policy.next_deadline(), None);
+        // The next crossing starts a window of its own.
+        assert_eq!(h.feed(reading(150)), vec![]);
+        h.advance(Duration::from_millis(2500));
+        let mut enforced = false;
+        for _ in 0..10 {
+            if h.policy.next_deadline().is_some_and(|d| d <= h.now) {
+                assert_eq!(h.feed(Input::Timer), vec![Action::Measure]);
+                enforced = h
+                    .feed(reading(150))
+                    .contains(&Action::Signal(libc::SIGTERM));
+                break;
+            }
+            h.now = h.policy.next_deadline().unwrap();
+        }
+        assert!(enforced, "sustained over the window: enforced");
     }
 }

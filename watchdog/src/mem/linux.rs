@@ -201,6 +201,15 @@ pub(super) fn shares_parent_mm(pid: u32, members: &std::collections::HashSet<u32
     same == 0
 }
 
+/// Whether `pid` still has its memory: not gone, not a zombie (whose
+/// /proc/PID/statm reads all zeros once its mm is released).
+pub(super) fn has_memory(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .is_some_and(|pages| pages > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,13 +355,4 @@ mod tests {
             Err(MemError::NoProcess(_))
         ));
     }
-}
-
-/// Whether `pid` still has its memory: not gone, not a zombie (whose
-/// /proc/PID/statm reads all zeros once its mm is released).
-pub(super) fn has_memory(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .is_some_and(|pages| pages > 0)
 }
