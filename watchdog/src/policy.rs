@@ -801,7 +801,6 @@ mod tests {
     /// Drives a policy with an injected clock and keeps what it did.
     struct Harness {
         policy: Policy,
-        t0: Instant,
         now: Instant,
         log: Vec<Action>,
     }
@@ -811,7 +810,6 @@ mod tests {
             let now = Instant::now();
             let mut h = Self {
                 policy: Policy::new(cfg),
-                t0: now,
                 now,
                 log: Vec::new(),
             };
@@ -1190,7 +1188,6 @@ mod tests {
             memory: Some(mem),
             ..Config::default()
         });
-        let t0 = h.t0;
         h.advance(Duration::from_secs(5));
         let soft = h.feed(reading(200));
         assert_eq!(soft, vec![Action::ArmAt(500)], "the hard limit is watched");
