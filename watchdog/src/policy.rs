@@ -358,7 +358,8 @@ impl Policy {
     /// Whether the last run failed (a crash or an OOM kill): supervision
     /// that ends there ends in failure.
     pub fn failed(&self) -> bool {
-        matches!(self.last_cause, Some(Cause::Crash | Cause::OomKill))
+        // Stopping on request is not a failure, whatever came before.
+        !self.shutting_down && matches!(self.last_cause, Some(Cause::Crash | Cause::OomKill))
     }
 
     /// When [`Input::Timer`] must be fed next, from the state alone: the
@@ -1446,6 +1447,11 @@ mod tests {
             ..Config::default()
         });
         h.exit_after(S, CLEAN);
+        assert!(!h.policy.failed());
+        // Asked to stop during a crash's backoff: a clean stop.
+        let mut h = Harness::new(Config::default());
+        h.exit_after(S, CRASH);
+        assert_eq!(h.feed(Input::Shutdown), vec![Action::Done]);
         assert!(!h.policy.failed());
     }
 
