@@ -331,7 +331,7 @@ fn bytes(line: &Value) -> u64 {
     line["charged_bytes"].as_u64().unwrap()
 }
 
-/// Issue 7, item 6: a prefork server (a 100 MiB parent and four children
+/// Regression: a prefork server (a 100 MiB parent and four children
 /// that only sleep, sharing its pages copy-on-write) is charged ~100 MiB,
 /// not 500: under a 200 MiB limit it is never over, and the kernel's
 /// running total (the `memory_changed` steps) stays near 100 MiB.
@@ -390,7 +390,7 @@ fn prefork_children_writing_their_pages_are_caught() {
     }
 }
 
-/// Issue 7, item 6: a process of 80 MiB starting short children, as
+/// Regression: a process of 80 MiB starting short children, as
 /// Python's `subprocess.run` does (fork children lingering before exec,
 /// and posix_spawn children sharing its mm until exec), is never over a
 /// 120 MiB limit; when it then grows past the limit on its own, that is
@@ -424,7 +424,7 @@ fn a_spawning_process_is_not_charged_for_its_children() {
     }
 }
 
-/// Issue 7, items 6 and 7: shared memory touched by four processes is
+/// Regression: shared memory touched by four processes is
 /// charged once by the exact reading (no crossing of 128 MiB by 64 MiB of
 /// pages), although the kernel's running total counts it in each (256
 /// MiB): that kernel crossing stays unconfirmed, and is re-read with
@@ -463,7 +463,7 @@ fn unconfirmed_crossings_back_off() {
     }
 }
 
-/// Issue 7, item 9: with the exit program of kernels before 6.16 (forced
+/// Regression: with the exit program of kernels before 6.16 (forced
 /// here), each process is reported exactly once, though several of its
 /// threads can see `signal->live == 0`: 64 threads exiting at once
 /// (exit_group), and many rounds of 4 (where the last two threads most
@@ -532,7 +532,7 @@ fn legacy_exit_reports_each_process_once() {
     }
 }
 
-/// Issue 7, items 8 and 10: a reader stalled through a fork storm loses
+/// Regression: a reader stalled through a fork storm loses
 /// events (the ring buffer is full), and the group crosses its limit while
 /// the buffer is still full. The crossing that could not be reported must
 /// not leave the group disarmed: the sensor reports the loss in its stream

@@ -206,7 +206,7 @@ mod tests {
         assert_ne!(handle, 4095 | 1 << GROUP_SLOT_BITS);
     }
 
-    /// Issue 7, item 8: a member of a removed group (still running after
+    /// Regression: a member of a removed group (still running after
     /// its group's slot was freed and reused) is not credited to the group
     /// that uses the slot now. Needs root and the kernel programs; under
     /// CI=true their absence fails the test.

@@ -232,7 +232,7 @@ fn is_spawn(e: &Effect) -> bool {
     matches!(e, Effect::Spawn)
 }
 
-/// Regression (item 1): `--max-rss 64KiB --grace 100ms -- sleep 100`
+/// Regression: `--max-rss 64KiB --grace 100ms -- sleep 100`
 /// started 11 times, wrote `health_warn` and `restart_scheduled`, and then
 /// never started again: the drain's wake-up replaced the backoff's.
 #[tokio::test(start_paused = true)]
@@ -275,7 +275,7 @@ async fn drains_past_the_clean_budget_restart_after_the_backoff() {
     assert_eq!(waited.as_millis() as u64, scheduled.restart_in_ms.unwrap());
 }
 
-/// Regression (item 2): SIGTERM while a decision is deferred, the service
+/// Regression: SIGTERM while a decision is deferred, the service
 /// ignoring SIGTERM: the tree is SIGKILLed after grace and supervision
 /// ends, instead of waiting until the service happened to exit.
 #[tokio::test(start_paused = true)]
@@ -313,7 +313,7 @@ async fn shutdown_while_deferred_escalates_after_grace() {
     assert_eq!(exit.cause, Some(Cause::Shutdown));
 }
 
-/// Regression (item 3): a hard limit is acted on at once while a soft
+/// Regression: a hard limit is acted on at once while a soft
 /// decision is deferred (the sensor watches the hard limit meanwhile).
 #[tokio::test(start_paused = true)]
 async fn hard_limit_is_not_deferred() {
@@ -355,7 +355,7 @@ async fn hard_limit_is_not_deferred() {
     assert_eq!(over.reason, Some("hard_limit"));
 }
 
-/// Regression (item 4): limit 100, over-for 2s, the service at 103, then
+/// Regression: limit 100, over-for 2s, the service at 103, then
 /// 97, then 400: it must be heard at 400 (a dip just under the limit made
 /// the group wait to fall below the hysteresis level, deaf).
 #[tokio::test(start_paused = true)]
@@ -396,7 +396,7 @@ async fn a_dip_under_the_limit_rearms() {
     );
 }
 
-/// Regression (item 5): shutdown while a spawn is in flight still drains
+/// Regression: shutdown while a spawn is in flight still drains
 /// what was started.
 #[tokio::test(start_paused = true)]
 async fn shutdown_during_a_spawn_drains_the_run() {
@@ -431,7 +431,7 @@ async fn shutdown_during_a_spawn_drains_the_run() {
     );
 }
 
-/// Item 14: a marker that cannot be written is `marker_failed`, never
+/// Regression: a marker that cannot be written is `marker_failed`, never
 /// `respawn_recommended`; a hook's start, status and duration are recorded.
 #[tokio::test(start_paused = true)]
 async fn marker_and_hook_outcomes_are_recorded() {
