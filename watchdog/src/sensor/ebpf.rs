@@ -192,7 +192,7 @@ impl EbpfSensor {
             }
             self.probes.remove_group(group);
         }
-        self.queue.retain(|e| event_group(e) != Some(group));
+        self.queue.retain(|e| e.group() != Some(group));
     }
 
     pub fn members(&self, group: GroupId) -> Vec<u32> {
@@ -530,16 +530,4 @@ fn crossing(
         members: reading.members.len(),
         metric: reading.metric.unwrap_or(mem::Charged::AnonShmem),
     })
-}
-
-/// The group an event is about, if any.
-fn event_group(event: &SensorEvent) -> Option<GroupId> {
-    match event {
-        SensorEvent::OverLimit(c) => Some(c.group),
-        SensorEvent::Rearmed { group, .. } | SensorEvent::Changed { group, .. } => Some(*group),
-        SensorEvent::Exit { group, .. }
-        | SensorEvent::Fork { group, .. }
-        | SensorEvent::OomVictim { group, .. } => *group,
-        SensorEvent::Lost { .. } => None,
-    }
 }

@@ -162,6 +162,20 @@ pub enum SensorEvent {
     },
 }
 
+impl SensorEvent {
+    /// The group the event is about, if any.
+    pub fn group(&self) -> Option<GroupId> {
+        match self {
+            Self::OverLimit(c) => Some(c.group),
+            Self::Rearmed { group, .. } | Self::Changed { group, .. } => Some(*group),
+            Self::Exit { group, .. } | Self::Fork { group, .. } | Self::OomVictim { group, .. } => {
+                *group
+            }
+            Self::Lost { .. } => None,
+        }
+    }
+}
+
 /// Counters a status page shows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SensorStats {

@@ -175,7 +175,7 @@ impl Host {
         if let Some(group) = group {
             let (ours, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
                 .into_iter()
-                .partition(|e| group_of(e) == Some(group));
+                .partition(|e| e.group() == Some(group));
             self.held = others;
             if started.is_some() {
                 self.queue.extend(ours.into_iter().map(Happening::Sensor));
@@ -260,7 +260,7 @@ impl Platform for Host {
             }
             tokio::select! {
                 event = self.sensor.next() => match event {
-                    Ok(event) if self.is_launching(group_of(&event)) => self.held.push(event),
+                    Ok(event) if self.is_launching(event.group()) => self.held.push(event),
                     Ok(event) => return Happening::Sensor(event),
                     Err(e) => return Happening::Failed(format!("the sensor failed: {e}")),
                 },
@@ -350,18 +350,6 @@ impl Platform for Host {
             Effect::Finished(_) => {}
         }
         None
-    }
-}
-
-/// The group a sensor event is about.
-fn group_of(event: &SensorEvent) -> Option<GroupId> {
-    match event {
-        SensorEvent::OverLimit(c) => Some(c.group),
-        SensorEvent::Rearmed { group, .. } | SensorEvent::Changed { group, .. } => Some(*group),
-        SensorEvent::Exit { group, .. }
-        | SensorEvent::Fork { group, .. }
-        | SensorEvent::OomVictim { group, .. } => *group,
-        SensorEvent::Lost { .. } => None,
     }
 }
 

@@ -700,8 +700,7 @@ fn route<P: Platform>(
     now: Instant,
 ) {
     let group = match &event {
-        SensorEvent::OverLimit(c) => Some(c.group),
-        SensorEvent::Rearmed { group, .. } => Some(*group),
+        SensorEvent::OverLimit(_) | SensorEvent::Rearmed { .. } => event.group(),
         SensorEvent::OomVictim { pid, group } => {
             let owner = services
                 .iter()
