@@ -43,6 +43,18 @@ impl Groups {
         (group.0 != 0 && self.handles.get(slot as usize) == Some(&group.0)).then_some(slot)
     }
 
+    /// Sets a slot's running total (and the base of its change steps).
+    fn set_total(&mut self, slot: u32, total: i64) -> Result<(), MapError> {
+        self.counters.set(
+            slot,
+            GroupCounters {
+                total,
+                step_base: total,
+            },
+            0,
+        )
+    }
+
     fn write_limits(&mut self, slot: u32, handle: u32, limits: Limits) -> Result<(), MapError> {
         let value = GroupLimits {
             limit: limits.limit,
@@ -85,15 +97,7 @@ impl Probes {
         };
         // The handle last: until it is there, the programs ignore the slot.
         let result = g
-            .counters
-            .set(
-                slot,
-                GroupCounters {
-                    total,
-                    step_base: total,
-                },
-                0,
-            )
+            .set_total(slot, total)
             .and_then(|()| g.state.set(slot, state.kernel(), 0))
             .and_then(|()| g.write_limits(slot, handle, limits));
         if let Err(e) = result {
@@ -154,15 +158,7 @@ impl Probes {
         let slot = self.groups.slot(group).ok_or_else(|| unknown(group))?;
         let total = i64::try_from(bytes).unwrap_or(i64::MAX);
         self.groups
-            .counters
-            .set(
-                slot,
-                GroupCounters {
-                    total,
-                    step_base: total,
-                },
-                0,
-            )
+            .set_total(slot, total)
             .map_err(|e| LoadError::kernel("set a group's total", e))
     }
 
