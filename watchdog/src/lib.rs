@@ -4,6 +4,16 @@
 //! - [`cmd`]: the command line: parsing, logging set-up, and one module
 //!   per command (`audit`, `mem-check`, `supervise`, `watch`) that turns
 //!   options into calls of the library modules below.
+//! - [`config`]: the daemon's configuration file and the options a
+//!   service or watch target takes (shared with `supervise`).
+//! - [`daemon`]: start-up, signals, reload and shutdown around the one
+//!   service loop (`run` and `supervise`).
+//! - [`cgroup`] (Linux): a cgroup v2 per service: a tree no fork escapes,
+//!   drain and kill of every member, OOM kills counted per service.
+//! - [`notify`]: notifications to systemd (ready, reloading, stopping,
+//!   status, watchdog pings).
+//! - [`protect`]: the daemon's protection from what it watches
+//!   (oom_score_adj, mlockall, priority) and its reset in each service.
 //! - [`auditlog`]: the supervisor's audit log (append, fsync, reopen).
 //! - [`runner`]: spawning, holding before exec, reaping, killing trees.
 //! - [`kernel`] (Linux): the kernel programs behind a typed API: BTF
@@ -22,23 +32,31 @@
 //!   services on the real platform.
 //! - [`sensor`]: one event stream (crossings, exits, forks) from the kernel
 //!   programs or a sampler, with exact confirmation.
+//! - [`state`]: the state directory: the instance lock and the records of
+//!   the runs an instance started, which the next one sweeps after a crash.
 
 pub mod auditlog;
+pub mod cgroup;
 pub mod cmd;
+pub mod config;
+pub mod daemon;
 pub mod event;
 pub mod exit;
 pub mod jsonl;
 #[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod mem;
+pub mod notify;
 pub mod policy;
 #[cfg(target_os = "linux")]
 pub mod privilege;
 pub mod procs;
+pub mod protect;
 pub mod runner;
 pub mod sensor;
 pub mod service;
 pub mod size;
+pub mod state;
 
 /// Whether this binary carries the compiled kernel programs.
 pub fn kernel_programs_built_in() -> bool {

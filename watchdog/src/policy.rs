@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::{exit::ExitStatus, mem::Charged};
 
 /// When to restart a service that exited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// After every exit (clean ones within the budget).
@@ -106,6 +106,10 @@ pub struct Config {
     /// The signal that asks the service to stop on shutdown.
     pub stop_signal: i32,
     pub memory: Option<MemoryPolicy>,
+    /// A watch target (a process the daemon did not start): an exit is
+    /// recorded but never counted, and the target is looked for again at
+    /// once instead of restarted.
+    pub watch: bool,
     /// Seed of the backoff jitter (fixed in tests).
     pub jitter_seed: u64,
 }
@@ -124,6 +128,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             stop_signal: libc::SIGTERM,
             memory: None,
+            watch: false,
             jitter_seed: 0x5eed,
         }
     }
@@ -170,6 +175,15 @@ pub enum Event {
     HookFailed,
     /// The memory hook ended (its status and duration).
     HookExited,
+    /// The memory hook overran its timeout and was killed.
+    HookTimedOut,
+    /// The marker was removed (the process exited, or stayed under its
+    /// limit long enough).
+    MarkerRemoved,
+    /// A run of a previous daemon instance was taken over.
+    Adopted,
+    /// A run of a previous daemon instance was terminated at start-up.
+    OrphanTerminated,
     /// The sensor lost events (the kernel's ring buffer was full, ...).
     EventsLost,
 }
@@ -189,8 +203,11 @@ pub enum OomEvidence {
 pub enum Input {
     /// Start supervising (spawn the first run).
     Start,
-    /// The run was spawned.
+    /// The run was spawned (or, for a watch target, found).
     Started,
+    /// A run left by a previous daemon instance was taken over: running
+    /// since `since`.
+    Adopted { since: Instant },
     /// An exact reading of the run's memory: a confirmed crossing, or the
     /// answer to [`Action::Measure`].
     Memory { charged: u64, metric: Charged },
@@ -409,6 +426,13 @@ impl Policy {
                 _ => vec![],
             },
             Input::Started => self.started(now),
+            Input::Adopted { since } => match self.phase {
+                Phase::Idle => {
+                    self.phase = Phase::Running { since };
+                    vec![Action::Record(Record::new(Event::Adopted, 0))]
+                }
+                _ => vec![],
+            },
             Input::Memory { charged, metric } => self.memory(charged, metric, now),
             Input::BelowLimit => {
                 self.over_since = None;
@@ -602,6 +626,11 @@ impl Policy {
             return vec![];
         }
         self.shutting_down = true;
+        if self.cfg.watch {
+            // Not ours to stop: stop watching it and leave it running.
+            self.phase = Phase::Over;
+            return vec![Action::Done];
+        }
         match self.phase {
             Phase::Running { .. } => self.stop_run(now),
             // Drained when it reports started (or ends when it fails to).
@@ -696,6 +725,12 @@ impl Policy {
         if cause == Cause::Shutdown {
             self.phase = Phase::Over;
             return vec![Action::Record(exit), Action::Done];
+        }
+        if self.cfg.watch {
+            // Not ours to restart: look for the next process to watch.
+            exit.restart_in = Some(Duration::ZERO);
+            self.phase = Phase::Spawning;
+            return vec![Action::Record(exit), Action::Spawn];
         }
         if matches!(cause, Cause::Crash | Cause::OomKill) {
             if uptime.is_some_and(|u| u >= self.cfg.stable_after) {

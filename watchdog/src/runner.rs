@@ -6,7 +6,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     os::unix::process::CommandExt,
     path::PathBuf,
     process::{Command, Stdio},
@@ -17,12 +17,14 @@ use tokio::sync::oneshot;
 use crate::exit::ExitStatus;
 
 /// What to run.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Spec {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: Option<PathBuf>,
     pub user: Option<User>,
+    /// Its oom_score_adj (the supervisor's own, -1000, is not inherited).
+    pub oom_score_adj: i32,
 }
 
 /// A user to run as.
@@ -200,7 +202,10 @@ impl Launch {
 /// Forks `spec` on `spawner`. The child stops before exec until
 /// [`Launch::finish`], so whatever watches it sees it from its first
 /// instruction.
-pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
+///
+/// `cgroup` is an open `cgroup.procs` of the cgroup the child joins before
+/// anything else (so that nothing it starts can be outside it).
+pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io::Result<Launch> {
     let (ready_r, ready_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let mut cmd = Command::new(
@@ -233,6 +238,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
         .unwrap_or_default();
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
+    let reset = crate::protect::ChildReset::new(spec.oom_score_adj);
     // SAFETY: between fork and exec the closure calls only async-signal-safe
     // functions (setpgid, getpid, getppid, write, read, setgroups, setgid,
     // setuid, chdir, prctl, _exit) on values prepared before the fork.
@@ -243,6 +249,11 @@ pub async fn launch(spec: &Spec, spawner: &Spawner) -> io::Result<Launch> {
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            if let Some(fd) = cgroup {
+                crate::cgroup::ServiceCgroup::join(fd)?;
+            }
+            // Not the supervisor's shield: its own oom_score_adj, nice 0.
+            reset.apply()?;
             let pid = libc::getpid().to_ne_bytes();
             if libc::write(ready_w_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
                 return Err(io::Error::last_os_error());
@@ -458,19 +469,36 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// Starts a memory hook: an argv (never a shell), in a process group of its
-/// own, with what it is about in its environment. Not waited for here: the
-/// caller reaps it.
-pub fn start_hook(argv: &[String], env: &[(&str, String)]) -> io::Result<u32> {
+/// own, as `user` when given (the service's user), with what it is about in
+/// its environment. Not waited for here: the caller reaps it.
+pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) -> io::Result<u32> {
     let (program, args) = argv
         .split_first()
         .ok_or_else(|| io::Error::other("empty hook"))?;
-    let child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    let login = user.map(User::env).unwrap_or_default();
+    cmd.args(args)
+        .envs(login.iter().map(|(k, v)| (k, v)))
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
-        .process_group(0)
-        .spawn()?;
-    Ok(child.id())
+        .process_group(0);
+    if let Some(user) = user.cloned() {
+        let groups: Vec<libc::gid_t> = user.groups.iter().map(|&g| g as libc::gid_t).collect();
+        // SAFETY: between fork and exec only setgroups, setgid and setuid,
+        // on values prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                    || libc::setgid(user.gid as libc::gid_t) != 0
+                    || libc::setuid(user.uid as libc::uid_t) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    Ok(cmd.spawn()?.id())
 }
 
 /// Makes this process the reaper of its orphaned descendants (Linux), so a

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod audit;
 pub mod memcheck;
+pub mod run;
 pub mod supervise;
 pub mod watch;
 
@@ -15,14 +16,16 @@ pub use audit::ExitLine;
 #[derive(Debug, Parser)]
 #[command(name = "watchdog", version, long_version = long_version())]
 pub struct Cli {
-    /// Log format on standard error.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log format on standard error [default: text, or the configuration
+    /// file's log-format].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     Text,
     Json,
@@ -45,6 +48,13 @@ pub enum Command {
     /// restart it by the policy, write every decision to the audit log.
     /// SIGTERM / SIGINT drain it and exit 0; giving up exits 1.
     Supervise(Box<supervise::SuperviseArgs>),
+    /// Run the daemon: every [[service]] and [[watch]] of the configuration
+    /// file, until SIGTERM / SIGINT (drain all, exit 0); SIGHUP reloads.
+    Run(run::RunArgs),
+    /// Check a configuration file and print it with every default filled
+    /// in. Exit 0 when valid, 2 (with the file, line, column and key of the
+    /// error) when not.
+    CheckConfig(run::CheckConfigArgs),
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -92,7 +102,28 @@ fn long_version() -> &'static str {
 pub fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help / --version.
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    if let Command::Run(args) = &cli.command
+        && args.sample_config
+    {
+        print!("{}", crate::config::SAMPLE);
+        return ExitCode::SUCCESS;
+    }
+    // The daemon's configuration may choose the log format: read it first.
+    let config = match &cli.command {
+        Command::Run(args) => match run::load(args) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+                return report(Err(e));
+            }
+        },
+        _ => None,
+    };
+    let format = cli
+        .log_format
+        .or(config.as_ref().and_then(|c| c.daemon.log_format))
+        .unwrap_or(LogFormat::Text);
+    init_logging(format);
     raise_nofile();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -110,20 +141,41 @@ pub fn main() -> ExitCode {
             Command::MemCheck(args) => memcheck::run(args),
             Command::Watch(args) => watch::run(args).await,
             Command::Supervise(args) => supervise::run(*args).await,
+            Command::Run(args) => match config {
+                Some(config) => run::run(args, config).await,
+                None => Err(CliError::Usage("no configuration".into())),
+            },
+            Command::CheckConfig(args) => run::check(&args),
         }
     });
+    report(result)
+}
+
+/// Turns a command's result into its exit code, printing its error: as a
+/// log record (so `--log-format json` covers it too).
+fn report(result: Result<ExitCode, CliError>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(CliError::Usage(msg)) => {
-            eprintln!("watchdog: error: {msg}");
+            print_error(&msg);
             ExitCode::from(2)
         }
         Err(CliError::Failed(err)) => {
-            eprintln!("watchdog: error: {err:#}");
+            print_error(&format!("{err:#}"));
             ExitCode::FAILURE
         }
     }
 }
+
+fn print_error(message: &str) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("watchdog: error: {message}");
+    }
+}
+
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Lifts the soft limit on open files to the hard one: watching a thousand
 /// processes by pidfd needs more than the usual 1,024.
@@ -152,7 +204,10 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder.json().init();
+        }
     }
 }
 

@@ -27,7 +27,8 @@ pub use group::{Edge, GroupId, Limits, Trigger};
 pub use sampler::SamplingOptions;
 
 /// Which sensor to use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SensorChoice {
     /// The kernel programs when they load, else sampling with one warning.
     #[default]

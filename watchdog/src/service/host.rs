@@ -5,6 +5,7 @@ use std::{
     collections::{HashMap, HashSet, VecDeque},
     io,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -12,14 +13,21 @@ use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, oneshot},
 };
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
-use super::{Effect, Happening, Input, Marker, Platform, Service, Spawned};
+use super::{
+    Effect, Happening, Input, Marker, MarkerFormat, Platform, Selector, Service, Spawned, Target,
+};
 use crate::{
     auditlog::AuditLog,
+    cgroup::{Containment, ServiceCgroup},
     event::rfc3339,
+    notify::Notifier,
+    policy::Event,
+    procs,
     runner::{self, Spawner},
     sensor::{GroupId, Limits, Sensor, SensorEvent, Source},
+    state::{self, RunRecord, StateDir, Swept},
 };
 
 /// How a spawn is going, reported by its task.
@@ -40,8 +48,10 @@ enum Progress {
 
 /// A child of ours that we reap: a run or a hook.
 struct Child {
-    /// The cgroup's OOM-kill count when it started.
+    /// The OOM-kill count of its cgroup (or ours) when it started.
     oom_kills_before: Option<u64>,
+    /// The service it runs for (runs only).
+    service: Option<String>,
 }
 
 pub struct Host {
@@ -63,7 +73,23 @@ pub struct Host {
     limits: HashMap<usize, Limits>,
     queue: VecDeque<Happening>,
     sigchld: Signal,
-    sighup: Signal,
+    /// Each service's name, by index.
+    names: HashMap<usize, String>,
+    /// Watch targets looking for their process: service index -> selector.
+    pending: HashMap<usize, Selector>,
+    /// Processes watch targets have found: pid -> service index.
+    attached: HashMap<u32, usize>,
+    /// How often pending watch targets look again.
+    rescan: tokio::time::Interval,
+    notifier: Option<Arc<Notifier>>,
+    ready_sent: bool,
+    containment: Option<Containment>,
+    /// Each service's cgroup, by name (a reloaded service keeps it).
+    cgroups: HashMap<String, ServiceCgroup>,
+    /// Where the runs started are recorded, for the next instance.
+    state: Option<StateDir>,
+    /// Services taking over a previous instance's run: index -> record.
+    adopting: HashMap<usize, RunRecord>,
 }
 
 impl Host {
@@ -84,8 +110,174 @@ impl Host {
             limits: HashMap::new(),
             queue: VecDeque::new(),
             sigchld: signal(SignalKind::child())?,
-            sighup: signal(SignalKind::hangup())?,
+            names: HashMap::new(),
+            pending: HashMap::new(),
+            attached: HashMap::new(),
+            rescan: rescan_timer(DEFAULT_RESCAN),
+            notifier: None,
+            ready_sent: false,
+            containment: None,
+            cgroups: HashMap::new(),
+            state: None,
+            adopting: HashMap::new(),
         })
+    }
+
+    /// Tells systemd (when it started us) how the loop is doing.
+    pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
+        self.notifier = Some(notifier);
+    }
+
+    /// Runs each service in a cgroup of its own under `containment`.
+    pub fn set_containment(&mut self, containment: Containment) {
+        self.containment = Some(containment);
+    }
+
+    /// Records each run in `state` (and forgets it when it ends).
+    pub fn set_state(&mut self, state: StateDir) {
+        self.state = Some(state);
+    }
+
+    /// Writes what the start-up sweep did to a previous instance's run.
+    pub fn orphan_swept(&mut self, record: &RunRecord, swept: &Swept) {
+        let mut line = super::AuditLine::new(Event::OrphanTerminated, &record.service, record.pid, 0);
+        line.reason = Some(swept.reason());
+        match swept {
+            Swept::Terminated { pids, killed } => {
+                info!(service = %record.service, pid = record.pid, processes = pids.len(), killed, "terminated a run left by a previous instance");
+                line.count = Some(pids.len() as u64);
+            }
+            Swept::Failed(error) => {
+                warn!(service = %record.service, pid = record.pid, error = %error, "cannot terminate a run left by a previous instance");
+                line.error = Some(error.clone());
+            }
+            Swept::Gone | Swept::PidReused => {}
+        }
+        self.write(&line);
+    }
+
+    /// Has the service of `record` take over its run, if the process is
+    /// still the one recorded and the service still exists; otherwise the
+    /// record is dropped (a reused pid is never touched).
+    pub fn adopt(&mut self, services: &mut super::Services, record: RunRecord) {
+        let alive = state::start_time(record.pid) == Some(record.start_time);
+        let index = services.adopt(&record.service, record.pid);
+        match (alive, index) {
+            (true, Some(index)) => {
+                info!(service = %record.service, pid = record.pid, "adopting the run a previous instance left");
+                self.adopting.insert(index, record);
+            }
+            _ => {
+                let reason = if alive { "service_removed" } else { "gone" };
+                let mut line = super::AuditLine::new(Event::OrphanTerminated, &record.service, record.pid, 0);
+                line.reason = Some(reason);
+                if alive {
+                    // Not wanted any more: stopped like any other orphan.
+                    if let Some(dir) = &record.cgroup {
+                        let _ = crate::cgroup::kill_recorded(dir);
+                    }
+                }
+                self.write(&line);
+                if let Some(state) = &self.state {
+                    let _ = state.forget_run(&record.service);
+                }
+            }
+        }
+    }
+
+    /// Removes the services' cgroups (killing anything left in them).
+    pub fn close(&mut self) {
+        for (_, cgroup) in self.cgroups.drain() {
+            let _ = cgroup.remove();
+        }
+        if let Some(containment) = self.containment.take() {
+            containment.remove();
+        }
+    }
+
+    /// The cgroup of a service, created on first use.
+    fn cgroup(&mut self, name: &str) -> Option<&ServiceCgroup> {
+        let containment = self.containment.as_ref()?;
+        if !self.cgroups.contains_key(name) {
+            match containment.create(name) {
+                Ok(cgroup) => {
+                    self.cgroups.insert(name.to_owned(), cgroup);
+                }
+                Err(e) => {
+                    warn!(service = name, error = %e, "cannot create the service's cgroup; it runs without one");
+                    return None;
+                }
+            }
+        }
+        self.cgroups.get(name)
+    }
+
+    /// Takes over the run of a previous instance: watched from now on,
+    /// its processes moved into this instance's cgroup of the service.
+    fn take_over(&mut self, index: usize, service: &Service, record: RunRecord) {
+        let limits = limits(service);
+        if let Some(old) = &record.cgroup {
+            let members = std::fs::read_to_string(old.join("cgroup.procs")).unwrap_or_default();
+            if let Some(cgroup) = self.cgroup(service.name()) {
+                let procs = cgroup.path().join("cgroup.procs");
+                for pid in members.lines() {
+                    let _ = std::fs::write(&procs, pid);
+                }
+            }
+            let _ = std::fs::remove_dir(old);
+        }
+        let result = match self.sensor.watch_tree(record.pid, limits) {
+            Ok(group) => Ok(Spawned {
+                pid: record.pid,
+                group: Some(group),
+                foreign: true,
+            }),
+            Err(e) => Err(format!("cannot watch the adopted run: {e}")),
+        };
+        self.queue.push_back(Happening::Spawned {
+            service: index,
+            result,
+        });
+    }
+
+    /// How often watch targets without a process look for one (a new
+    /// process, or one that exec'd into a matching command line).
+    pub fn set_rescan(&mut self, every: std::time::Duration) {
+        self.rescan = rescan_timer(every);
+    }
+
+    /// Reopens the audit log (after rotation).
+    pub fn reopen_audit(&mut self) {
+        self.audit.reopen();
+    }
+
+    /// Looks for the process of a watch target; registers it with the
+    /// sensor when found (reported as spawned, foreign).
+    fn attach(&mut self, index: usize) {
+        let Some(selector) = self.pending.get(&index) else {
+            return;
+        };
+        let taken: HashSet<u32> = self.attached.keys().copied().collect();
+        let Some(pid) = resolve(selector, &taken) else {
+            return;
+        };
+        let limits = self.limits.get(&index).copied().unwrap_or_default();
+        match self.sensor.watch_tree(pid, limits) {
+            Ok(group) => {
+                self.pending.remove(&index);
+                self.attached.insert(pid, index);
+                self.queue.push_back(Happening::Spawned {
+                    service: index,
+                    result: Ok(Spawned {
+                        pid,
+                        group: Some(group),
+                        foreign: true,
+                    }),
+                });
+            }
+            // Gone before it could be watched: look again later.
+            Err(e) => tracing::debug!(pid, error = %e, "cannot watch the process found"),
+        }
     }
 
     pub fn sensor(&self) -> &Sensor {
@@ -97,12 +289,20 @@ impl Host {
     }
 
     fn spawn(&mut self, index: usize, service: &Service) {
-        let spec = service.config().spec.clone();
+        let spec = match &service.config().target {
+            Target::Spawn(spec) => spec.clone(),
+            Target::Watch(selector) => {
+                self.pending.insert(index, selector.clone());
+                self.attach(index);
+                return;
+            }
+        };
+        let cgroup = self.cgroup(service.name()).map(ServiceCgroup::procs_fd);
         let spawner = self.spawner.clone();
         let tx = self.progress_tx.clone();
         self.forking += 1;
         tokio::spawn(async move {
-            let launch = match runner::launch(&spec, &spawner).await {
+            let launch = match runner::launch(&spec, &spawner, cgroup).await {
                 Ok(launch) => launch,
                 Err(result) => {
                     let _ = tx.send(Progress::Done {
@@ -153,13 +353,21 @@ impl Host {
         let group = pid.and_then(|p| self.launching.remove(&p)).flatten();
         let result = match (pid, result) {
             (Some(pid), Ok(())) => {
+                let name = self.names.get(&service).cloned();
+                let oom_kills_before = self.oom_kills(name.as_deref());
+                self.record(name.as_deref(), pid);
                 self.children.insert(
                     pid,
                     Child {
-                        oom_kills_before: oom_kill_count(),
+                        oom_kills_before,
+                        service: name,
                     },
                 );
-                Ok(Spawned { pid, group })
+                Ok(Spawned {
+                    pid,
+                    group,
+                    foreign: false,
+                })
             }
             (_, Err(e)) => {
                 if let Some(group) = group {
@@ -193,9 +401,10 @@ impl Host {
         }
         if let Some((status, peak_rss_bytes)) = runner::try_wait(pid) {
             let child = self.children.remove(&pid);
+            let name = child.as_ref().and_then(|c| c.service.clone());
             let before = child.and_then(|c| c.oom_kills_before);
             let cgroup_oom_kill = status.signal() == Some(libc::SIGKILL)
-                && matches!((oom_kill_count(), before), (Some(now), Some(b)) if now > b);
+                && matches!((self.oom_kills(name.as_deref()), before), (Some(now), Some(b)) if now > b);
             self.queue.push_back(Happening::Reaped {
                 pid,
                 status,
@@ -228,6 +437,37 @@ impl Host {
         }
     }
 
+    /// The OOM-kill count that attributes kills to a service's run: its
+    /// cgroup's when the memory controller is on there, else ours.
+    fn oom_kills(&self, service: Option<&str>) -> Option<u64> {
+        service
+            .and_then(|name| self.cgroups.get(name))
+            .and_then(ServiceCgroup::oom_kills)
+            .or_else(oom_kill_count)
+    }
+
+    /// Records a run that started, for the orphan sweep of a later
+    /// instance should this one be killed.
+    fn record(&self, service: Option<&str>, pid: u32) {
+        let (Some(state), Some(name)) = (&self.state, service) else {
+            return;
+        };
+        let Some(start_time) = state::start_time(pid) else {
+            return;
+        };
+        let record = RunRecord {
+            service: name.to_owned(),
+            pid,
+            start_time,
+            cgroup: self.cgroups.get(name).map(|c| c.path().to_owned()),
+            daemon_pid: std::process::id(),
+            started_at: rfc3339(std::time::SystemTime::now()),
+        };
+        if let Err(e) = state.record_run(&record) {
+            warn!(service = name, error = %e, "cannot record the run in the state directory");
+        }
+    }
+
     fn is_launching(&self, group: Option<GroupId>) -> bool {
         group.is_some() && self.launching.values().any(|&g| g == group)
     }
@@ -236,7 +476,7 @@ impl Host {
         group.map(|g| self.sensor.members(g)).unwrap_or_default()
     }
 
-    fn write(&mut self, line: &super::AuditLine) {
+    pub fn write(&mut self, line: &super::AuditLine) {
         #[derive(Serialize)]
         struct Stamped<'a> {
             ts: String,
@@ -272,7 +512,13 @@ impl Platform for Host {
                     Progress::Done { service, pid, result } => self.done(service, pid, result),
                 },
                 _ = self.sigchld.recv() => self.reap(),
-                _ = self.sighup.recv() => self.audit.reopen(),
+                _ = self.rescan.tick(), if !self.pending.is_empty() => {
+                    let mut pending: Vec<usize> = self.pending.keys().copied().collect();
+                    pending.sort_unstable();
+                    for index in pending {
+                        self.attach(index);
+                    }
+                }
             }
         }
     }
@@ -281,13 +527,37 @@ impl Platform for Host {
         match effect {
             Effect::Spawn => {
                 self.limits.insert(index, limits(service));
+                self.names.insert(index, service.name().to_owned());
                 self.spawn(index, service);
+            }
+            Effect::Adopt => {
+                self.names.insert(index, service.name().to_owned());
+                if let Some(record) = self.adopting.remove(&index) {
+                    self.take_over(index, service, record);
+                }
+            }
+            // A process we did not start: only it gets the signal.
+            Effect::Signal { pid, signal, .. } if service.config().is_watch() => {
+                // SAFETY: a signal to the watched process, as configured.
+                unsafe { libc::kill(pid as libc::pid_t, signal) };
             }
             Effect::Signal { pid, group, signal } => {
                 runner::signal_tree(pid, &self.members(group), signal);
+                if let Some(cgroup) = self.cgroups.get(service.name()) {
+                    cgroup.signal(signal);
+                }
+            }
+            Effect::Detach { group } => {
+                self.attached.retain(|_, &mut i| i != index);
+                if let Some(group) = group {
+                    self.sensor.remove_group(group);
+                }
             }
             Effect::KillTree { pid, group } => {
                 runner::signal_tree(pid, &self.members(group), libc::SIGKILL);
+                if let Some(cgroup) = self.cgroups.get(service.name()) {
+                    let _ = cgroup.kill();
+                }
             }
             Effect::EndRun { pid: reaped, group } => {
                 // Whatever the run left behind goes with it. The main
@@ -299,6 +569,14 @@ impl Platform for Host {
                 }
                 if let Some(group) = group {
                     self.sensor.remove_group(group);
+                }
+                if let Some(cgroup) = self.cgroups.get(service.name()) {
+                    let _ = cgroup.kill();
+                }
+                if let Some(state) = &self.state
+                    && let Err(e) = state.forget_run(service.name())
+                {
+                    warn!(service = service.name(), error = %e, "cannot remove the run's record");
                 }
             }
             Effect::Measure { group } => {
@@ -325,20 +603,34 @@ impl Platform for Host {
                     warn!(service = service.name(), error = %e, "cannot re-arm the memory trigger");
                 }
             }
-            Effect::WriteMarker { path, marker } => {
+            Effect::WriteMarker {
+                path,
+                format,
+                marker,
+            } => {
                 return Some(Input::MarkerWritten(
-                    write_marker(&path, &marker)
+                    write_marker(&path, format, &marker)
                         .map(|()| path.clone())
                         .map_err(|e| e.to_string()),
                 ));
             }
-            Effect::RunHook { argv, env } => {
-                let started = runner::start_hook(&argv, &env);
+            Effect::RemoveMarker { path, reason } => {
+                let result = match std::fs::remove_file(&path) {
+                    Ok(()) => Ok(path),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path),
+                    Err(e) => Err(format!("{}: {e}", path.display())),
+                };
+                return Some(Input::MarkerRemoved { result, reason });
+            }
+            Effect::KillHook { pid } => runner::signal_group(pid, libc::SIGKILL),
+            Effect::RunHook { argv, env, user } => {
+                let started = runner::start_hook(&argv, &env, user.as_ref());
                 if let Ok(pid) = started {
                     self.children.insert(
                         pid,
                         Child {
                             oom_kills_before: None,
+                            service: None,
                         },
                     );
                 }
@@ -347,10 +639,53 @@ impl Platform for Host {
                 ));
             }
             Effect::Audit(line) => self.write(&line),
-            Effect::Finished(_) => {}
+            Effect::Finished(_) => {
+                self.pending.remove(&index);
+            }
         }
         None
     }
+
+    fn heartbeat_every(&self) -> Option<std::time::Duration> {
+        let notifier = self.notifier.as_ref().filter(|n| n.is_active())?;
+        Some(
+            notifier
+                .watchdog_interval()
+                .unwrap_or(std::time::Duration::from_secs(10)),
+        )
+    }
+
+    fn heartbeat(&mut self, services: &[Service]) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        if !self.ready_sent {
+            self.ready_sent = true;
+            notifier.ready();
+        }
+        notifier.watchdog_ping();
+        notifier.status(&summary(services));
+    }
+
+    fn reloaded(&mut self) {
+        self.audit.reopen();
+    }
+}
+
+/// One line for systemd's STATUS=: how many services run, how many watch
+/// targets have found their process.
+fn summary(services: &[Service]) -> String {
+    let current: Vec<&Service> = services.iter().filter(|s| !s.finished()).collect();
+    let (watches, runs): (Vec<&Service>, Vec<&Service>) =
+        current.iter().partition(|s| s.config().is_watch());
+    format!(
+        "{} of {} services running, {} of {} watch targets found, {} markers",
+        runs.iter().filter(|s| s.pid().is_some()).count(),
+        runs.len(),
+        watches.iter().filter(|s| s.pid().is_some()).count(),
+        watches.len(),
+        current.iter().filter(|s| s.marked()).count()
+    )
 }
 
 /// The sensor limits of a service's runs: its soft limit (a hard one is
@@ -380,24 +715,89 @@ fn oom_kill_count() -> Option<u64> {
     None
 }
 
+/// How often pending watch targets look for their process by default.
+pub const DEFAULT_RESCAN: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn rescan_timer(every: std::time::Duration) -> tokio::time::Interval {
+    let mut timer = tokio::time::interval(every);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
+}
+
+/// The process a selector names now, leaving out those already `taken`
+/// by other watch targets.
+fn resolve(selector: &Selector, taken: &HashSet<u32>) -> Option<u32> {
+    match selector {
+        Selector::Pid(pid) => (procs::exists(*pid) && !taken.contains(pid)).then_some(*pid),
+        Selector::Match(pattern) => {
+            let matched: Vec<u32> = procs::matching(&pattern.0)
+                .into_iter()
+                .map(|(pid, _)| pid)
+                .filter(|pid| !taken.contains(pid))
+                .collect();
+            procs::outermost(&matched).into_iter().min()
+        }
+        Selector::AncestorMatch { pattern, from } => {
+            let mut pid = from.unwrap_or_else(std::process::id);
+            // Bounded: a cycle cannot happen in a process tree, but a
+            // racing /proc could show a stale parent.
+            for _ in 0..4096 {
+                pid = procs::ppid(pid).filter(|&p| p > 0)?;
+                if procs::cmdline(pid).is_some_and(|line| pattern.0.is_match(&line)) {
+                    return (!taken.contains(&pid)).then_some(pid);
+                }
+            }
+            None
+        }
+    }
+}
+
 /// Writes the respawn-recommended marker atomically: a temporary file in
 /// the same directory (never through a symlink), synced, then renamed over
 /// the marker (rename replaces a symlink at the path rather than following
-/// it).
-fn write_marker(path: &Path, marker: &Marker) -> io::Result<()> {
+/// it); the directory is synced so the rename survives a crash.
+fn write_marker(path: &Path, format: MarkerFormat, marker: &Marker) -> io::Result<()> {
     use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    #[derive(Serialize)]
-    struct Body<'a> {
-        #[serde(flatten)]
-        marker: &'a Marker,
-        ts: String,
-    }
+    let ts = rfc3339(std::time::SystemTime::now());
+    let body = match format {
+        MarkerFormat::Json => {
+            #[derive(Serialize)]
+            struct Body<'a> {
+                #[serde(flatten)]
+                marker: &'a Marker,
+                timestamp: &'a str,
+            }
+            let mut text = serde_json::to_string(&Body {
+                marker,
+                timestamp: &ts,
+            })
+            .map_err(io::Error::other)?;
+            text.push('\n');
+            text
+        }
+        MarkerFormat::KeyValue => {
+            let metric = marker
+                .metric
+                .and_then(|m| serde_json::to_value(m).ok())
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!(
+                "name={}\npid={}\ncharged_bytes={}\nlimit_bytes={}\nmetric={}\ntimestamp={}\nreason={}\n",
+                marker.name,
+                marker.pid,
+                marker.charged_bytes,
+                marker.limit_bytes,
+                metric,
+                ts,
+                marker.reason
+            )
+        }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
     let tmp: PathBuf = path.with_extension(format!("tmp.{}", std::process::id()));
-    let body = serde_json::to_string(&Body {
-        marker,
-        ts: rfc3339(std::time::SystemTime::now()),
-    })
-    .map_err(io::Error::other)?;
     let _ = std::fs::remove_file(&tmp);
     let result = std::fs::OpenOptions::new()
         .write(true)
@@ -406,10 +806,11 @@ fn write_marker(path: &Path, marker: &Marker) -> io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&tmp)
         .and_then(|mut f| {
-            f.write_all(format!("{body}\n").as_bytes())?;
+            f.write_all(body.as_bytes())?;
             f.sync_all()
         })
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all());
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -24,27 +24,101 @@ use crate::{
     exit::{ExitStatus, StatusFields},
     mem::Charged,
     policy::{self, Action, Cause, Event, OomEvidence, Policy, Record},
-    runner::Spec,
+    runner::{Spec, User},
     sensor::{GroupId, SensorEvent},
 };
 
-/// Everything that defines one service.
-#[derive(Clone, Debug)]
+/// Everything that defines one service or watch target. Two equal
+/// configurations run the same way (a reload keeps what did not change).
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub spec: Spec,
+    pub target: Target,
     pub policy: policy::Config,
-    /// Where `--on-memory marker` writes its marker.
-    pub marker_file: Option<PathBuf>,
+    /// Where and how the memory action `marker` writes its marker.
+    pub marker: Option<MarkerSpec>,
+    /// A memory hook that runs longer is killed.
+    pub hook_timeout: Duration,
 }
 
-/// A run that was started.
+impl ServiceConfig {
+    /// Whether it watches processes it did not start.
+    pub fn is_watch(&self) -> bool {
+        matches!(self.target, Target::Watch(_))
+    }
+
+    /// The user its processes and hooks run as, when not the daemon's.
+    pub fn user(&self) -> Option<&User> {
+        match &self.target {
+            Target::Spawn(spec) => spec.user.as_ref(),
+            Target::Watch(_) => None,
+        }
+    }
+}
+
+/// What a run is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    /// A process tree the daemon starts.
+    Spawn(Spec),
+    /// A process tree the daemon did not start, found by a selector.
+    Watch(Selector),
+}
+
+/// How a watch target finds its process.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Selector {
+    Pid(u32),
+    /// The outermost process whose full command line matches (never the
+    /// daemon or its ancestors).
+    Match(Pattern),
+    /// From `from` (the daemon itself when `None`), the first ancestor
+    /// whose command line matches.
+    AncestorMatch { pattern: Pattern, from: Option<u32> },
+}
+
+/// A compiled regular expression, equal to another with the same source.
+#[derive(Clone, Debug)]
+pub struct Pattern(pub regex::Regex);
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+/// Where the marker goes and in which form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkerSpec {
+    pub path: PathBuf,
+    pub format: MarkerFormat,
+    /// Removed after the process has stayed under its limit this long
+    /// (`None`: only when it exits).
+    pub clear_after: Option<Duration>,
+}
+
+/// The marker's form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MarkerFormat {
+    /// `key=value` lines.
+    #[default]
+    #[value(name = "key-value")]
+    KeyValue,
+    /// One JSON object.
+    Json,
+}
+
+/// A run that was started (or, for a watch target, found).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spawned {
     pub pid: u32,
     /// Its sensor group (watched even without a limit: exits, forks and
     /// OOM kills are sensed too).
     pub group: Option<GroupId>,
+    /// Not our child (a watch target): its exit is learned from the
+    /// sensor, and nothing it leaves is killed.
+    pub foreign: bool,
 }
 
 /// What goes into a service.
@@ -73,6 +147,11 @@ pub enum Input {
     CgroupOomKill,
     /// The answer to [`Effect::WriteMarker`].
     MarkerWritten(Result<PathBuf, String>),
+    /// The answer to [`Effect::RemoveMarker`].
+    MarkerRemoved {
+        result: Result<PathBuf, String>,
+        reason: &'static str,
+    },
     /// The answer to [`Effect::RunHook`].
     HookStarted(Result<u32, String>),
 }
@@ -82,6 +161,9 @@ pub enum Input {
 pub enum Effect {
     /// Start a run; answered with [`Input::Spawned`].
     Spawn,
+    /// Take over the run a previous instance left (recorded at start-up);
+    /// answered with [`Input::Spawned`].
+    Adopt,
     /// Send a signal to the run's tree: its process group and every member
     /// of its group that left it (setsid).
     Signal {
@@ -94,6 +176,8 @@ pub enum Effect {
     /// The run is over (its main process `pid` reaped): SIGKILL what it
     /// left behind, stop watching it.
     EndRun { pid: u32, group: Option<GroupId> },
+    /// Stop watching a watch target's tree; touch nothing.
+    Detach { group: Option<GroupId> },
     /// Read the group exactly; answered with [`Input::Reading`].
     Measure { group: GroupId },
     /// Fire when the group reaches `limit` bytes, armed now.
@@ -101,12 +185,22 @@ pub enum Effect {
     /// Fire again once the group has been under its hysteresis level.
     Rearm { group: GroupId },
     /// Write the respawn marker; answered with [`Input::MarkerWritten`].
-    WriteMarker { path: PathBuf, marker: Marker },
-    /// Start the memory hook; answered with [`Input::HookStarted`].
+    WriteMarker {
+        path: PathBuf,
+        format: MarkerFormat,
+        marker: Marker,
+    },
+    /// Remove the marker; answered with [`Input::MarkerRemoved`].
+    RemoveMarker { path: PathBuf, reason: &'static str },
+    /// Start the memory hook (as `user`, when set); answered with
+    /// [`Input::HookStarted`].
     RunHook {
         argv: Vec<String>,
         env: Vec<(&'static str, String)>,
+        user: Option<User>,
     },
+    /// SIGKILL a hook that overran its timeout (and its process group).
+    KillHook { pid: u32 },
     /// Write an audit line (boxed: it is much larger than the others).
     Audit(Box<AuditLine>),
     /// The service is over.
@@ -131,7 +225,7 @@ pub enum Outcome {
 /// The respawn marker's content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Marker {
-    pub service: String,
+    pub name: String,
     pub pid: u32,
     pub charged_bytes: u64,
     pub limit_bytes: u64,
@@ -184,7 +278,7 @@ pub struct AuditLine {
 }
 
 impl AuditLine {
-    fn new(event: Event, service: &str, pid: u32, crash_count: u32) -> Self {
+    pub(crate) fn new(event: Event, service: &str, pid: u32, crash_count: u32) -> Self {
         Self {
             event,
             service: service.to_owned(),
@@ -228,7 +322,16 @@ impl OomEvidence {
 struct Run {
     pid: u32,
     group: Option<GroupId>,
+    foreign: bool,
     oom: Option<OomEvidence>,
+}
+
+/// A memory hook that is running.
+#[derive(Clone, Copy, Debug)]
+struct Hook {
+    started: Instant,
+    /// Killed for overrunning its timeout.
+    killed: bool,
 }
 
 /// One service: its policy, its run, its hooks, its deadlines.
@@ -242,8 +345,19 @@ pub struct Service {
     ever_started: bool,
     /// The last crossing's reading, for the marker and the hook.
     last_charged: (u64, Option<Charged>),
-    /// Memory hooks running: pid -> when started.
-    hooks: HashMap<u32, Instant>,
+    /// Which limit the last enforcement was for (`limit`, `hard_limit`).
+    last_reason: &'static str,
+    /// Memory hooks running, by pid.
+    hooks: HashMap<u32, Hook>,
+    /// The marker was written and not removed since.
+    marked: bool,
+    /// When to remove the marker of a run back under its limit.
+    clear_at: Option<Instant>,
+    /// Being drained because a reload removed or changed it.
+    retiring: bool,
+    /// Takes over this pid (a previous instance's run) instead of
+    /// starting one.
+    adopting: Option<u32>,
     outcome: Option<Outcome>,
 }
 
@@ -257,7 +371,12 @@ impl Service {
             last_pid: 0,
             ever_started: false,
             last_charged: (0, None),
+            last_reason: "limit",
             hooks: HashMap::new(),
+            marked: false,
+            clear_at: None,
+            retiring: false,
+            adopting: None,
             outcome: None,
         }
     }
@@ -310,7 +429,22 @@ impl Service {
         if self.finished() {
             return None;
         }
-        self.policy.next_deadline()
+        let hooks = self
+            .hooks
+            .values()
+            .filter(|h| !h.killed)
+            .map(|h| h.started + self.cfg.hook_timeout);
+        self.policy
+            .next_deadline()
+            .into_iter()
+            .chain(self.clear_at)
+            .chain(hooks)
+            .min()
+    }
+
+    /// Whether the marker is written now.
+    pub fn marked(&self) -> bool {
+        self.marked
     }
 
     /// Feeds one input at `now`; returns what to do, in order.
@@ -319,18 +453,28 @@ impl Service {
             return vec![];
         }
         let actions = match input {
+            Input::Start if self.adopting.is_some() => return vec![Effect::Adopt],
             Input::Start => self.policy.handle(policy::Input::Start, now),
             Input::Shutdown => self.policy.handle(policy::Input::Shutdown, now),
-            Input::Timer => self.policy.handle(policy::Input::Timer, now),
+            Input::Timer => return self.timer(now),
             Input::Spawned(Ok(spawned)) => {
                 self.run = Some(Run {
                     pid: spawned.pid,
                     group: spawned.group,
+                    foreign: spawned.foreign,
                     oom: None,
                 });
                 self.last_pid = spawned.pid;
                 self.ever_started = true;
-                self.policy.handle(policy::Input::Started, now)
+                if self.adopting.take().is_some() {
+                    self.policy.handle(policy::Input::Adopted { since: now }, now)
+                } else {
+                    self.policy.handle(policy::Input::Started, now)
+                }
+            }
+            Input::Spawned(Err(error)) if self.adopting.take().is_some() => {
+                tracing::warn!(service = %self.cfg.name, error = %error, "starting afresh");
+                self.policy.handle(policy::Input::Start, now)
             }
             Input::Spawned(Err(error)) => {
                 if !self.ever_started {
@@ -359,31 +503,10 @@ impl Service {
                 status,
                 peak_rss_bytes,
             } => {
-                if let Some(started) = self.hooks.remove(&pid) {
-                    return vec![self.hook_exited(pid, status, now - started)];
+                if let Some(hook) = self.hooks.remove(&pid) {
+                    return vec![self.hook_exited(pid, status, now - hook.started)];
                 }
-                let Some(run) = self.run.filter(|r| r.pid == pid) else {
-                    return vec![];
-                };
-                self.run = None;
-                let mut effects = vec![Effect::EndRun {
-                    pid,
-                    group: run.group,
-                }];
-                // The OOM verdict needs a SIGKILL: a process that handled
-                // the memory pressure and exited otherwise was not killed.
-                let oom = run.oom.filter(|_| status.signal() == Some(libc::SIGKILL));
-                let actions = self.policy.handle(
-                    policy::Input::Exited {
-                        status,
-                        oom,
-                        peak_rss_bytes: Some(peak_rss_bytes),
-                        error: None,
-                    },
-                    now,
-                );
-                effects.extend(self.perform(actions));
-                return effects;
+                return self.run_ended(pid, status, peak_rss_bytes, now);
             }
             Input::CgroupOomKill => {
                 if let Some(run) = &mut self.run {
@@ -393,8 +516,26 @@ impl Service {
                 vec![]
             }
             Input::MarkerWritten(result) => return vec![self.marker_written(result)],
+            Input::MarkerRemoved { result, reason } => {
+                let mut line = self.line(Event::MarkerRemoved);
+                line.reason = Some(reason);
+                match result {
+                    Ok(path) => line.path = Some(path.display().to_string()),
+                    Err(error) => {
+                        line.path = self.marker_path();
+                        line.error = Some(error);
+                    }
+                }
+                return vec![Effect::Audit(Box::new(line))];
+            }
             Input::HookStarted(Ok(pid)) => {
-                self.hooks.insert(pid, now);
+                self.hooks.insert(
+                    pid,
+                    Hook {
+                        started: now,
+                        killed: false,
+                    },
+                );
                 let mut line = self.line(Event::HookStarted);
                 line.hook_pid = Some(pid);
                 return vec![Effect::Audit(Box::new(line))];
@@ -408,9 +549,99 @@ impl Service {
         self.perform(actions)
     }
 
+    /// Its deadlines: the marker's removal, hooks' timeouts, the policy's.
+    fn timer(&mut self, now: Instant) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.clear_at.is_some_and(|at| at <= now) {
+            self.clear_at = None;
+            effects.extend(self.remove_marker("under_limit"));
+        }
+        let timeout = self.cfg.hook_timeout;
+        let mut overdue: Vec<u32> = self
+            .hooks
+            .iter_mut()
+            .filter(|(_, h)| !h.killed && h.started + timeout <= now)
+            .map(|(&pid, h)| {
+                h.killed = true;
+                pid
+            })
+            .collect();
+        overdue.sort_unstable();
+        for pid in overdue {
+            let mut line = self.line(Event::HookTimedOut);
+            line.hook_pid = Some(pid);
+            line.duration_ms = Some(millis(timeout));
+            effects.push(Effect::Audit(Box::new(line)));
+            effects.push(Effect::KillHook { pid });
+        }
+        let actions = self.policy.handle(policy::Input::Timer, now);
+        effects.extend(self.perform(actions));
+        effects
+    }
+
+    /// The run's main process is gone (reaped, or for a watch target,
+    /// reported by the sensor).
+    fn run_ended(
+        &mut self,
+        pid: u32,
+        status: ExitStatus,
+        peak_rss_bytes: u64,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let Some(run) = self.run.filter(|r| r.pid == pid) else {
+            return vec![];
+        };
+        self.run = None;
+        let mut effects = vec![if self.cfg.is_watch() {
+            Effect::Detach { group: run.group }
+        } else {
+            Effect::EndRun {
+                pid,
+                group: run.group,
+            }
+        }];
+        // The OOM verdict needs a SIGKILL: a process that handled
+        // the memory pressure and exited otherwise was not killed.
+        let oom = run.oom.filter(|_| status.signal() == Some(libc::SIGKILL));
+        let actions = self.policy.handle(
+            policy::Input::Exited {
+                status,
+                oom,
+                peak_rss_bytes: Some(peak_rss_bytes),
+                error: None,
+            },
+            now,
+        );
+        effects.extend(self.remove_marker("exited"));
+        effects.extend(self.perform(actions));
+        effects
+    }
+
+    fn marker_path(&self) -> Option<String> {
+        self.cfg.marker.as_ref().map(|m| m.path.display().to_string())
+    }
+
+    /// Removes the marker if it is there.
+    fn remove_marker(&mut self, reason: &'static str) -> Option<Effect> {
+        self.clear_at = None;
+        if !std::mem::take(&mut self.marked) {
+            return None;
+        }
+        self.cfg.marker.as_ref().map(|m| Effect::RemoveMarker {
+            path: m.path.clone(),
+            reason,
+        })
+    }
+
     fn sensor(&mut self, event: SensorEvent, now: Instant) -> Vec<Effect> {
         let actions = match event {
+            SensorEvent::Exit { exit, .. }
+                if self.run.is_some_and(|r| r.foreign && r.pid == exit.pid) =>
+            {
+                return self.run_ended(exit.pid, exit.status, exit.peak_rss_bytes, now);
+            }
             SensorEvent::OverLimit(crossing) if self.owns_group(crossing.group) => {
+                self.clear_at = None;
                 self.last_charged = (crossing.charged_bytes, Some(crossing.metric));
                 self.policy.handle(
                     policy::Input::Memory {
@@ -421,6 +652,14 @@ impl Service {
                 )
             }
             SensorEvent::Rearmed { group, .. } if self.owns_group(group) => {
+                if self.marked {
+                    self.clear_at = self
+                        .cfg
+                        .marker
+                        .as_ref()
+                        .and_then(|m| m.clear_after)
+                        .map(|after| now + after);
+                }
                 self.policy.handle(policy::Input::BelowLimit, now)
             }
             SensorEvent::OomVictim { pid, group } => {
@@ -487,16 +726,17 @@ impl Service {
                         effects.push(Effect::Rearm { group });
                     }
                 }
-                Action::Mark => match &self.cfg.marker_file {
-                    Some(path) => effects.push(Effect::WriteMarker {
-                        path: path.clone(),
+                Action::Mark => match &self.cfg.marker {
+                    Some(spec) => effects.push(Effect::WriteMarker {
+                        path: spec.path.clone(),
+                        format: spec.format,
                         marker: Marker {
-                            service: self.cfg.name.clone(),
+                            name: self.cfg.name.clone(),
                             pid: self.last_pid,
                             charged_bytes: self.last_charged.0,
                             limit_bytes: self.limit(),
                             metric: self.last_charged.1,
-                            reason: "memory_over_limit",
+                            reason: self.last_reason,
                         },
                     }),
                     None => effects.push(self.marker_written(Err("no marker file set".into()))),
@@ -504,14 +744,30 @@ impl Service {
                 Action::Exec(argv) => effects.push(Effect::RunHook {
                     argv,
                     env: vec![
+                        ("WATCHDOG_EVENT", "memory_over_limit".to_owned()),
+                        ("WATCHDOG_NAME", self.cfg.name.clone()),
                         ("WATCHDOG_SERVICE", self.cfg.name.clone()),
                         ("WATCHDOG_PID", self.last_pid.to_string()),
                         ("WATCHDOG_CHARGED_BYTES", self.last_charged.0.to_string()),
                         ("WATCHDOG_LIMIT_BYTES", self.limit().to_string()),
+                        ("WATCHDOG_CAUSE", self.last_reason.to_owned()),
                     ],
+                    user: self.cfg.user().cloned(),
                 }),
                 Action::Record(record) => {
+                    if record.event == Event::MemoryOverLimit {
+                        self.last_reason = record.reason.unwrap_or("limit");
+                        if let Some(charged) = record.charged_bytes {
+                            self.last_charged = (charged, record.metric);
+                        }
+                    }
                     effects.push(Effect::Audit(Box::new(self.record_line(&record))))
+                }
+                Action::Done if self.cfg.is_watch() => {
+                    if let Some(run) = self.run.take() {
+                        effects.push(Effect::Detach { group: run.group });
+                    }
+                    effects.push(self.finish(Outcome::Stopped));
                 }
                 Action::Done => {
                     let outcome = if self.policy.failed() {
@@ -565,7 +821,8 @@ impl Service {
         line
     }
 
-    fn marker_written(&self, result: Result<PathBuf, String>) -> Effect {
+    fn marker_written(&mut self, result: Result<PathBuf, String>) -> Effect {
+        self.marked |= result.is_ok();
         let mut line;
         match result {
             Ok(path) => {
@@ -574,11 +831,7 @@ impl Service {
             }
             Err(error) => {
                 line = self.line(Event::MarkerFailed);
-                line.path = self
-                    .cfg
-                    .marker_file
-                    .as_ref()
-                    .map(|p| p.display().to_string());
+                line.path = self.marker_path();
                 line.error = Some(error);
             }
         }
@@ -624,6 +877,31 @@ pub trait Platform {
     fn next(&mut self) -> impl Future<Output = Happening>;
     /// Performs one effect of service `index`; some are answered at once.
     fn perform(&mut self, index: usize, service: &Service, effect: Effect) -> Option<Input>;
+    /// How often [`Platform::heartbeat`] wants to be called, if at all.
+    fn heartbeat_every(&self) -> Option<Duration> {
+        None
+    }
+    /// Called by the loop itself on its heartbeat timer: proof that the
+    /// loop turns (the systemd watchdog ping), and a summary of the
+    /// services.
+    fn heartbeat(&mut self, _services: &[Service]) {}
+    /// The configuration was reloaded (the audit log is reopened).
+    fn reloaded(&mut self) {}
+}
+
+/// What the daemon asks of the loop.
+#[derive(Debug)]
+pub enum Control {
+    /// Drain every service and end.
+    Shutdown,
+    /// Run these services from now on: the ones whose configuration did
+    /// not change keep running, changed ones are drained and started
+    /// again, removed ones drained, new ones started (`None`: the same
+    /// services). `done` is told when the change is under way.
+    Reload {
+        services: Option<Vec<ServiceConfig>>,
+        done: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 /// Why [`drive`] stopped before every service finished.
@@ -631,65 +909,221 @@ pub trait Platform {
 #[error("{0}")]
 pub struct DriveError(pub String);
 
-/// Runs `services` on `platform` until every one is finished. `shutdown`
-/// resolving stops them all (each drains its run first).
+/// The services the loop runs. Indices are stable: a service that ends
+/// stays in place (finished), so the platform may key state by index.
+#[derive(Default)]
+pub struct Services {
+    list: Vec<Service>,
+    /// Services waiting for their predecessor of the same name to finish
+    /// draining: successor index -> predecessor index.
+    waiting: HashMap<usize, usize>,
+}
+
+impl Services {
+    pub fn new(configs: Vec<ServiceConfig>) -> Self {
+        Self {
+            list: configs.into_iter().map(Service::new).collect(),
+            waiting: HashMap::new(),
+        }
+    }
+
+    pub fn all(&self) -> &[Service] {
+        &self.list
+    }
+
+    /// The service that is current for each name (the latest of a name).
+    pub fn current(&self) -> impl Iterator<Item = &Service> {
+        let mut latest: HashMap<&str, usize> = HashMap::new();
+        for (i, s) in self.list.iter().enumerate() {
+            latest.insert(s.name(), i);
+        }
+        let mut indices: Vec<usize> = latest.into_values().collect();
+        indices.sort_unstable();
+        indices.into_iter().map(|i| &self.list[i])
+    }
+
+    /// Has the service `name` take over `pid` when it starts; its index.
+    pub fn adopt(&mut self, name: &str, pid: u32) -> Option<usize> {
+        let index = self.list.iter().position(|s| {
+            s.name() == name && !s.config().is_watch() && s.adopting.is_none()
+        })?;
+        self.list[index].adopting = Some(pid);
+        Some(index)
+    }
+
+    fn active(&self, name: &str) -> Option<usize> {
+        self.list
+            .iter()
+            .rposition(|s| s.name() == name && !s.finished() && !s.retiring)
+    }
+}
+
+/// Runs `services` on `platform` until `control` says to shut down and
+/// every service has drained, or (with `until_done`) until every service
+/// has finished on its own.
 pub async fn drive<P: Platform>(
-    services: &mut [Service],
+    services: &mut Services,
     platform: &mut P,
-    shutdown: impl Future<Output = ()>,
+    control: &mut tokio::sync::mpsc::UnboundedReceiver<Control>,
+    until_done: bool,
 ) -> Result<(), DriveError> {
     let now = clock();
-    for index in 0..services.len() {
-        feed(services, platform, index, Input::Start, now);
+    for index in 0..services.list.len() {
+        feed(&mut services.list, platform, index, Input::Start, now);
     }
-    tokio::pin!(shutdown);
     let mut stopping = false;
-    while services.iter().any(|s| !s.finished()) {
-        let deadline = services.iter().filter_map(Service::next_deadline).min();
+    // Nobody left to send controls: run on as told so far.
+    let mut listening = true;
+    let mut heartbeat = platform.heartbeat_every().map(|every| {
+        let mut timer = tokio::time::interval(every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer
+    });
+    platform.heartbeat(&services.list);
+    loop {
+        let all_finished = services.list.iter().all(Service::finished);
+        if all_finished && (stopping || until_done) {
+            break;
+        }
+        let deadline = services.list.iter().filter_map(Service::next_deadline).min();
         let timer = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
                 None => std::future::pending().await,
             }
         };
+        let beat = async {
+            match &mut heartbeat {
+                Some(timer) => {
+                    timer.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = &mut shutdown, if !stopping => {
-                stopping = true;
+            message = control.recv(), if !stopping && listening => {
                 let now = clock();
-                for index in 0..services.len() {
-                    feed(services, platform, index, Input::Shutdown, now);
+                match message {
+                    None => listening = false,
+                    Some(Control::Shutdown) => {
+                        stopping = true;
+                        services.waiting.clear();
+                        for index in 0..services.list.len() {
+                            feed(&mut services.list, platform, index, Input::Shutdown, now);
+                        }
+                    }
+                    Some(Control::Reload { services: configs, done }) => {
+                        if let Some(configs) = configs {
+                            reload(services, platform, configs, now);
+                        }
+                        platform.reloaded();
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                    }
                 }
             }
             () = timer => {
                 let now = clock();
-                for index in 0..services.len() {
-                    if services[index].next_deadline().is_some_and(|at| at <= now) {
-                        feed(services, platform, index, Input::Timer, now);
+                for index in 0..services.list.len() {
+                    if services.list[index].next_deadline().is_some_and(|at| at <= now) {
+                        feed(&mut services.list, platform, index, Input::Timer, now);
                     }
                 }
             }
+            () = beat => platform.heartbeat(&services.list),
             happening = platform.next() => {
                 let now = clock();
+                let list = &mut services.list;
                 match happening {
                     Happening::Failed(error) => return Err(DriveError(error)),
                     Happening::Spawned { service, result } => {
-                        feed(services, platform, service, Input::Spawned(result), now);
+                        feed(list, platform, service, Input::Spawned(result), now);
                     }
                     Happening::Reaped { pid, status, peak_rss_bytes, cgroup_oom_kill } => {
-                        if let Some(index) = services.iter().position(|s| s.owns_child(pid)) {
+                        if let Some(index) = list.iter().position(|s| s.owns_child(pid)) {
                             if cgroup_oom_kill {
-                                feed(services, platform, index, Input::CgroupOomKill, now);
+                                feed(list, platform, index, Input::CgroupOomKill, now);
                             }
                             let input = Input::Reaped { pid, status, peak_rss_bytes };
-                            feed(services, platform, index, input, now);
+                            feed(list, platform, index, input, now);
                         }
                     }
-                    Happening::Sensor(event) => route(services, platform, event, now),
+                    Happening::Sensor(event) => route(list, platform, event, now),
+                }
+            }
+        }
+        start_successors(services, platform, clock());
+    }
+    Ok(())
+}
+
+/// Applies a new set of service configurations.
+fn reload<P: Platform>(
+    services: &mut Services,
+    platform: &mut P,
+    configs: Vec<ServiceConfig>,
+    now: Instant,
+) {
+    let names: std::collections::HashSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+    // Removed: drained, not replaced.
+    for index in 0..services.list.len() {
+        let service = &services.list[index];
+        if !service.finished() && !service.retiring && !names.contains(service.name()) {
+            tracing::info!(service = %service.name(), "removed from the configuration: stopping it");
+            services.list[index].retiring = true;
+            feed(&mut services.list, platform, index, Input::Shutdown, now);
+        }
+    }
+    for config in configs {
+        match services.active(&config.name) {
+            Some(index) if services.list[index].config() == &config => {}
+            Some(index) => {
+                tracing::info!(service = %config.name, "changed: restarting it");
+                services.list[index].retiring = true;
+                feed(&mut services.list, platform, index, Input::Shutdown, now);
+                services.list.push(Service::new(config));
+                let successor = services.list.len() - 1;
+                services.waiting.insert(successor, index);
+            }
+            None => {
+                // A successor already waiting for this name is replaced.
+                let name = config.name.clone();
+                services.waiting.retain(|&s, _| services.list[s].name() != name || {
+                    services.list[s].outcome = Some(Outcome::Stopped);
+                    false
+                });
+                tracing::info!(service = %name, "added: starting it");
+                services.list.push(Service::new(config));
+                let index = services.list.len() - 1;
+                let pred = services
+                    .list
+                    .iter()
+                    .enumerate()
+                    .rposition(|(i, s)| i != index && s.name() == name && !s.finished());
+                match pred {
+                    Some(pred) => {
+                        services.waiting.insert(index, pred);
+                    }
+                    None => feed(&mut services.list, platform, index, Input::Start, now),
                 }
             }
         }
     }
-    Ok(())
+}
+
+/// Starts the services whose predecessor of the same name has finished.
+fn start_successors<P: Platform>(services: &mut Services, platform: &mut P, now: Instant) {
+    let ready: Vec<usize> = services
+        .waiting
+        .iter()
+        .filter(|&(_, &pred)| services.list[pred].finished())
+        .map(|(&s, _)| s)
+        .collect();
+    for index in ready {
+        services.waiting.remove(&index);
+        feed(&mut services.list, platform, index, Input::Start, now);
+    }
 }
 
 /// Hands a sensor event to the services it concerns.
@@ -700,7 +1134,9 @@ fn route<P: Platform>(
     now: Instant,
 ) {
     let group = match &event {
-        SensorEvent::OverLimit(_) | SensorEvent::Rearmed { .. } => event.group(),
+        SensorEvent::OverLimit(_) | SensorEvent::Rearmed { .. } | SensorEvent::Exit { .. } => {
+            event.group()
+        }
         SensorEvent::OomVictim { pid, group } => {
             let owner = services
                 .iter()

@@ -137,7 +137,7 @@ impl Platform for Scripted {
                     for (_, service, pid) in self.spawning.iter().filter(|s| s.0 <= now) {
                         self.queue.push_back(Happening::Spawned {
                             service: *service,
-                            result: Ok(Spawned { pid: *pid, group: Some(GroupId(*pid)) }),
+                            result: Ok(Spawned { pid: *pid, group: Some(GroupId(*pid)), foreign: false }),
                         });
                         if behaviour.over_at_start {
                             self.queue.push_back(Self::crossing(*pid, behaviour.charged));
@@ -207,25 +207,37 @@ fn service(memory: Option<MemoryPolicy>, tune: impl FnOnce(&mut Config)) -> Serv
     tune(&mut policy);
     Service::new(ServiceConfig {
         name: "svc".into(),
-        spec: crate::runner::Spec::default(),
+        target: super::Target::Spawn(crate::runner::Spec::default()),
         policy,
-        marker_file: Some("/run/marker".into()),
+        marker: Some(super::MarkerSpec {
+            path: "/run/marker".into(),
+            format: super::MarkerFormat::KeyValue,
+            clear_after: None,
+        }),
+        hook_timeout: Duration::from_secs(60),
     })
 }
 
 /// Runs `services` until `stop` resolves or they finish; returns them.
 async fn run_until(
-    mut services: Vec<Service>,
+    services: Vec<Service>,
     mut platform: Scripted,
     stop: oneshot::Receiver<()>,
 ) -> Vec<Service> {
-    let shutdown = async {
-        let _ = stop.await;
+    let (control, mut controls) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        if stop.await.is_ok() {
+            let _ = control.send(super::Control::Shutdown);
+        }
+    });
+    let mut services = super::Services {
+        list: services,
+        waiting: HashMap::new(),
     };
-    drive(&mut services, &mut platform, shutdown)
+    drive(&mut services, &mut platform, &mut controls, true)
         .await
         .expect("drive");
-    services
+    services.list
 }
 
 fn is_spawn(e: &Effect) -> bool {

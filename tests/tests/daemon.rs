@@ -1,0 +1,562 @@
+//! `watchdog run` and `watchdog check-config`: the daemon from a
+//! configuration file: bad files, several services, reload, watch targets
+//! and their markers, orphans after a crash, the instance lock, privilege
+//! drop and systemd notifications.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use watchdog_tests::{TempDir, is_root, privileged, run_watchdog, watchdog_bin};
+
+const HELPER: &str = env!("CARGO_BIN_EXE_wd-helper");
+
+fn sensors(test: &str) -> Vec<&'static str> {
+    let mut sensors = vec!["sampling"];
+    if privileged(test) {
+        sensors.insert(0, "ebpf");
+    }
+    sensors
+}
+
+/// A running daemon on a configuration file of its own.
+struct Daemon {
+    child: Child,
+    dir: TempDir,
+    config: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `body` after a `[daemon]` section pointing into a temp dir,
+    /// and starts the daemon on it.
+    fn start(sensor: &str, body: &str) -> Self {
+        let dir = TempDir::new("daemon");
+        let config = dir.path().join("watchdog.toml");
+        std::fs::write(&config, daemon_section(dir.path(), sensor) + body).unwrap();
+        let child = Self::spawn(&config, &[]);
+        Self { child, dir, config }
+    }
+
+    fn spawn(config: &Path, env: &[(&str, &str)]) -> Child {
+        Command::new(watchdog_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().copied())
+            .env("WATCHDOG_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        audit_lines(&self.dir.path().join("audit.jsonl"))
+    }
+
+    /// Waits for an audit line matching `pred`; returns every line so far.
+    fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            if lines.iter().any(&pred) {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {timeout:?}; log: {:#?}",
+                lines
+                    .iter()
+                    .map(|l| format!("{} {} {}", l["event"], l["service"], l["pid"]))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn started(&self, service: &str, timeout: Duration) -> u32 {
+        let lines = self.wait_for(&format!("{service} started"), timeout, |l| {
+            l["event"] == "started" && l["service"] == service
+        });
+        lines
+            .iter()
+            .rev()
+            .find(|l| l["event"] == "started" && l["service"] == service)
+            .and_then(|l| l["pid"].as_u64())
+            .unwrap() as u32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        wait_exit(&mut self.child, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn daemon_section(dir: &Path, sensor: &str) -> String {
+    format!(
+        "[daemon]\nstate-dir = {:?}\naudit-log = {:?}\nsensor = {sensor:?}\ninterval = \"100ms\"\nmin-interval = \"20ms\"\nrescan = \"200ms\"\norphan-grace = \"2s\"\n\n",
+        dir.join("state").display().to_string(),
+        dir.join("audit.jsonl").display().to_string()
+    )
+}
+
+fn audit_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line ({e}): {l:?}")))
+        .collect()
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+}
+
+fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "not {what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn service(name: &str, steps: &str, extra: &str) -> String {
+    let argv: Vec<String> = std::iter::once(HELPER.to_owned())
+        .chain(steps.split_whitespace().map(str::to_owned))
+        .collect();
+    format!("[[service]]\nname = {name:?}\ncommand = {argv:?}\ngrace = \"2s\"\n{extra}\n")
+}
+
+/// Each kind of bad file is refused with exit 2 and its own message,
+/// naming the file, line, column and key; nothing is started.
+#[test]
+fn bad_configuration_files_are_refused_with_their_location() {
+    let dir = TempDir::new("badconf");
+    let cases: &[(&str, &str)] = &[
+        ("[[service]]\ncommand = [\"/bin/true\"]\nmax-rs = \"1GiB\"\n", ":3:1: service[0].max-rs: unknown field `max-rs`"),
+        ("[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = \"1XB\"\n", ":3:11: service[0].max-rss: invalid size \"1XB\""),
+        ("[[service]]\ncommand = [\"/bin/true\"]\ngrace = \"soon\"\n", ":3:9: service[0].grace: invalid duration \"soon\""),
+        ("[[service]]\nname = \"a\"\n", ":1:1: service[0]: missing field `command`"),
+        (
+            "[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n",
+            ":5:1: service[1].name: the name \"a\" is already used",
+        ),
+        ("[[watch]]\nname = \"w\"\nlimit = \"1GiB\"\n", ":1:1: watch[0]: watch \"w\" needs exactly one of pid, match or ancestor-match"),
+        ("[[watch]]\nname = \"w\"\nmatch = \"x\"\nlimit = \"0\"\n", ":4:1: watch[0].limit: limit must be more than 0"),
+    ];
+    for (text, needle) in cases {
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let path = file.to_str().unwrap();
+        let (code, err) = run_watchdog(&["check-config", path], Duration::from_secs(10));
+        assert_eq!(code, Some(2), "{text:?}: {err}");
+        assert!(err.contains(&format!("{path}{needle}")), "{text:?}: {err}");
+        let state = dir.path().join("state");
+        let (code, err) = run_watchdog(
+            &["run", "--config", path, "--state-dir", state.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(2), "run {text:?}: {err}");
+        assert!(err.contains(needle), "run {text:?}: {err}");
+        assert!(!state.exists(), "run {text:?} started something");
+    }
+    let (code, err) = run_watchdog(
+        &["run", "--config", "/nonexistent/watchdog.toml"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--sample-config"), "{err}");
+}
+
+/// `run --sample-config` prints an example that `check-config` accepts.
+#[test]
+fn the_sample_configuration_is_valid() {
+    let out = Command::new(watchdog_bin())
+        .args(["run", "--sample-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dir = TempDir::new("sample");
+    let file = dir.path().join("sample.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let checked = Command::new(watchdog_bin())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+    assert!(text.contains("[[service]]") && text.contains("max-crashes = 5"), "{text}");
+}
+
+/// Two services, one leaking: only the leaker is drained and respawned.
+#[test]
+fn only_the_leaking_service_is_drained() {
+    for sensor in sensors("only_the_leaking_service_is_drained") {
+        let mut daemon = Daemon::start(
+            sensor,
+            &(service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
+                + &service("steady", "alloc 4 sleep 60000", "max-rss = \"64MiB\"")),
+        );
+        let steady = daemon.started("steady", Duration::from_secs(10));
+        let first = daemon.started("leaker", Duration::from_secs(10));
+        daemon.wait_for("the leaker's drain", Duration::from_secs(20), |l| {
+            l["event"] == "exited" && l["service"] == "leaker" && l["cause"] == "memory_drain"
+        });
+        daemon.wait_for("the leaker's respawn", Duration::from_secs(10), |l| {
+            l["event"] == "started"
+                && l["service"] == "leaker"
+                && l["pid"].as_u64() != Some(u64::from(first))
+        });
+        assert!(
+            daemon
+                .lines()
+                .iter()
+                .filter(|l| l["service"] == "steady")
+                .all(|l| l["event"] == "started"),
+            "{sensor}: the steady service was touched"
+        );
+        assert!(alive(steady), "{sensor}: steady is gone");
+        assert!(daemon.stop().success());
+        assert!(!alive(steady));
+        let lines = daemon.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["service"] == "steady" && l["event"] == "exited" && l["cause"] == "shutdown"),
+            "{sensor}: no shutdown line for steady"
+        );
+    }
+}
+
+/// SIGHUP applies a changed file: the changed service restarts, the
+/// unchanged one keeps running; an invalid file keeps the old
+/// configuration running.
+#[test]
+fn reload_restarts_only_what_changed() {
+    let mut daemon = Daemon::start(
+        "sampling",
+        &(service("same", "sleep 60000", "") + &service("changed", "sleep 60000", "")),
+    );
+    let same = daemon.started("same", Duration::from_secs(10));
+    let changed = daemon.started("changed", Duration::from_secs(10));
+    let text = std::fs::read_to_string(&daemon.config).unwrap();
+    let edited = text.replacen("name = \"changed\"\n", "name = \"changed\"\nenv = { MODE = \"new\" }\n", 1);
+    assert_ne!(text, edited);
+    std::fs::write(&daemon.config, &edited).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("the changed service's restart", Duration::from_secs(10), |l| {
+        l["event"] == "started" && l["service"] == "changed" && l["pid"].as_u64() != Some(u64::from(changed))
+    });
+    wait_until("the old run gone", Duration::from_secs(5), || !alive(changed));
+    assert!(alive(same), "the unchanged service was restarted");
+    let restarted_same = daemon
+        .lines()
+        .iter()
+        .filter(|l| l["service"] == "same" && l["event"] == "started")
+        .count();
+    assert_eq!(restarted_same, 1);
+    // An invalid file: refused, the running configuration stays.
+    std::fs::write(&daemon.config, edited.clone() + "[[service]]\nbogus = 1\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(matches!(daemon.child.try_wait(), Ok(None)), "the daemon exited");
+    assert!(alive(same));
+    let now_changed = daemon.started("changed", Duration::from_secs(1));
+    assert!(alive(now_changed));
+    assert!(daemon.stop().success());
+}
+
+/// A process the daemon did not start, matched by a word of its command
+/// line, crosses its limit: the marker appears with its content and the
+/// process lives on; when it exits, the marker is removed.
+#[test]
+fn a_watched_process_gets_a_marker_and_loses_it_on_exit() {
+    for sensor in sensors("a_watched_process_gets_a_marker_and_loses_it_on_exit") {
+        let dir = TempDir::new("watched");
+        let word = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+        let mut target = Command::new(HELPER)
+            .args(["tag", &word, "sleep", "700", "alloc", "48", "sleep", "60000"])
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon::start(
+            sensor,
+            &format!("[[watch]]\nname = \"session\"\nmatch = {word:?}\nlimit = \"32MiB\"\n"),
+        );
+        let marker = daemon.state().join("respawn-recommended/session");
+        wait_until("the marker", Duration::from_secs(15), || marker.exists());
+        let text = std::fs::read_to_string(&marker).unwrap();
+        let fields: std::collections::HashMap<&str, &str> =
+            text.lines().filter_map(|l| l.split_once('=')).collect();
+        assert_eq!(fields["pid"], target.id().to_string(), "{text}");
+        assert_eq!(fields["name"], "session");
+        assert_eq!(fields["limit_bytes"], (32u64 << 20).to_string());
+        assert!(fields["charged_bytes"].parse::<u64>().unwrap() >= 32 << 20, "{text}");
+        assert_eq!(fields["reason"], "limit");
+        assert!(!fields["metric"].is_empty() && fields["timestamp"].ends_with('Z'), "{text}");
+        assert!(alive(target.id()), "{sensor}: the watched process was touched");
+        daemon.wait_for("respawn_recommended", Duration::from_secs(5), |l| {
+            l["event"] == "respawn_recommended" && l["service"] == "session"
+        });
+        target.kill().unwrap();
+        target.wait().unwrap();
+        wait_until("the marker removed", Duration::from_secs(10), || !marker.exists());
+        daemon.wait_for("marker_removed", Duration::from_secs(5), |l| {
+            l["event"] == "marker_removed" && l["reason"] == "exited"
+        });
+        assert!(daemon.stop().success());
+    }
+}
+
+/// `ancestor-match` finds the first ancestor of the daemon whose command
+/// line matches.
+#[test]
+fn ancestor_match_finds_the_launching_session() {
+    let dir = TempDir::new("ancestor");
+    let word = format!("session-{}", dir.path().file_name().unwrap().to_string_lossy());
+    let config = dir.path().join("watchdog.toml");
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling")
+            + &format!("[[watch]]\nname = \"outer\"\nancestor-match = {word:?}\nlimit = \"8GiB\"\n"),
+    )
+    .unwrap();
+    // sh -c '... # WORD' is the session; it waits for the daemon, so it
+    // stays its parent.
+    let script = format!(
+        "{} run --config {} ; exit 0 # {word}",
+        watchdog_bin().display(),
+        config.display()
+    );
+    let mut session = Command::new("sh").args(["-c", &script]).spawn().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        if let Some(line) = audit_lines(&log).iter().find(|l| l["event"] == "started") {
+            break line["pid"].as_u64().unwrap() as u32;
+        }
+        assert!(Instant::now() < deadline, "the watch found nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(pid, session.id());
+    // Stop the daemon (the session's child).
+    let daemon = std::fs::read_to_string(dir.path().join("state/watchdog.pid")).unwrap();
+    let daemon: i32 = daemon.trim().parse().unwrap();
+    // SAFETY: a signal to the daemon we started through sh.
+    unsafe { libc::kill(daemon, libc::SIGTERM) };
+    assert!(wait_exit(&mut session, Duration::from_secs(10)).success());
+}
+
+/// A second daemon on the same state directory exits non-zero, naming the
+/// pid that holds it.
+#[test]
+fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let mut daemon = Daemon::start("sampling", &service("one", "sleep 60000", ""));
+    daemon.started("one", Duration::from_secs(10));
+    let (code, err) = run_watchdog(
+        &["run", "--config", daemon.config.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("pid {}", daemon.child.id())), "{err}");
+    assert!(daemon.stop().success());
+}
+
+/// SIGKILL of the daemon with two services running, one with a grandchild
+/// that called setsid: the next start terminates what is left, leaves a
+/// process that merely reused a recorded pid alone, and says so in the
+/// audit log.
+#[test]
+fn orphans_of_a_killed_daemon_are_terminated() {
+    if !privileged("orphans_of_a_killed_daemon_are_terminated") {
+        return;
+    }
+    let mut daemon = Daemon::start(
+        "ebpf",
+        &(service("plain", "sleep 60000", "")
+            + &service("forker", "spawn-session 2 PIDFILE sleep 60000", "")),
+    );
+    let pidfile = daemon.dir.path().join("session.pid");
+    let config = std::fs::read_to_string(&daemon.config)
+        .unwrap()
+        .replace("PIDFILE", pidfile.to_str().unwrap());
+    std::fs::write(&daemon.config, &config).unwrap();
+    // Restart on the file with the real pid file path.
+    let _ = daemon.child.kill();
+    let _ = daemon.child.wait();
+    std::fs::remove_file(daemon.dir.path().join("audit.jsonl")).ok();
+    daemon.child = Daemon::spawn(&daemon.config, &[]);
+    daemon.started("plain", Duration::from_secs(10));
+    daemon.started("forker", Duration::from_secs(10));
+    wait_until("the session's pid file", Duration::from_secs(10), || pidfile.exists());
+    let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(alive(grandchild));
+    // A record whose pid is now someone else's: never touched.
+    let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
+    let record = serde_json::json!({
+        "service": "ghost", "pid": bystander.id(), "start_time": 1,
+        "cgroup": null, "daemon_pid": 1, "started_at": "2026-01-01T00:00:00Z"
+    });
+    std::fs::write(daemon.state().join("runs/ghost.json"), record.to_string()).unwrap();
+    let _ = daemon.child.kill();
+    let _ = daemon.child.wait();
+    assert!(alive(grandchild), "the setsid grandchild died with the daemon");
+    daemon.child = Daemon::spawn(&daemon.config, &[]);
+    daemon.wait_for("the orphan's termination", Duration::from_secs(15), |l| {
+        l["event"] == "orphan_terminated" && l["service"] == "forker" && l["reason"] == "terminated"
+    });
+    wait_until("the grandchild gone", Duration::from_secs(5), || !alive(grandchild));
+    let lines = daemon.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "orphan_terminated" && l["service"] == "ghost" && l["reason"] == "pid_reused"),
+        "no pid_reused line"
+    );
+    assert!(alive(bystander.id()), "a process that reused a pid was touched");
+    bystander.kill().unwrap();
+    bystander.wait().unwrap();
+    // Both services run again under the new instance.
+    daemon.wait_for("a new plain run", Duration::from_secs(10), |l| {
+        l["event"] == "started" && l["service"] == "plain"
+    });
+    assert!(daemon.stop().success());
+}
+
+/// A service with `user = "nobody"` runs as nobody, and so does its hook.
+#[test]
+fn services_and_their_hooks_run_as_their_user() {
+    if !is_root() {
+        eprintln!("skipped services_and_their_hooks_run_as_their_user: needs root to change users");
+        assert!(!watchdog_tests::in_ci(), "CI=true requires root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("user");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let helper = dir.path().join("wd-helper");
+    watchdog_tests::copy_executable(Path::new(HELPER), &helper);
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hook_file = out.join("hook.env");
+    let body = format!(
+        "[[service]]\nname = \"unpriv\"\nuser = \"nobody\"\ncommand = [{h:?}, \"alloc\", \"40\", \"sleep\", \"60000\"]\n\
+         max-rss = \"32MiB\"\non-memory = \"exec\"\nhook = [{h:?}, \"write-env\", {f:?}]\n",
+        h = helper.display().to_string(),
+        f = hook_file.display().to_string()
+    );
+    let mut daemon = Daemon::start("sampling", &body);
+    let pid = daemon.started("unpriv", Duration::from_secs(10));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
+    wait_until("the hook's file", Duration::from_secs(15), || hook_file.exists());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&hook_file).unwrap().uid(), 65534, "the hook ran as root");
+    let text = std::fs::read_to_string(&hook_file).unwrap();
+    for want in ["WATCHDOG_EVENT=memory_over_limit", "WATCHDOG_NAME=unpriv", "WATCHDOG_CAUSE=limit"] {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
+    assert!(daemon.stop().success());
+}
+
+/// Under systemd: READY=1 once services are started, WATCHDOG=1 pings from
+/// the loop, RELOADING=1 then READY=1 around a reload, STOPPING=1.
+#[test]
+fn systemd_is_told_ready_reloading_and_stopping() {
+    let dir = TempDir::new("notify");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let config = dir.path().join("watchdog.toml");
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling") + &service("svc", "sleep 60000", ""),
+    )
+    .unwrap();
+    let mut child = Daemon::spawn(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut next = |seen: &mut Vec<String>| {
+        let n = socket.recv(&mut buf).expect("a notification");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.extend(text.lines().map(str::to_owned));
+        text
+    };
+    let wait = |seen: &mut Vec<String>, next: &mut dyn FnMut(&mut Vec<String>) -> String, want: &str| {
+        for _ in 0..200 {
+            if seen.iter().any(|l| l == want) {
+                return;
+            }
+            next(seen);
+        }
+        panic!("no {want} in {seen:?}");
+    };
+    wait(&mut seen, &mut next, "READY=1");
+    // Pings keep coming from the loop.
+    seen.clear();
+    wait(&mut seen, &mut next, "WATCHDOG=1");
+    seen.clear();
+    wait(&mut seen, &mut next, "WATCHDOG=1");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    seen.clear();
+    wait(&mut seen, &mut next, "RELOADING=1");
+    let reloading = seen.iter().position(|l| l == "RELOADING=1").unwrap();
+    wait(&mut seen, &mut next, "READY=1");
+    let ready = seen.iter().rposition(|l| l == "READY=1").unwrap();
+    assert!(reloading < ready, "{seen:?}");
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    seen.clear();
+    wait(&mut seen, &mut next, "STOPPING=1");
+    assert!(wait_exit(&mut child, Duration::from_secs(15)).success());
+    // The services did not inherit the socket.
+    assert!(seen.iter().all(|l| !l.is_empty()));
+}

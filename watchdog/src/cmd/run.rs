@@ -1,0 +1,179 @@
+//! `watchdog run`: the daemon, from a configuration file; and
+//! `watchdog check-config`: check a file and print what it means.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use crate::{
+    cmd::CliError,
+    config::{self, DaemonConfig},
+    daemon::{self, Mode, Overrides},
+    sensor::SensorChoice,
+    service::{Selector, Target},
+};
+
+/// Arguments of `watchdog run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The configuration file.
+    #[arg(long, value_name = "FILE", default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Print a commented example configuration and exit.
+    #[arg(long)]
+    pub sample_config: bool,
+    /// Overrides `state-dir` of the file.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Overrides `audit-log` of the file.
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// Overrides `sensor` of the file.
+    #[arg(long, value_enum)]
+    pub sensor: Option<SensorChoice>,
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            state_dir: self.state_dir.clone(),
+            audit_log: self.audit_log.clone(),
+            sensor: self.sensor,
+        }
+    }
+}
+
+/// Arguments of `watchdog check-config`.
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file.
+    #[arg(value_name = "FILE", default_value = config::DEFAULT_CONFIG)]
+    pub file: PathBuf,
+}
+
+/// Loads the file `run` would run, or the usage error naming what is wrong.
+pub fn load(args: &RunArgs) -> Result<DaemonConfig, CliError> {
+    daemon::load(&args.config, &args.overrides()).map_err(|e| CliError::Usage(e.to_string()))
+}
+
+pub async fn run(args: RunArgs, config: DaemonConfig) -> Result<ExitCode, CliError> {
+    let mode = Mode::Daemon {
+        file: args.config.clone(),
+        overrides: args.overrides(),
+    };
+    daemon::run(config, mode).await
+}
+
+pub fn check(args: &CheckConfigArgs) -> Result<ExitCode, CliError> {
+    let config = config::load(&args.file).map_err(|e| CliError::Usage(e.to_string()))?;
+    print!("{}", effective(&config));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The configuration as it will run, every default filled in.
+fn effective(config: &DaemonConfig) -> String {
+    use std::fmt::Write;
+    let d = &config.daemon;
+    let dur = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let mut out = String::new();
+    let _ = writeln!(out, "# {}: valid", config.file.as_ref().map_or(String::new(), |f| f.display().to_string()));
+    let _ = writeln!(out, "[daemon]");
+    let _ = writeln!(out, "state-dir = {:?}", d.state_dir.display().to_string());
+    let _ = writeln!(out, "audit-log = {:?}", d.audit_log.display().to_string());
+    let _ = writeln!(out, "audit-fsync = {}", d.audit_fsync);
+    let _ = writeln!(out, "sensor = {:?}", format!("{:?}", d.sensor).to_lowercase());
+    let _ = writeln!(out, "interval = {:?}", dur(d.interval));
+    let _ = writeln!(out, "min-interval = {:?}", dur(d.min_interval));
+    let _ = writeln!(out, "rescan = {:?}", dur(d.rescan));
+    let _ = writeln!(out, "orphans = {:?}", format!("{:?}", d.orphans).to_lowercase());
+    let _ = writeln!(out, "orphan-grace = {:?}", dur(d.orphan_grace));
+    let _ = writeln!(out, "cgroups = {}", d.cgroups);
+    let _ = writeln!(out, "oom-score-adj = {}", d.oom_score_adj);
+    let _ = writeln!(out, "mlock = {}", d.mlock);
+    let _ = writeln!(out, "nice = {}", d.nice);
+    let _ = writeln!(out, "realtime = {}", d.realtime);
+    for service in &config.services {
+        let p = &service.policy;
+        match &service.target {
+            Target::Spawn(spec) => {
+                let _ = writeln!(out, "\n[[service]]");
+                let _ = writeln!(out, "name = {:?}", service.name);
+                let _ = writeln!(out, "command = {:?}", spec.argv);
+                if let Some(user) = &spec.user {
+                    let _ = writeln!(out, "user = {:?}  # uid {} gid {}", user.name, user.uid, user.gid);
+                }
+                if let Some(cwd) = &spec.cwd {
+                    let _ = writeln!(out, "cwd = {:?}", cwd.display().to_string());
+                }
+                for (k, v) in &spec.env {
+                    let _ = writeln!(out, "env.{k} = {v:?}");
+                }
+                let _ = writeln!(out, "oom-score-adj = {}", spec.oom_score_adj);
+                let _ = writeln!(out, "restart = {:?}", format!("{:?}", p.restart).to_lowercase());
+                let _ = writeln!(out, "max-crashes = {}", p.max_crashes);
+                let _ = writeln!(out, "backoff-floor = {:?}", dur(p.backoff_floor));
+                let _ = writeln!(out, "backoff-cap = {:?}", dur(p.backoff_cap));
+                let _ = writeln!(out, "stable-after = {:?}", dur(p.stable_after));
+                let _ = writeln!(out, "clean-budget = {}", p.clean_budget);
+                let _ = writeln!(out, "clean-window = {:?}", dur(p.clean_window));
+                let _ = writeln!(out, "success-exit-codes = {:?}", p.success_codes);
+                let _ = writeln!(out, "grace = {:?}", dur(p.shutdown_grace));
+                let _ = writeln!(out, "stop-signal = {:?}", crate::exit::signal_name(p.stop_signal).unwrap_or("?"));
+            }
+            Target::Watch(selector) => {
+                let _ = writeln!(out, "\n[[watch]]");
+                let _ = writeln!(out, "name = {:?}", service.name);
+                match selector {
+                    Selector::Pid(pid) => {
+                        let _ = writeln!(out, "pid = {pid}");
+                    }
+                    Selector::Match(pattern) => {
+                        let _ = writeln!(out, "match = {:?}", pattern.0.as_str());
+                    }
+                    Selector::AncestorMatch { pattern, from } => {
+                        let _ = writeln!(out, "ancestor-match = {:?}", pattern.0.as_str());
+                        if let Some(from) = from {
+                            let _ = writeln!(out, "ancestor-of = {from}");
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(mem) = &p.memory {
+            let key = if service.is_watch() { "limit" } else { "max-rss" };
+            let _ = writeln!(out, "{key} = {:?}", crate::size::Size(mem.limit).to_string().replace(' ', ""));
+            if let Some(over) = mem.over_for {
+                let _ = writeln!(out, "over-for = {:?}", dur(over));
+            }
+            if let Some(grace) = mem.startup_grace {
+                let _ = writeln!(out, "startup-grace = {:?}", dur(grace));
+            }
+            if let Some(hard) = mem.hard_limit {
+                let _ = writeln!(out, "hard-limit = {:?}", crate::size::Size(hard).to_string().replace(' ', ""));
+            }
+            let action = match &mem.action {
+                crate::policy::MemoryAction::Restart => "restart",
+                crate::policy::MemoryAction::Signal => "signal",
+                crate::policy::MemoryAction::Marker => "marker",
+                crate::policy::MemoryAction::Exec(_) => "exec",
+            };
+            let key = if service.is_watch() { "action" } else { "on-memory" };
+            let _ = writeln!(out, "{key} = {action:?}");
+            let signal_key = if service.is_watch() { "signal" } else { "drain-signal" };
+            let _ = writeln!(out, "{signal_key} = {:?}", crate::exit::signal_name(mem.drain_signal).unwrap_or("?"));
+            if let crate::policy::MemoryAction::Exec(argv) = &mem.action {
+                let _ = writeln!(out, "hook = {argv:?}");
+                let _ = writeln!(out, "hook-timeout = {:?}", dur(service.hook_timeout));
+            }
+        }
+        if let Some(marker) = &service.marker {
+            let _ = writeln!(out, "marker-file = {:?}", marker.path.display().to_string());
+            let _ = writeln!(out, "marker-format = {:?}", match marker.format {
+                crate::service::MarkerFormat::KeyValue => "key-value",
+                crate::service::MarkerFormat::Json => "json",
+            });
+            if let Some(after) = marker.clear_after {
+                let _ = writeln!(out, "marker-clear-after = {:?}", dur(after));
+            }
+        }
+    }
+    out
+}

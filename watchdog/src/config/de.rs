@@ -1,0 +1,102 @@
+//! How the configuration file's values are read: sizes and durations as
+//! people write them, signals by name or number, an environment table, an
+//! argv as a string or a list. Each error names the value and shows the
+//! accepted form.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, de::Error};
+
+use crate::size::Size;
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Bytes(i64),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            D::Error::custom("expected a size: a string such as \"512MiB\" or \"2GiB\", or a number of bytes")
+        })? {
+            Raw::Text(text) => text.parse().map_err(D::Error::custom),
+            Raw::Bytes(n) => u64::try_from(n)
+                .map(Size)
+                .map_err(|_| D::Error::custom(format!("invalid size {n}: a size cannot be negative"))),
+        }
+    }
+}
+
+/// A duration such as "10s", "500ms", "2m 30s".
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d).map_err(|_| {
+        D::Error::custom("expected a duration in quotes, such as \"10s\", \"500ms\" or \"2m\"")
+    })?;
+    parse_duration(&text).map(Some).map_err(D::Error::custom)
+}
+
+/// Parses a duration as the command line does, with a message that shows
+/// the accepted form.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("invalid duration {text:?}: {e}; write a number and a unit, e.g. 10s, 500ms or 2m")
+    })
+}
+
+/// A signal by name ("SIGTERM", "TERM") or number.
+pub fn signal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Name(String),
+        Number(i64),
+    }
+    let raw = Raw::deserialize(d)
+        .map_err(|_| D::Error::custom("expected a signal name such as \"SIGTERM\", or a number"))?;
+    let text = match raw {
+        Raw::Name(name) => name,
+        Raw::Number(n) => n.to_string(),
+    };
+    crate::cmd::supervise::parse_signal(&text)
+        .map(Some)
+        .map_err(D::Error::custom)
+}
+
+/// An environment table: `env = { KEY = "value" }`.
+pub fn env<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    let table = std::collections::BTreeMap::<String, String>::deserialize(d).map_err(|_| {
+        D::Error::custom("expected a table of strings, such as env = { RUST_LOG = \"info\" }")
+    })?;
+    for key in table.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(D::Error::custom(format!(
+                "invalid environment variable name {key:?}"
+            )));
+        }
+    }
+    Ok(table.into_iter().collect())
+}
+
+/// An argv: a list of strings, or one string for a program without
+/// arguments (never split by a shell).
+pub fn argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let argv = match Raw::deserialize(d).map_err(|_| {
+        D::Error::custom("expected a list of strings, such as [\"/usr/local/bin/notify\", \"--urgent\"]")
+    })? {
+        Raw::One(program) => vec![program],
+        Raw::Many(argv) => argv,
+    };
+    if argv.first().is_none_or(|p| p.is_empty()) {
+        return Err(D::Error::custom(
+            "the list is empty: give the program (and its arguments)",
+        ));
+    }
+    Ok(Some(argv))
+}

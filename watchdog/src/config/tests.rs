@@ -1,0 +1,149 @@
+use super::*;
+
+fn error(text: &str) -> ConfigError {
+    parse(Path::new("/etc/watchdog/test.toml"), text).expect_err("accepted")
+}
+
+/// Each kind of bad file has its own message, at the right line and
+/// column, naming the key.
+#[test]
+fn bad_files_are_located_and_explained() {
+    let cases: &[(&str, usize, usize, &str, &str)] = &[
+        (
+            "[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\nmax-rs = \"1GiB\"\n",
+            4,
+            1,
+            "service[0].max-rs",
+            "unknown field `max-rs`",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = \"12XB\"\n",
+            3,
+            11,
+            "service[0].max-rss",
+            "invalid size \"12XB\"",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\ngrace = \"ten seconds\"\n",
+            3,
+            9,
+            "service[0].grace",
+            "invalid duration \"ten seconds\"",
+        ),
+        (
+            "[daemon]\nstate-dir = \"/tmp\"\n\n[[service]]\nname = \"x\"\n",
+            4,
+            1,
+            "service[0]",
+            "missing field `command`",
+        ),
+        (
+            "[[service]]\nname = \"w\"\ncommand = [\"/bin/true\"]\n\n[[service]]\nname = \"w\"\ncommand = [\"/bin/false\"]\n",
+            6,
+            1,
+            "service[1].name",
+            "already used by service[0]",
+        ),
+        (
+            "[[watch]]\nname = \"s\"\nlimit = \"1GiB\"\n",
+            1,
+            1,
+            "watch[0]",
+            "needs exactly one of pid, match or ancestor-match",
+        ),
+        (
+            "[[watch]]\nname = \"s\"\nmatch = \"x\"\nlimit = \"0\"\n",
+            4,
+            1,
+            "watch[0].limit",
+            "limit must be more than 0",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = 0\n",
+            3,
+            1,
+            "service[0].max-rss",
+            "max-rss must be more than 0",
+        ),
+        (
+            "[daemon]\nsensor = \"magic\"\n",
+            2,
+            10,
+            "daemon.sensor",
+            "unknown variant `magic`",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nname = \"a b\"\n",
+            3,
+            1,
+            "service[0].name",
+            "use letters, digits",
+        ),
+        (
+            "[[watch]]\nname = \"s\"\nmatch = \"(\"\nlimit = \"1GiB\"\n",
+            3,
+            1,
+            "watch[0].match",
+            "invalid regular expression",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = \"1GiB\"\nhard-limit = \"512MiB\"\n",
+            4,
+            1,
+            "service[0].hard-limit",
+            "under max-rss",
+        ),
+        ("[[service]\n", 1, 11, "", "unclosed array table"),
+    ];
+    for &(text, line, column, key, needle) in cases {
+        let err = error(text);
+        assert!(
+            err.message.contains(needle),
+            "{text:?}: {:?} does not say {needle:?}",
+            err.message
+        );
+        assert_eq!(
+            (err.line, err.column, err.key.as_str()),
+            (line, column, key),
+            "{text:?}: {err}"
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("/etc/watchdog/test.toml:{line}:{column}")),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
+fn the_sample_is_accepted() {
+    let config = parse(Path::new("sample.toml"), SAMPLE).expect("the sample is valid");
+    assert_eq!(config.services.len(), 2);
+    assert_eq!(config.services[0].name, "web");
+    assert!(config.services[1].is_watch());
+    assert_eq!(config.daemon.state_dir, Path::new(DEFAULT_STATE_DIR));
+}
+
+#[test]
+fn defaults_are_filled_in() {
+    let config = parse(
+        Path::new("x.toml"),
+        "[[service]]\ncommand = [\"/usr/bin/env\", \"sleep\", \"1\"]\nmax-rss = \"1GiB\"\n\
+         [[watch]]\nname = \"s\"\npid = 1\nlimit = \"2GiB\"\n",
+    )
+    .unwrap();
+    let service = &config.services[0];
+    assert_eq!(service.name, "env");
+    assert_eq!(service.policy.max_crashes, 5);
+    assert_eq!(service.policy.shutdown_grace, Duration::from_secs(10));
+    let watch = &config.services[1];
+    let marker = watch.marker.as_ref().unwrap();
+    assert_eq!(marker.path, Path::new("/run/watchdog/respawn-recommended/s"));
+    assert_eq!(config.daemon.orphans, Orphans::Terminate);
+}
+
+#[test]
+fn a_missing_file_says_how_to_make_one() {
+    let err = load(Path::new("/nonexistent/watchdog.toml")).unwrap_err();
+    assert!(err.to_string().contains("--sample-config"), "{err}");
+}

@@ -1,0 +1,315 @@
+//! The daemon: one process that supervises many services and watches
+//! processes it did not start, from one configuration. `watchdog run` runs
+//! it from a file; `watchdog supervise` runs it with one service given on
+//! the command line. Start-up shields the daemon (oom_score_adj, locked
+//! memory, priority), takes the state directory's lock, deals with the runs
+//! a killed predecessor left, opens the sensor and the services' cgroups;
+//! then the one service loop runs until SIGTERM / SIGINT (SIGHUP reloads).
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::Context;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    auditlog::AuditLog,
+    cgroup::Containment,
+    cmd::CliError,
+    config::{self, DaemonConfig, DaemonSection, Orphans},
+    notify::Notifier,
+    protect::{self, Protection},
+    runner,
+    sensor::Sensor,
+    service::{self, Control, Outcome, Services, host::Host},
+    state::{self, StateDir, Swept},
+};
+
+/// How the daemon was started.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// `watchdog run`: until told to stop; SIGHUP reloads `file` (with the
+    /// command line's overrides applied again).
+    Daemon {
+        file: PathBuf,
+        overrides: Overrides,
+    },
+    /// `watchdog supervise`: until its one service ends; SIGHUP reopens the
+    /// audit log. Whether a state directory and an audit file were given.
+    Supervise { state_dir: bool, audit_log: bool },
+}
+
+/// Command-line settings that win over the file's.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub state_dir: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub sensor: Option<crate::sensor::SensorChoice>,
+}
+
+impl Overrides {
+    pub fn apply(&self, daemon: &mut DaemonSection) {
+        if let Some(dir) = &self.state_dir {
+            daemon.state_dir.clone_from(dir);
+        }
+        if let Some(log) = &self.audit_log {
+            daemon.audit_log.clone_from(log);
+        }
+        if let Some(sensor) = self.sensor {
+            daemon.sensor = sensor;
+        }
+    }
+}
+
+/// Loads a configuration file with the overrides applied, its markers
+/// under the (possibly overridden) state directory.
+pub fn load(file: &Path, overrides: &Overrides) -> Result<DaemonConfig, config::ConfigError> {
+    let mut config = config::load(file)?;
+    if overrides.state_dir.is_some() {
+        // Markers without a marker-file follow the state directory.
+        let old = config.daemon.marker_dir();
+        overrides.apply(&mut config.daemon);
+        let new = config.daemon.marker_dir();
+        for service in &mut config.services {
+            if let Some(marker) = &mut service.marker
+                && let Ok(name) = marker.path.strip_prefix(&old)
+            {
+                marker.path = new.join(name);
+            }
+        }
+    } else {
+        overrides.apply(&mut config.daemon);
+    }
+    Ok(config)
+}
+
+/// Runs the daemon until it is told to stop (or, supervising one service,
+/// until that ends).
+pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError> {
+    let daemon = config.daemon.clone();
+    let is_daemon = matches!(mode, Mode::Daemon { .. });
+    let notifier = Arc::new(Notifier::take_from_env());
+
+    for applied in protect::apply(&Protection {
+        oom_score_adj: daemon.oom_score_adj,
+        mlock: daemon.mlock,
+        nice: daemon.nice,
+        realtime: daemon.realtime,
+    }) {
+        info!("{applied}");
+    }
+
+    let with_state = match mode {
+        Mode::Daemon { .. } => true,
+        Mode::Supervise { state_dir, .. } => state_dir,
+    };
+    let state = if with_state {
+        Some(StateDir::open(&daemon.state_dir).map_err(|e| CliError::Usage(e.to_string()))?)
+    } else {
+        None
+    };
+    // Held until the daemon exits: a second instance on the same state
+    // directory refuses to start.
+    let _lock = match &state {
+        Some(state) => Some(state.lock().map_err(|e| CliError::Failed(e.into()))?),
+        None => None,
+    };
+    if is_daemon {
+        let markers = daemon.marker_dir();
+        std::fs::create_dir_all(&markers)
+            .with_context(|| format!("cannot create the marker directory {}", markers.display()))?;
+    }
+
+    let audit = match mode {
+        Mode::Supervise {
+            audit_log: false, ..
+        } => AuditLog::default_stdout().context("failed to use standard output")?,
+        _ => {
+            if is_daemon && let Some(dir) = daemon.audit_log.parent() {
+                create_private_dir(dir)?;
+            }
+            // A refused file (a symlink, not ours, writable by others) is
+            // a usage error: exit 2.
+            AuditLog::file(&daemon.audit_log, daemon.audit_fsync)?
+        }
+    };
+
+    let sensor = Sensor::open(daemon.sensor, daemon.sampling()).context("cannot watch memory")?;
+    let source = sensor.source();
+    runner::become_subreaper();
+    let mut host = Host::new(sensor, audit).context("failed to set up the supervisor")?;
+    host.set_rescan(daemon.rescan);
+    host.set_notifier(notifier.clone());
+
+    // What a killed predecessor left running.
+    let mut adopt = Vec::new();
+    if let Some(state) = &state {
+        let records = state.runs();
+        if !records.is_empty() {
+            match daemon.orphans {
+                Orphans::Terminate => {
+                    info!(runs = records.len(), "terminating the runs a previous instance left");
+                    let swept = state::sweep(state, records, daemon.orphan_grace, 256).await;
+                    for (record, outcome) in swept {
+                        host.orphan_swept(&record, &outcome);
+                    }
+                }
+                Orphans::Adopt => adopt = records,
+            }
+        }
+    }
+
+    if daemon.cgroups {
+        match Containment::open(&format!("watchdog-{}", std::process::id())) {
+            Ok(containment) => {
+                info!(base = %containment.base().display(), "each service runs in a cgroup of its own");
+                host.set_containment(containment);
+            }
+            Err(reason) => warn!(
+                reason = %reason,
+                "cannot create cgroups for the services; using process groups and the kernel's \
+                 fork tracking instead (a process that calls setsid may escape a drain)"
+            ),
+        }
+    }
+    if let Some(state) = state {
+        host.set_state(state);
+    }
+
+    let mut services = Services::new(config.services);
+    for record in adopt {
+        host.adopt(&mut services, record);
+    }
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let signals = listen(mode.clone(), control, notifier.clone())
+        .context("failed to handle signals")?;
+    info!(
+        services = services.all().iter().filter(|s| !s.config().is_watch()).count(),
+        watches = services.all().iter().filter(|s| s.config().is_watch()).count(),
+        source = %source,
+        "started"
+    );
+    let driven = service::drive(&mut services, &mut host, &mut controls, !is_daemon).await;
+    signals.abort();
+    notifier.stopping();
+    let hooks: Vec<u32> = services.all().iter().flat_map(|s| s.hooks()).collect();
+    runner::kill_descendants(50, &hooks);
+    let stats = host.sensor().stats();
+    info!(
+        lost_audit_lines = host.audit().lost(),
+        lost_events = stats.lost_events,
+        unconfirmed_crossings = stats.unconfirmed_crossings,
+        "stopped"
+    );
+    host.close();
+    driven.map_err(|e| CliError::Failed(e.into()))?;
+    if is_daemon {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let service = &services.all()[0];
+    match service.outcome() {
+        Some(Outcome::CannotStart(error)) => {
+            let spec = match &service.config().target {
+                service::Target::Spawn(spec) => Some(spec),
+                service::Target::Watch(_) => None,
+            };
+            let argv0 = spec.map(|s| s.argv[0].clone()).unwrap_or_default();
+            Err(CliError::Usage(match spec.and_then(|s| s.cwd.as_ref()) {
+                Some(dir) => format!("failed to start {argv0:?} in {}: {error}", dir.display()),
+                None => format!("failed to start {argv0:?}: {error}"),
+            }))
+        }
+        Some(Outcome::GaveUp | Outcome::Failed) => Ok(ExitCode::FAILURE),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Creates the audit log's directory (mode 0750) when missing.
+fn create_private_dir(dir: &Path) -> Result<(), CliError> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
+        .with_context(|| format!("cannot create the audit log directory {}", dir.display()))
+        .map_err(CliError::Failed)
+}
+
+/// Turns signals into the loop's controls: SIGTERM / SIGINT stop, SIGHUP
+/// reloads (the daemon) or reopens the audit log (supervise).
+fn listen(
+    mode: Mode,
+    control: mpsc::UnboundedSender<Control>,
+    notifier: Arc<Notifier>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sigterm.recv() => {}
+                _ = sigint.recv() => {}
+                _ = sighup.recv() => {
+                    reload(&mode, &control, &notifier).await;
+                    continue;
+                }
+            }
+            info!("stopping: draining every service");
+            notifier.stopping();
+            let _ = control.send(Control::Shutdown);
+            return;
+        }
+    }))
+}
+
+async fn reload(mode: &Mode, control: &mpsc::UnboundedSender<Control>, notifier: &Notifier) {
+    let Mode::Daemon { file, overrides } = mode else {
+        // supervise: the same service; the audit log is reopened.
+        let _ = control.send(Control::Reload {
+            services: None,
+            done: None,
+        });
+        return;
+    };
+    notifier.reloading();
+    match load(file, overrides) {
+        Ok(config) => {
+            info!(file = %file.display(), "reloading the configuration");
+            let (done, applied) = tokio::sync::oneshot::channel();
+            let _ = control.send(Control::Reload {
+                services: Some(config.services),
+                done: Some(done),
+            });
+            let _ = applied.await;
+        }
+        Err(e) => error!(
+            error = %e,
+            "the new configuration is refused; the running one stays in force"
+        ),
+    }
+    notifier.ready();
+}
+
+impl Swept {
+    /// The audit line's `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Gone => "gone",
+            Self::PidReused => "pid_reused",
+            Self::Terminated { killed: false, .. } => "terminated",
+            Self::Terminated { killed: true, .. } => "killed",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
