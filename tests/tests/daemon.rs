@@ -171,16 +171,34 @@ fn service(name: &str, steps: &str, extra: &str) -> String {
 fn bad_configuration_files_are_refused_with_their_location() {
     let dir = TempDir::new("badconf");
     let cases: &[(&str, &str)] = &[
-        ("[[service]]\ncommand = [\"/bin/true\"]\nmax-rs = \"1GiB\"\n", ":3:1: service[0].max-rs: unknown field `max-rs`"),
-        ("[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = \"1XB\"\n", ":3:11: service[0].max-rss: invalid size \"1XB\""),
-        ("[[service]]\ncommand = [\"/bin/true\"]\ngrace = \"soon\"\n", ":3:9: service[0].grace: invalid duration \"soon\""),
-        ("[[service]]\nname = \"a\"\n", ":1:1: service[0]: missing field `command`"),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nmax-rs = \"1GiB\"\n",
+            ":3:1: service[0].max-rs: unknown field `max-rs`",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = \"1XB\"\n",
+            ":3:11: service[0].max-rss: invalid size \"1XB\"",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\ngrace = \"soon\"\n",
+            ":3:9: service[0].grace: invalid duration \"soon\"",
+        ),
+        (
+            "[[service]]\nname = \"a\"\n",
+            ":1:1: service[0]: missing field `command`",
+        ),
         (
             "[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n",
             ":5:1: service[1].name: the name \"a\" is already used",
         ),
-        ("[[watch]]\nname = \"w\"\nlimit = \"1GiB\"\n", ":1:1: watch[0]: watch \"w\" needs exactly one of pid, match or ancestor-match"),
-        ("[[watch]]\nname = \"w\"\nmatch = \"x\"\nlimit = \"0\"\n", ":4:1: watch[0].limit: limit must be more than 0"),
+        (
+            "[[watch]]\nname = \"w\"\nlimit = \"1GiB\"\n",
+            ":1:1: watch[0]: watch \"w\" needs exactly one of pid, match or ancestor-match",
+        ),
+        (
+            "[[watch]]\nname = \"w\"\nmatch = \"x\"\nlimit = \"0\"\n",
+            ":4:1: watch[0].limit: limit must be more than 0",
+        ),
     ];
     for (text, needle) in cases {
         let file = dir.path().join("bad.toml");
@@ -191,7 +209,13 @@ fn bad_configuration_files_are_refused_with_their_location() {
         assert!(err.contains(&format!("{path}{needle}")), "{text:?}: {err}");
         let state = dir.path().join("state");
         let (code, err) = run_watchdog(
-            &["run", "--config", path, "--state-dir", state.to_str().unwrap()],
+            &[
+                "run",
+                "--config",
+                path,
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
             Duration::from_secs(10),
         );
         assert_eq!(code, Some(2), "run {text:?}: {err}");
@@ -223,8 +247,15 @@ fn the_sample_configuration_is_valid() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&checked.stdout);
-    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
-    assert!(text.contains("[[service]]") && text.contains("max-crashes = 5"), "{text}");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        text.contains("[[service]]") && text.contains("max-crashes = 5"),
+        "{text}"
+    );
 }
 
 /// Two services, one leaking: only the leaker is drained and respawned.
@@ -259,9 +290,9 @@ fn only_the_leaking_service_is_drained() {
         assert!(!alive(steady));
         let lines = daemon.lines();
         assert!(
-            lines
-                .iter()
-                .any(|l| l["service"] == "steady" && l["event"] == "exited" && l["cause"] == "shutdown"),
+            lines.iter().any(|l| l["service"] == "steady"
+                && l["event"] == "exited"
+                && l["cause"] == "shutdown"),
             "{sensor}: no shutdown line for steady"
         );
     }
@@ -279,14 +310,26 @@ fn reload_restarts_only_what_changed() {
     let same = daemon.started("same", Duration::from_secs(10));
     let changed = daemon.started("changed", Duration::from_secs(10));
     let text = std::fs::read_to_string(&daemon.config).unwrap();
-    let edited = text.replacen("name = \"changed\"\n", "name = \"changed\"\nenv = { MODE = \"new\" }\n", 1);
+    let edited = text.replacen(
+        "name = \"changed\"\n",
+        "name = \"changed\"\nenv = { MODE = \"new\" }\n",
+        1,
+    );
     assert_ne!(text, edited);
     std::fs::write(&daemon.config, &edited).unwrap();
     daemon.signal(libc::SIGHUP);
-    daemon.wait_for("the changed service's restart", Duration::from_secs(10), |l| {
-        l["event"] == "started" && l["service"] == "changed" && l["pid"].as_u64() != Some(u64::from(changed))
+    daemon.wait_for(
+        "the changed service's restart",
+        Duration::from_secs(10),
+        |l| {
+            l["event"] == "started"
+                && l["service"] == "changed"
+                && l["pid"].as_u64() != Some(u64::from(changed))
+        },
+    );
+    wait_until("the old run gone", Duration::from_secs(5), || {
+        !alive(changed)
     });
-    wait_until("the old run gone", Duration::from_secs(5), || !alive(changed));
     assert!(alive(same), "the unchanged service was restarted");
     let restarted_same = daemon
         .lines()
@@ -298,7 +341,10 @@ fn reload_restarts_only_what_changed() {
     std::fs::write(&daemon.config, edited.clone() + "[[service]]\nbogus = 1\n").unwrap();
     daemon.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(matches!(daemon.child.try_wait(), Ok(None)), "the daemon exited");
+    assert!(
+        matches!(daemon.child.try_wait(), Ok(None)),
+        "the daemon exited"
+    );
     assert!(alive(same));
     let now_changed = daemon.started("changed", Duration::from_secs(1));
     assert!(alive(now_changed));
@@ -312,9 +358,16 @@ fn reload_restarts_only_what_changed() {
 fn a_watched_process_gets_a_marker_and_loses_it_on_exit() {
     for sensor in sensors("a_watched_process_gets_a_marker_and_loses_it_on_exit") {
         let dir = TempDir::new("watched");
-        let word = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+        let word = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let mut target = Command::new(HELPER)
-            .args(["tag", &word, "sleep", "700", "alloc", "48", "sleep", "60000"])
+            .args([
+                "tag", &word, "sleep", "700", "alloc", "48", "sleep", "60000",
+            ])
             .spawn()
             .unwrap();
         let mut daemon = Daemon::start(
@@ -329,16 +382,27 @@ fn a_watched_process_gets_a_marker_and_loses_it_on_exit() {
         assert_eq!(fields["pid"], target.id().to_string(), "{text}");
         assert_eq!(fields["name"], "session");
         assert_eq!(fields["limit_bytes"], (32u64 << 20).to_string());
-        assert!(fields["charged_bytes"].parse::<u64>().unwrap() >= 32 << 20, "{text}");
+        assert!(
+            fields["charged_bytes"].parse::<u64>().unwrap() >= 32 << 20,
+            "{text}"
+        );
         assert_eq!(fields["reason"], "limit");
-        assert!(!fields["metric"].is_empty() && fields["timestamp"].ends_with('Z'), "{text}");
-        assert!(alive(target.id()), "{sensor}: the watched process was touched");
+        assert!(
+            !fields["metric"].is_empty() && fields["timestamp"].ends_with('Z'),
+            "{text}"
+        );
+        assert!(
+            alive(target.id()),
+            "{sensor}: the watched process was touched"
+        );
         daemon.wait_for("respawn_recommended", Duration::from_secs(5), |l| {
             l["event"] == "respawn_recommended" && l["service"] == "session"
         });
         target.kill().unwrap();
         target.wait().unwrap();
-        wait_until("the marker removed", Duration::from_secs(10), || !marker.exists());
+        wait_until("the marker removed", Duration::from_secs(10), || {
+            !marker.exists()
+        });
         daemon.wait_for("marker_removed", Duration::from_secs(5), |l| {
             l["event"] == "marker_removed" && l["reason"] == "exited"
         });
@@ -351,12 +415,17 @@ fn a_watched_process_gets_a_marker_and_loses_it_on_exit() {
 #[test]
 fn ancestor_match_finds_the_launching_session() {
     let dir = TempDir::new("ancestor");
-    let word = format!("session-{}", dir.path().file_name().unwrap().to_string_lossy());
+    let word = format!(
+        "session-{}",
+        dir.path().file_name().unwrap().to_string_lossy()
+    );
     let config = dir.path().join("watchdog.toml");
     std::fs::write(
         &config,
         daemon_section(dir.path(), "sampling")
-            + &format!("[[watch]]\nname = \"outer\"\nancestor-match = {word:?}\nlimit = \"8GiB\"\n"),
+            + &format!(
+                "[[watch]]\nname = \"outer\"\nancestor-match = {word:?}\nlimit = \"8GiB\"\n"
+            ),
     )
     .unwrap();
     // sh -c '... # WORD' is the session; it waits for the daemon, so it
@@ -426,8 +495,14 @@ fn orphans_of_a_killed_daemon_are_terminated() {
     daemon.child = Daemon::spawn(&daemon.config, &[]);
     daemon.started("plain", Duration::from_secs(10));
     daemon.started("forker", Duration::from_secs(10));
-    wait_until("the session's pid file", Duration::from_secs(10), || pidfile.exists());
-    let grandchild: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    wait_until("the session's pid file", Duration::from_secs(10), || {
+        pidfile.exists()
+    });
+    let grandchild: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(alive(grandchild));
     // A record whose pid is now someone else's: never touched.
     let mut bystander = Command::new("sleep").arg("60").spawn().unwrap();
@@ -438,20 +513,28 @@ fn orphans_of_a_killed_daemon_are_terminated() {
     std::fs::write(daemon.state().join("runs/ghost.json"), record.to_string()).unwrap();
     let _ = daemon.child.kill();
     let _ = daemon.child.wait();
-    assert!(alive(grandchild), "the setsid grandchild died with the daemon");
+    assert!(
+        alive(grandchild),
+        "the setsid grandchild died with the daemon"
+    );
     daemon.child = Daemon::spawn(&daemon.config, &[]);
     daemon.wait_for("the orphan's termination", Duration::from_secs(15), |l| {
         l["event"] == "orphan_terminated" && l["service"] == "forker" && l["reason"] == "terminated"
     });
-    wait_until("the grandchild gone", Duration::from_secs(5), || !alive(grandchild));
+    wait_until("the grandchild gone", Duration::from_secs(5), || {
+        !alive(grandchild)
+    });
     let lines = daemon.lines();
     assert!(
-        lines
-            .iter()
-            .any(|l| l["event"] == "orphan_terminated" && l["service"] == "ghost" && l["reason"] == "pid_reused"),
+        lines.iter().any(|l| l["event"] == "orphan_terminated"
+            && l["service"] == "ghost"
+            && l["reason"] == "pid_reused"),
         "no pid_reused line"
     );
-    assert!(alive(bystander.id()), "a process that reused a pid was touched");
+    assert!(
+        alive(bystander.id()),
+        "a process that reused a pid was touched"
+    );
     bystander.kill().unwrap();
     bystander.wait().unwrap();
     // Both services run again under the new instance.
@@ -489,12 +572,25 @@ fn services_and_their_hooks_run_as_their_user() {
     let pid = daemon.started("unpriv", Duration::from_secs(10));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
-    wait_until("the hook's file", Duration::from_secs(15), || hook_file.exists());
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid}"
+    );
+    wait_until("the hook's file", Duration::from_secs(15), || {
+        hook_file.exists()
+    });
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(&hook_file).unwrap().uid(), 65534, "the hook ran as root");
+    assert_eq!(
+        std::fs::metadata(&hook_file).unwrap().uid(),
+        65534,
+        "the hook ran as root"
+    );
     let text = std::fs::read_to_string(&hook_file).unwrap();
-    for want in ["WATCHDOG_EVENT=memory_over_limit", "WATCHDOG_NAME=unpriv", "WATCHDOG_CAUSE=limit"] {
+    for want in [
+        "WATCHDOG_EVENT=memory_over_limit",
+        "WATCHDOG_NAME=unpriv",
+        "WATCHDOG_CAUSE=limit",
+    ] {
         assert!(text.contains(want), "{want} not in {text}");
     }
     assert!(daemon.stop().success());
@@ -507,7 +603,9 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     let dir = TempDir::new("notify");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let config = dir.path().join("watchdog.toml");
     std::fs::write(
         &config,
@@ -529,15 +627,16 @@ fn systemd_is_told_ready_reloading_and_stopping() {
         seen.extend(text.lines().map(str::to_owned));
         text
     };
-    let wait = |seen: &mut Vec<String>, next: &mut dyn FnMut(&mut Vec<String>) -> String, want: &str| {
-        for _ in 0..200 {
-            if seen.iter().any(|l| l == want) {
-                return;
+    let wait =
+        |seen: &mut Vec<String>, next: &mut dyn FnMut(&mut Vec<String>) -> String, want: &str| {
+            for _ in 0..200 {
+                if seen.iter().any(|l| l == want) {
+                    return;
+                }
+                next(seen);
             }
-            next(seen);
-        }
-        panic!("no {want} in {seen:?}");
-    };
+            panic!("no {want} in {seen:?}");
+        };
     wait(&mut seen, &mut next, "READY=1");
     // Pings keep coming from the loop.
     seen.clear();
@@ -559,4 +658,51 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     assert!(wait_exit(&mut child, Duration::from_secs(15)).success());
     // The services did not inherit the socket.
     assert!(seen.iter().all(|l| !l.is_empty()));
+}
+
+/// With `orphans = "adopt"`, a run survives a SIGKILL of the daemon and the
+/// next instance takes it over (same pid), then drains it on shutdown.
+#[test]
+fn orphans_can_be_adopted() {
+    for sensor in sensors("orphans_can_be_adopted") {
+        let mut daemon = Daemon::start(sensor, &service("kept", "sleep 60000", ""));
+        let text = std::fs::read_to_string(&daemon.config).unwrap();
+        std::fs::write(
+            &daemon.config,
+            text.replace("[daemon]\n", "[daemon]\norphans = \"adopt\"\n"),
+        )
+        .unwrap();
+        // Restart on the adopting file before anything runs.
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        std::fs::remove_dir_all(daemon.state()).ok();
+        std::fs::remove_file(daemon.dir.path().join("audit.jsonl")).ok();
+        daemon.child = Daemon::spawn(&daemon.config, &[]);
+        let pid = daemon.started("kept", Duration::from_secs(10));
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(alive(pid), "{sensor}: the run died with the daemon");
+        daemon.child = Daemon::spawn(&daemon.config, &[]);
+        daemon.wait_for("the adoption", Duration::from_secs(10), |l| {
+            l["event"] == "adopted"
+                && l["service"] == "kept"
+                && l["pid"].as_u64() == Some(u64::from(pid))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(alive(pid), "{sensor}: the adopted run was killed");
+        let starts = daemon
+            .lines()
+            .iter()
+            .filter(|l| l["event"] == "started" && l["service"] == "kept")
+            .count();
+        assert_eq!(starts, 1, "{sensor}: a second run was started");
+        assert!(daemon.stop().success());
+        wait_until("the adopted run drained", Duration::from_secs(5), || {
+            !alive(pid)
+        });
+        daemon.wait_for("its exit", Duration::from_secs(5), |l| {
+            l["event"] == "exited" && l["service"] == "kept" && l["cause"] == "shutdown"
+        });
+    }
 }

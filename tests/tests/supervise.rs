@@ -515,6 +515,8 @@ fn marker_recommends_without_touching() {
                 "32MiB",
                 "--on-memory",
                 "marker",
+                "--marker-format",
+                "json",
                 "--marker-file",
                 &marker_arg,
             ],
@@ -541,7 +543,8 @@ fn marker_recommends_without_touching() {
         };
         let written: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(written["pid"], pid, "{written}");
-        assert_eq!(written["reason"], "memory_over_limit");
+        assert_eq!(written["reason"], "limit");
+        assert_eq!(written["name"], "wd-helper", "{written}");
         std::thread::sleep(Duration::from_millis(300));
         assert!(
             sv.lines()

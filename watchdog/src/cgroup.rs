@@ -291,6 +291,38 @@ mod linux {
         /// up to a second for it to empty, and removes the cgroups leaves
         /// first. Never follows symlinks. Failures are logged: the next
         /// instance sweeps what remains.
+        /// Removes the empty bases other instances left when they were
+        /// killed (`watchdog-<pid>` of a pid that is no longer a
+        /// watchdog). Only `rmdir`: a base that still holds a process is
+        /// left for the orphan sweep of its own state directory. Returns
+        /// how many were removed.
+        pub fn remove_stale(&self) -> usize {
+            let Ok(names) = subdirs(&self.own) else {
+                return 0;
+            };
+            let mut removed = 0;
+            for name in names {
+                let text = name.to_string_lossy();
+                let Some(pid) = text
+                    .strip_prefix("watchdog-")
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if name.as_c_str() == self.instance.as_c_str() {
+                    continue;
+                }
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                if comm.trim() == "watchdog" {
+                    continue;
+                }
+                if remove_tree(&self.own, &name, Instant::now()).is_ok() {
+                    removed += 1;
+                }
+            }
+            removed
+        }
+
         pub fn remove(self) {
             if let Err(e) = kill_tree(&self.dir) {
                 warn!("cannot kill what is left in {}: {e}", self.base.display());
@@ -1036,6 +1068,10 @@ mod other {
 
         pub fn create(&self, service: &str) -> io::Result<ServiceCgroup> {
             let _ = service;
+            match self.never {}
+        }
+
+        pub fn remove_stale(&self) -> usize {
             match self.never {}
         }
 

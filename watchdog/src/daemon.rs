@@ -37,10 +37,7 @@ use crate::{
 pub enum Mode {
     /// `watchdog run`: until told to stop; SIGHUP reloads `file` (with the
     /// command line's overrides applied again).
-    Daemon {
-        file: PathBuf,
-        overrides: Overrides,
-    },
+    Daemon { file: PathBuf, overrides: Overrides },
     /// `watchdog supervise`: until its one service ends; SIGHUP reopens the
     /// audit log. Whether a state directory and an audit file were given.
     Supervise { state_dir: bool, audit_log: bool },
@@ -155,7 +152,10 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         if !records.is_empty() {
             match daemon.orphans {
                 Orphans::Terminate => {
-                    info!(runs = records.len(), "terminating the runs a previous instance left");
+                    info!(
+                        runs = records.len(),
+                        "terminating the runs a previous instance left"
+                    );
                     let swept = state::sweep(state, records, daemon.orphan_grace, 256).await;
                     for (record, outcome) in swept {
                         host.orphan_swept(&record, &outcome);
@@ -169,6 +169,13 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     if daemon.cgroups {
         match Containment::open(&format!("watchdog-{}", std::process::id())) {
             Ok(containment) => {
+                let stale = containment.remove_stale();
+                if stale > 0 {
+                    info!(
+                        removed = stale,
+                        "removed the empty cgroups of instances that were killed"
+                    );
+                }
                 info!(base = %containment.base().display(), "each service runs in a cgroup of its own");
                 host.set_containment(containment);
             }
@@ -188,8 +195,8 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         host.adopt(&mut services, record);
     }
     let (control, mut controls) = mpsc::unbounded_channel();
-    let signals = listen(mode.clone(), control, notifier.clone())
-        .context("failed to handle signals")?;
+    let signals =
+        listen(mode.clone(), control, notifier.clone()).context("failed to handle signals")?;
     info!(
         services = services.all().iter().filter(|s| !s.config().is_watch()).count(),
         watches = services.all().iter().filter(|s| s.config().is_watch()).count(),

@@ -25,7 +25,9 @@ use serde::Serialize;
 use crate::{exit::ExitStatus, mem::Charged};
 
 /// When to restart a service that exited.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// After every exit (clean ones within the budget).

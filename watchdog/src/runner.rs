@@ -25,6 +25,9 @@ pub struct Spec {
     pub user: Option<User>,
     /// Its oom_score_adj (the supervisor's own, -1000, is not inherited).
     pub oom_score_adj: i32,
+    /// Keeps running when the supervisor dies (a later instance adopts
+    /// it); otherwise the kernel kills it with the supervisor.
+    pub outlive_supervisor: bool,
 }
 
 /// A user to run as.
@@ -239,6 +242,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
     let reset = crate::protect::ChildReset::new(spec.oom_score_adj);
+    let outlive = spec.outlive_supervisor;
     // SAFETY: between fork and exec the closure calls only async-signal-safe
     // functions (setpgid, getpid, getppid, write, read, setgroups, setgid,
     // setuid, chdir, prctl, _exit) on values prepared before the fork.
@@ -275,7 +279,9 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
             {
                 return Err(io::Error::last_os_error());
             }
-            die_with_parent(parent);
+            if !outlive {
+                die_with_parent(parent);
+            }
             Ok(())
         });
     }

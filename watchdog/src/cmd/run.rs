@@ -74,16 +74,31 @@ fn effective(config: &DaemonConfig) -> String {
     let d = &config.daemon;
     let dur = |d: std::time::Duration| humantime::format_duration(d).to_string();
     let mut out = String::new();
-    let _ = writeln!(out, "# {}: valid", config.file.as_ref().map_or(String::new(), |f| f.display().to_string()));
+    let _ = writeln!(
+        out,
+        "# {}: valid",
+        config
+            .file
+            .as_ref()
+            .map_or(String::new(), |f| f.display().to_string())
+    );
     let _ = writeln!(out, "[daemon]");
     let _ = writeln!(out, "state-dir = {:?}", d.state_dir.display().to_string());
     let _ = writeln!(out, "audit-log = {:?}", d.audit_log.display().to_string());
     let _ = writeln!(out, "audit-fsync = {}", d.audit_fsync);
-    let _ = writeln!(out, "sensor = {:?}", format!("{:?}", d.sensor).to_lowercase());
+    let _ = writeln!(
+        out,
+        "sensor = {:?}",
+        format!("{:?}", d.sensor).to_lowercase()
+    );
     let _ = writeln!(out, "interval = {:?}", dur(d.interval));
     let _ = writeln!(out, "min-interval = {:?}", dur(d.min_interval));
     let _ = writeln!(out, "rescan = {:?}", dur(d.rescan));
-    let _ = writeln!(out, "orphans = {:?}", format!("{:?}", d.orphans).to_lowercase());
+    let _ = writeln!(
+        out,
+        "orphans = {:?}",
+        format!("{:?}", d.orphans).to_lowercase()
+    );
     let _ = writeln!(out, "orphan-grace = {:?}", dur(d.orphan_grace));
     let _ = writeln!(out, "cgroups = {}", d.cgroups);
     let _ = writeln!(out, "oom-score-adj = {}", d.oom_score_adj);
@@ -98,7 +113,11 @@ fn effective(config: &DaemonConfig) -> String {
                 let _ = writeln!(out, "name = {:?}", service.name);
                 let _ = writeln!(out, "command = {:?}", spec.argv);
                 if let Some(user) = &spec.user {
-                    let _ = writeln!(out, "user = {:?}  # uid {} gid {}", user.name, user.uid, user.gid);
+                    let _ = writeln!(
+                        out,
+                        "user = {:?}  # uid {} gid {}",
+                        user.name, user.uid, user.gid
+                    );
                 }
                 if let Some(cwd) = &spec.cwd {
                     let _ = writeln!(out, "cwd = {:?}", cwd.display().to_string());
@@ -107,7 +126,11 @@ fn effective(config: &DaemonConfig) -> String {
                     let _ = writeln!(out, "env.{k} = {v:?}");
                 }
                 let _ = writeln!(out, "oom-score-adj = {}", spec.oom_score_adj);
-                let _ = writeln!(out, "restart = {:?}", format!("{:?}", p.restart).to_lowercase());
+                let _ = writeln!(
+                    out,
+                    "restart = {:?}",
+                    format!("{:?}", p.restart).to_lowercase()
+                );
                 let _ = writeln!(out, "max-crashes = {}", p.max_crashes);
                 let _ = writeln!(out, "backoff-floor = {:?}", dur(p.backoff_floor));
                 let _ = writeln!(out, "backoff-cap = {:?}", dur(p.backoff_cap));
@@ -116,7 +139,11 @@ fn effective(config: &DaemonConfig) -> String {
                 let _ = writeln!(out, "clean-window = {:?}", dur(p.clean_window));
                 let _ = writeln!(out, "success-exit-codes = {:?}", p.success_codes);
                 let _ = writeln!(out, "grace = {:?}", dur(p.shutdown_grace));
-                let _ = writeln!(out, "stop-signal = {:?}", crate::exit::signal_name(p.stop_signal).unwrap_or("?"));
+                let _ = writeln!(
+                    out,
+                    "stop-signal = {:?}",
+                    crate::exit::signal_name(p.stop_signal).unwrap_or("?")
+                );
             }
             Target::Watch(selector) => {
                 let _ = writeln!(out, "\n[[watch]]");
@@ -138,8 +165,16 @@ fn effective(config: &DaemonConfig) -> String {
             }
         }
         if let Some(mem) = &p.memory {
-            let key = if service.is_watch() { "limit" } else { "max-rss" };
-            let _ = writeln!(out, "{key} = {:?}", crate::size::Size(mem.limit).to_string().replace(' ', ""));
+            let key = if service.is_watch() {
+                "limit"
+            } else {
+                "max-rss"
+            };
+            let _ = writeln!(
+                out,
+                "{key} = {:?}",
+                crate::size::Size(mem.limit).to_string().replace(' ', "")
+            );
             if let Some(over) = mem.over_for {
                 let _ = writeln!(out, "over-for = {:?}", dur(over));
             }
@@ -147,7 +182,11 @@ fn effective(config: &DaemonConfig) -> String {
                 let _ = writeln!(out, "startup-grace = {:?}", dur(grace));
             }
             if let Some(hard) = mem.hard_limit {
-                let _ = writeln!(out, "hard-limit = {:?}", crate::size::Size(hard).to_string().replace(' ', ""));
+                let _ = writeln!(
+                    out,
+                    "hard-limit = {:?}",
+                    crate::size::Size(hard).to_string().replace(' ', "")
+                );
             }
             let action = match &mem.action {
                 crate::policy::MemoryAction::Restart => "restart",
@@ -155,10 +194,22 @@ fn effective(config: &DaemonConfig) -> String {
                 crate::policy::MemoryAction::Marker => "marker",
                 crate::policy::MemoryAction::Exec(_) => "exec",
             };
-            let key = if service.is_watch() { "action" } else { "on-memory" };
+            let key = if service.is_watch() {
+                "action"
+            } else {
+                "on-memory"
+            };
             let _ = writeln!(out, "{key} = {action:?}");
-            let signal_key = if service.is_watch() { "signal" } else { "drain-signal" };
-            let _ = writeln!(out, "{signal_key} = {:?}", crate::exit::signal_name(mem.drain_signal).unwrap_or("?"));
+            let signal_key = if service.is_watch() {
+                "signal"
+            } else {
+                "drain-signal"
+            };
+            let _ = writeln!(
+                out,
+                "{signal_key} = {:?}",
+                crate::exit::signal_name(mem.drain_signal).unwrap_or("?")
+            );
             if let crate::policy::MemoryAction::Exec(argv) = &mem.action {
                 let _ = writeln!(out, "hook = {argv:?}");
                 let _ = writeln!(out, "hook-timeout = {:?}", dur(service.hook_timeout));
@@ -166,10 +217,14 @@ fn effective(config: &DaemonConfig) -> String {
         }
         if let Some(marker) = &service.marker {
             let _ = writeln!(out, "marker-file = {:?}", marker.path.display().to_string());
-            let _ = writeln!(out, "marker-format = {:?}", match marker.format {
-                crate::service::MarkerFormat::KeyValue => "key-value",
-                crate::service::MarkerFormat::Json => "json",
-            });
+            let _ = writeln!(
+                out,
+                "marker-format = {:?}",
+                match marker.format {
+                    crate::service::MarkerFormat::KeyValue => "key-value",
+                    crate::service::MarkerFormat::Json => "json",
+                }
+            );
             if let Some(after) = marker.clear_after {
                 let _ = writeln!(out, "marker-clear-after = {:?}", dur(after));
             }

@@ -18,12 +18,14 @@ impl<'de> Deserialize<'de> for Size {
             Bytes(i64),
         }
         match Raw::deserialize(d).map_err(|_| {
-            D::Error::custom("expected a size: a string such as \"512MiB\" or \"2GiB\", or a number of bytes")
+            D::Error::custom(
+                "expected a size: a string such as \"512MiB\" or \"2GiB\", or a number of bytes",
+            )
         })? {
             Raw::Text(text) => text.parse().map_err(D::Error::custom),
-            Raw::Bytes(n) => u64::try_from(n)
-                .map(Size)
-                .map_err(|_| D::Error::custom(format!("invalid size {n}: a size cannot be negative"))),
+            Raw::Bytes(n) => u64::try_from(n).map(Size).map_err(|_| {
+                D::Error::custom(format!("invalid size {n}: a size cannot be negative"))
+            }),
         }
     }
 }
@@ -88,7 +90,9 @@ pub fn argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::E
         Many(Vec<String>),
     }
     let argv = match Raw::deserialize(d).map_err(|_| {
-        D::Error::custom("expected a list of strings, such as [\"/usr/local/bin/notify\", \"--urgent\"]")
+        D::Error::custom(
+            "expected a list of strings, such as [\"/usr/local/bin/notify\", \"--urgent\"]",
+        )
     })? {
         Raw::One(program) => vec![program],
         Raw::Many(argv) => argv,

@@ -190,7 +190,10 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         let (offset, key) = locate(text, table, index, problem.key);
         at(offset, key, problem.message)
     };
-    if daemon.interval.is_zero() || daemon.min_interval.is_zero() || daemon.min_interval > daemon.interval {
+    if daemon.interval.is_zero()
+        || daemon.min_interval.is_zero()
+        || daemon.min_interval > daemon.interval
+    {
         let (offset, key) = locate_daemon(text, "min-interval");
         return Err(at(
             offset,
@@ -200,11 +203,19 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
     }
     if daemon.rescan.is_zero() {
         let (offset, key) = locate_daemon(text, "rescan");
-        return Err(at(offset, key, "rescan must be more than 0 (for example 2s)".into()));
+        return Err(at(
+            offset,
+            key,
+            "rescan must be more than 0 (for example 2s)".into(),
+        ));
     }
     if !(-1000..=1000).contains(&daemon.oom_score_adj) {
         let (offset, key) = locate_daemon(text, "oom-score-adj");
-        return Err(at(offset, key, "oom-score-adj must be between -1000 and 1000".into()));
+        return Err(at(
+            offset,
+            key,
+            "oom-score-adj must be between -1000 and 1000".into(),
+        ));
     }
     if !(-20..=19).contains(&daemon.nice) {
         let (offset, key) = locate_daemon(text, "nice");
@@ -251,6 +262,14 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         }
         services.push(config);
     }
+    if daemon.orphans == Orphans::Adopt {
+        // Runs must outlive a killed daemon to be adopted by the next.
+        for service in &mut services {
+            if let crate::service::Target::Spawn(spec) = &mut service.target {
+                spec.outlive_supervisor = true;
+            }
+        }
+    }
     Ok(DaemonConfig {
         file: Some(path.to_owned()),
         daemon,
@@ -274,10 +293,16 @@ fn key_at(text: &str, offset: usize) -> String {
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let mut table = String::new();
     let mut counts: std::collections::HashMap<&str, usize> = Default::default();
-    let line_end = text[line_start..].find('\n').map_or(text.len(), |i| line_start + i);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map_or(text.len(), |i| line_start + i);
     for line in text[..line_end].lines() {
         let line = line.trim();
-        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split_once("]]")).map(|(n, _)| n) {
+        if let Some(name) = line
+            .strip_prefix("[[")
+            .and_then(|l| l.split_once("]]"))
+            .map(|(n, _)| n)
+        {
             let name = name.trim();
             let n = counts.entry(name).or_default();
             table = format!("{name}[{n}]");

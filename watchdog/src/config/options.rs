@@ -186,7 +186,11 @@ pub struct ServiceOptions {
     pub clean_window: Option<Duration>,
     /// An exit code that counts as a clean exit, not a crash (repeatable)
     /// [default: 0].
-    #[arg(long = "success-exit-code", value_name = "CODE", allow_hyphen_values = true)]
+    #[arg(
+        long = "success-exit-code",
+        value_name = "CODE",
+        allow_hyphen_values = true
+    )]
     #[serde(default)]
     pub success_exit_codes: Vec<i32>,
     /// Run the service (and its hook) as this user and its groups.
@@ -216,9 +220,7 @@ pub struct ServiceOptions {
 /// the cgroup), so it is kept to a safe alphabet.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
-        return Err(format!(
-            "the name {name:?} must be 1 to 64 characters long"
-        ));
+        return Err(format!("the name {name:?} must be 1 to 64 characters long"));
     }
     if name == "." || name == ".." || name.starts_with('-') {
         return Err(format!("the name {name:?} is not allowed"));
@@ -287,7 +289,10 @@ impl ServiceOptions {
             );
         }
         let drain_signal = self.drain_signal.unwrap_or(libc::SIGTERM);
-        for (key, signal) in [("drain-signal", Some(drain_signal)), ("stop-signal", self.stop_signal)] {
+        for (key, signal) in [
+            ("drain-signal", Some(drain_signal)),
+            ("stop-signal", self.stop_signal),
+        ] {
             if signal == Some(libc::SIGSTOP) {
                 return problem(
                     key,
@@ -304,7 +309,10 @@ impl ServiceOptions {
         {
             return problem(
                 "oom-score-adj",
-                format!("{} {adj} is out of range (-1000 to 1000)", n("oom-score-adj")),
+                format!(
+                    "{} {adj} is out of range (-1000 to 1000)",
+                    n("oom-score-adj")
+                ),
             );
         }
         if self.hook_timeout.is_some_and(|t| t.is_zero()) {
@@ -333,7 +341,9 @@ impl ServiceOptions {
                 format!("{} is only used with {} exec", n("hook"), n("on-memory")),
             );
         }
-        if (self.marker_file.is_some() || self.marker_format.is_some() || self.marker_clear_after.is_some())
+        if (self.marker_file.is_some()
+            || self.marker_format.is_some()
+            || self.marker_clear_after.is_some())
             && on_memory != OnMemory::Marker
         {
             let key = if self.marker_file.is_some() {
@@ -430,6 +440,7 @@ impl ServiceOptions {
                 cwd: self.cwd.clone(),
                 user,
                 oom_score_adj: self.oom_score_adj.unwrap_or(0),
+                outlive_supervisor: false,
             }),
             policy: Config {
                 restart: self.restart.unwrap_or_default(),
@@ -559,7 +570,11 @@ impl WatchOptions {
                 format!(
                     "watch {:?} needs exactly one of pid, match or ancestor-match to say which process it watches{}",
                     self.name,
-                    if selectors > 1 { " (it has several)" } else { "" }
+                    if selectors > 1 {
+                        " (it has several)"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
@@ -578,13 +593,23 @@ impl WatchOptions {
             Selector::Match(regex("match", text)?)
         } else {
             Selector::AncestorMatch {
-                pattern: regex("ancestor-match", self.ancestor_match.as_deref().unwrap_or(""))?,
+                pattern: regex(
+                    "ancestor-match",
+                    self.ancestor_match.as_deref().unwrap_or(""),
+                )?,
                 from: self.ancestor_of,
             }
         };
         let limit = match self.limit {
-            None => return problem("limit", "limit is missing: the memory limit to watch for, e.g. limit = \"8GiB\"".into()),
-            Some(l) if l.bytes() == 0 => return problem("limit", "limit must be more than 0".into()),
+            None => {
+                return problem(
+                    "limit",
+                    "limit is missing: the memory limit to watch for, e.g. limit = \"8GiB\"".into(),
+                );
+            }
+            Some(l) if l.bytes() == 0 => {
+                return problem("limit", "limit must be more than 0".into());
+            }
             Some(l) => l,
         };
         if let Some(hard) = self.hard_limit
@@ -592,7 +617,9 @@ impl WatchOptions {
         {
             return problem(
                 "hard-limit",
-                format!("hard-limit ({hard}) is under limit ({limit}); the hard limit must be at least the soft one"),
+                format!(
+                    "hard-limit ({hard}) is under limit ({limit}); the hard limit must be at least the soft one"
+                ),
             );
         }
         if self.hook_timeout.is_some_and(|t| t.is_zero()) {
@@ -600,13 +627,22 @@ impl WatchOptions {
         }
         let action = self.action.unwrap_or_default();
         if self.signal.is_some() && action != WatchAction::Signal {
-            return problem("signal", "signal is only used with action = \"signal\"".into());
+            return problem(
+                "signal",
+                "signal is only used with action = \"signal\"".into(),
+            );
         }
         if self.hook.is_some() && action != WatchAction::Exec {
             return problem("hook", "hook is only used with action = \"exec\"".into());
         }
-        if (self.marker_file.is_some() || self.marker_format.is_some()) && action != WatchAction::Marker {
-            let key = if self.marker_file.is_some() { "marker-file" } else { "marker-format" };
+        if (self.marker_file.is_some() || self.marker_format.is_some())
+            && action != WatchAction::Marker
+        {
+            let key = if self.marker_file.is_some() {
+                "marker-file"
+            } else {
+                "marker-format"
+            };
             return problem(key, format!("{key} is only used with action = \"marker\""));
         }
         let mut marker = None;
@@ -630,7 +666,10 @@ impl WatchOptions {
             }
             WatchAction::Exec => {
                 let Some(hook) = &self.hook else {
-                    return problem("hook", "action = \"exec\" needs hook: the program to run, as a list".into());
+                    return problem(
+                        "hook",
+                        "action = \"exec\" needs hook: the program to run, as a list".into(),
+                    );
                 };
                 check_executable(naming, &hook[0])?;
                 MemoryAction::Exec(hook.clone())
@@ -704,7 +743,10 @@ fn check_marker_dir(key: &str, path: &Path) -> Result<(), Problem> {
     if path.is_dir() {
         return problem(
             "marker-file",
-            format!("{key} {}: a directory; name the marker file itself", path.display()),
+            format!(
+                "{key} {}: a directory; name the marker file itself",
+                path.display()
+            ),
         );
     }
     let dir = match path.parent() {

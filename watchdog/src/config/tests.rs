@@ -138,7 +138,10 @@ fn defaults_are_filled_in() {
     assert_eq!(service.policy.shutdown_grace, Duration::from_secs(10));
     let watch = &config.services[1];
     let marker = watch.marker.as_ref().unwrap();
-    assert_eq!(marker.path, Path::new("/run/watchdog/respawn-recommended/s"));
+    assert_eq!(
+        marker.path,
+        Path::new("/run/watchdog/respawn-recommended/s")
+    );
     assert_eq!(config.daemon.orphans, Orphans::Terminate);
 }
 

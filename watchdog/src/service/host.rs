@@ -140,7 +140,8 @@ impl Host {
 
     /// Writes what the start-up sweep did to a previous instance's run.
     pub fn orphan_swept(&mut self, record: &RunRecord, swept: &Swept) {
-        let mut line = super::AuditLine::new(Event::OrphanTerminated, &record.service, record.pid, 0);
+        let mut line =
+            super::AuditLine::new(Event::OrphanTerminated, &record.service, record.pid, 0);
         line.reason = Some(swept.reason());
         match swept {
             Swept::Terminated { pids, killed } => {
@@ -169,7 +170,8 @@ impl Host {
             }
             _ => {
                 let reason = if alive { "service_removed" } else { "gone" };
-                let mut line = super::AuditLine::new(Event::OrphanTerminated, &record.service, record.pid, 0);
+                let mut line =
+                    super::AuditLine::new(Event::OrphanTerminated, &record.service, record.pid, 0);
                 line.reason = Some(reason);
                 if alive {
                     // Not wanted any more: stopped like any other orphan.

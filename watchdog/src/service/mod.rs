@@ -74,7 +74,10 @@ pub enum Selector {
     Match(Pattern),
     /// From `from` (the daemon itself when `None`), the first ancestor
     /// whose command line matches.
-    AncestorMatch { pattern: Pattern, from: Option<u32> },
+    AncestorMatch {
+        pattern: Pattern,
+        from: Option<u32>,
+    },
 }
 
 /// A compiled regular expression, equal to another with the same source.
@@ -98,7 +101,9 @@ pub struct MarkerSpec {
 }
 
 /// The marker's form.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, Serialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum MarkerFormat {
     /// `key=value` lines.
@@ -467,7 +472,8 @@ impl Service {
                 self.last_pid = spawned.pid;
                 self.ever_started = true;
                 if self.adopting.take().is_some() {
-                    self.policy.handle(policy::Input::Adopted { since: now }, now)
+                    self.policy
+                        .handle(policy::Input::Adopted { since: now }, now)
                 } else {
                     self.policy.handle(policy::Input::Started, now)
                 }
@@ -618,7 +624,10 @@ impl Service {
     }
 
     fn marker_path(&self) -> Option<String> {
-        self.cfg.marker.as_ref().map(|m| m.path.display().to_string())
+        self.cfg
+            .marker
+            .as_ref()
+            .map(|m| m.path.display().to_string())
     }
 
     /// Removes the marker if it is there.
@@ -944,9 +953,10 @@ impl Services {
 
     /// Has the service `name` take over `pid` when it starts; its index.
     pub fn adopt(&mut self, name: &str, pid: u32) -> Option<usize> {
-        let index = self.list.iter().position(|s| {
-            s.name() == name && !s.config().is_watch() && s.adopting.is_none()
-        })?;
+        let index = self
+            .list
+            .iter()
+            .position(|s| s.name() == name && !s.config().is_watch() && s.adopting.is_none())?;
         self.list[index].adopting = Some(pid);
         Some(index)
     }
@@ -985,7 +995,11 @@ pub async fn drive<P: Platform>(
         if all_finished && (stopping || until_done) {
             break;
         }
-        let deadline = services.list.iter().filter_map(Service::next_deadline).min();
+        let deadline = services
+            .list
+            .iter()
+            .filter_map(Service::next_deadline)
+            .min();
         let timer = async {
             match deadline {
                 Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
@@ -1089,9 +1103,11 @@ fn reload<P: Platform>(
             None => {
                 // A successor already waiting for this name is replaced.
                 let name = config.name.clone();
-                services.waiting.retain(|&s, _| services.list[s].name() != name || {
-                    services.list[s].outcome = Some(Outcome::Stopped);
-                    false
+                services.waiting.retain(|&s, _| {
+                    services.list[s].name() != name || {
+                        services.list[s].outcome = Some(Outcome::Stopped);
+                        false
+                    }
                 });
                 tracing::info!(service = %name, "added: starting it");
                 services.list.push(Service::new(config));
