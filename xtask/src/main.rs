@@ -2,15 +2,17 @@
 //!
 //! These are the only commands a newcomer needs: `setup` installs whatever
 //! is missing (idempotently, saying what it does), and `run` and `test` run
-//! it first, so a fresh machine needs nothing done by hand.
+//! it first, so a fresh machine needs nothing done by hand. `run` without
+//! arguments shows the daemon at work on examples/watchdog.toml.
 
 use std::{
     env,
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     fs,
-    os::unix::process::CommandExt,
+    os::unix::process::{CommandExt, ExitStatusExt},
     path::{Path, PathBuf},
-    process::Command,
+    process::{self, Command},
+    sync::atomic::{AtomicI32, Ordering},
     time::Instant,
 };
 
@@ -49,7 +51,16 @@ enum Task {
     /// Build the release binary with the kernel programs embedded.
     Build,
     /// Set up if needed, build, and run the binary as root (via `sudo -E`
-    /// when not root). Without arguments: `watchdog audit --all`.
+    /// when not root). Without arguments: the demo.
+    ///
+    /// `cargo xtask run -- ARGS` runs `watchdog ARGS`. Without arguments,
+    /// the demo: `watchdog run --config examples/watchdog.toml` from the
+    /// repository root, supervising two `watchdog-demo` workers (one leaks
+    /// and is drained and restarted each time it crosses its limit, one
+    /// stays under it), and watching a `watchdog-demo session` started
+    /// alongside, which it must not stop: it leaves a marker for it. The
+    /// audit log and the marker are under target/demo. Ctrl-C stops
+    /// everything; xtask exits with the daemon's status.
     Run {
         /// Arguments for the watchdog binary.
         #[arg(last = true)]
@@ -223,22 +234,68 @@ impl Project {
     fn run(&self, args: Vec<OsString>) -> Result<()> {
         self.setup()?;
         let binary = self.build()?;
-        let args = if args.is_empty() {
-            vec!["audit".into(), "--all".into()]
-        } else {
-            args
-        };
-        let mut cmd = if is_root() {
-            Command::new(&binary)
-        } else {
-            println!("run: not root, running through `sudo -E`");
-            let mut cmd = Command::new("sudo");
-            cmd.arg("-E").arg(&binary);
-            cmd
-        };
-        cmd.args(&args);
-        let err = cmd.exec();
+        if args.is_empty() {
+            return self.demo(&binary);
+        }
+        let err = as_root(&binary, None).args(&args).exec();
         Err(err).with_context(|| format!("failed to run {}", binary.display()))
+    }
+
+    /// The daemon on examples/watchdog.toml, from the repository root (the
+    /// configuration's relative paths are taken from there), with a
+    /// long-lived session of its own to watch: a process it did not start.
+    /// Exits with the daemon's status, leaving nothing behind.
+    fn demo(&self, watchdog: &Path) -> Result<()> {
+        run(Command::new("cargo").current_dir(&self.root).args([
+            "build",
+            "--release",
+            "--package",
+            "watchdog-demo",
+        ]))?;
+        let release = self.root.join("target/release");
+        fs::create_dir_all(self.root.join("target/demo"))?;
+        // The configuration names its programs without a path.
+        let mut path = vec![release.clone()];
+        path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+        let path = env::join_paths(path)?;
+
+        step("demo: watchdog run --config examples/watchdog.toml");
+        println!(
+            "The daemon supervises the workers in examples/watchdog.toml (one leaks: it is\n\
+             drained and restarted each time it crosses its limit; one stays under it) and\n\
+             watches `watchdog-demo session`, started here, which it must not stop.\n\
+             Audit log (JSON lines): target/demo/audit.jsonl\n\
+             Marker, once the session crosses its limit: \
+             target/demo/state/respawn-recommended/session\n\
+             Ctrl-C stops everything."
+        );
+        let mut session = Command::new(release.join("watchdog-demo"))
+            .args(["session", "--grow-to", "96MiB", "--over", "6s"])
+            .current_dir(&self.root)
+            .spawn()
+            .context("failed to start the demo session")?;
+        let status = as_root(watchdog, Some(&path))
+            .args(["run", "--config", "examples/watchdog.toml"])
+            .current_dir(&self.root)
+            .spawn()
+            .and_then(|mut daemon| {
+                forward_stop_signals_to(daemon.id());
+                let status = daemon.wait();
+                DAEMON.store(0, Ordering::SeqCst);
+                status
+            });
+        // The session ends with the daemon, whatever became of it.
+        session.kill()?;
+        session.wait()?;
+        let status = status.with_context(|| format!("failed to run {}", watchdog.display()))?;
+        if status.success() {
+            return Ok(());
+        }
+        process::exit(
+            status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        )
     }
 
     // ---- test --------------------------------------------------------
@@ -457,6 +514,65 @@ fn clean_toolchain_env(cmd: &mut Command) {
         "CARGO_BUILD_TARGET",
     ] {
         cmd.env_remove(var);
+    }
+}
+
+/// `program` as root: itself when xtask runs as root, else through
+/// `sudo -E`. `path`, when given, becomes its PATH: through env(1) under
+/// sudo, whose secure_path would replace it otherwise.
+fn as_root(program: &Path, path: Option<&OsStr>) -> Command {
+    if is_root() {
+        let mut cmd = Command::new(program);
+        if let Some(path) = path {
+            cmd.env("PATH", path);
+        }
+        return cmd;
+    }
+    println!("run: not root, running through `sudo -E`");
+    let mut cmd = Command::new("sudo");
+    cmd.arg("-E");
+    if let Some(path) = path {
+        let mut assignment = OsString::from("PATH=");
+        assignment.push(path);
+        cmd.arg("env").arg(assignment);
+    }
+    cmd.arg(program);
+    cmd
+}
+
+/// The daemon `cargo xtask run` waits for, while it runs.
+static DAEMON: AtomicI32 = AtomicI32::new(0);
+
+/// Passes SIGINT and SIGTERM sent to xtask on to the daemon, instead of
+/// dying of them: xtask outlives the daemon and cleans up after it. Ctrl-C
+/// in the terminal is the exception: it reaches the daemon without help.
+fn forward_stop_signals_to(pid: u32) {
+    DAEMON.store(pid as i32, Ordering::SeqCst);
+    let handler = forward as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+    // SAFETY: a zeroed sigaction is valid (no flags, empty mask).
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = handler as libc::sighandler_t;
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only reads an atomic and calls kill(2), both
+        // async-signal-safe.
+        unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) };
+    }
+}
+
+extern "C" fn forward(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Ctrl-C in the terminal (sent by the kernel) goes to the daemon
+    // directly, or through sudo: forwarding it as well would make one
+    // Ctrl-C two.
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    if unsafe { (*info).si_code } == libc::SI_KERNEL {
+        return;
+    }
+    let pid = DAEMON.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) has no memory effects; the pid is cleared as soon
+        // as the daemon is reaped.
+        unsafe { libc::kill(pid, signal) };
     }
 }
 
