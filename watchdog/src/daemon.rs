@@ -92,16 +92,18 @@ pub fn load(file: &Path, overrides: &Overrides) -> Result<DaemonConfig, config::
 pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError> {
     let daemon = config.daemon.clone();
     let is_daemon = matches!(mode, Mode::Daemon { .. });
-    let notifier = Arc::new(Notifier::take_from_env());
+    let notifier = crate::notify::shared();
 
-    for applied in protect::apply(&Protection {
+    let applied: Vec<String> = protect::apply(&Protection {
         oom_score_adj: daemon.oom_score_adj,
         mlock: daemon.mlock,
         nice: daemon.nice,
         realtime: daemon.realtime,
-    }) {
-        info!("{applied}");
-    }
+    })
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    info!(protection = %applied.join("; "), "shielding the daemon from what it watches");
 
     let with_state = match mode {
         Mode::Daemon { .. } => true,

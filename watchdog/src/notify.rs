@@ -207,6 +207,21 @@ impl Notifier {
     }
 }
 
+static FROM_ENV: std::sync::OnceLock<std::sync::Arc<Notifier>> = std::sync::OnceLock::new();
+
+/// Takes the notifier out of the environment: called once by `main` before
+/// any other thread exists, so that no service inherits systemd's socket.
+pub fn init() {
+    let _ = FROM_ENV.set(std::sync::Arc::new(Notifier::take_from_env()));
+}
+
+/// The notifier taken at start-up (inactive when there was none).
+pub fn shared() -> std::sync::Arc<Notifier> {
+    FROM_ENV
+        .get_or_init(|| std::sync::Arc::new(Notifier::inactive()))
+        .clone()
+}
+
 impl Default for Notifier {
     fn default() -> Self {
         Self::inactive()

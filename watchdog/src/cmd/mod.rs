@@ -102,6 +102,8 @@ fn long_version() -> &'static str {
 pub fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help / --version.
     let cli = Cli::parse();
+    // Before any thread: the services must not inherit systemd's socket.
+    crate::notify::init();
     if let Command::Run(args) = &cli.command
         && args.sample_config
     {
@@ -154,24 +156,37 @@ pub fn main() -> ExitCode {
 /// Turns a command's result into its exit code, printing its error: as a
 /// log record (so `--log-format json` covers it too).
 fn report(result: Result<ExitCode, CliError>) -> ExitCode {
-    match result {
-        Ok(code) => code,
-        Err(CliError::Usage(msg)) => {
-            print_error(&msg);
-            ExitCode::from(2)
+    let (code, message) = match result {
+        Ok(code) => (code, None),
+        Err(CliError::Usage(msg)) => (ExitCode::from(2), Some(msg)),
+        Err(CliError::Failed(err)) => (ExitCode::FAILURE, Some(format!("{err:#}"))),
+    };
+    match message {
+        Some(message) if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) => {
+            tracing::error!("{message}");
+            flush_logs();
         }
-        Err(CliError::Failed(err)) => {
-            print_error(&format!("{err:#}"));
-            ExitCode::FAILURE
+        Some(message) => {
+            // The log's last lines come before the error.
+            flush_logs();
+            eprintln!("watchdog: error: {message}");
         }
+        None => flush_logs(),
     }
+    code
 }
 
-fn print_error(message: &str) {
-    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-        tracing::error!("{message}");
-    } else {
-        eprintln!("watchdog: error: {message}");
+/// Flushes the log writer's thread when taken (at exit).
+static LOG_GUARD: std::sync::OnceLock<
+    std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>>,
+> = std::sync::OnceLock::new();
+
+/// Flushes what the log writer still holds.
+fn flush_logs() {
+    if let Some(guard) = LOG_GUARD.get()
+        && let Ok(mut guard) = guard.lock()
+    {
+        guard.take();
     }
 }
 
@@ -198,9 +213,16 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("WATCHDOG_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
+    // Written by a thread of its own: a stalled reader of standard error
+    // (a slow journal, a full pipe) costs log lines, never the event loop.
+    // Lines dropped that way are counted by the writer and said on exit.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .finish(std::io::stderr());
+    let _ = LOG_GUARD.set(std::sync::Mutex::new(Some(guard)));
     let builder = fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),

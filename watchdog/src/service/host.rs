@@ -491,6 +491,58 @@ impl Host {
             line,
             source: self.source,
         });
+        log(line);
+    }
+}
+
+/// The log's account of an audit line: one record with its fields, for a
+/// terminal or a log shipper.
+fn log(line: &super::AuditLine) {
+    use crate::policy::Cause;
+    let (warn, message) = match line.event {
+        Event::Started => (false, "started"),
+        Event::Adopted => (false, "adopted the run a previous instance left"),
+        Event::MemoryOverLimit => (true, "over its memory limit"),
+        Event::DrainStarted => (false, "draining"),
+        Event::EscalatedKill => (true, "still running after its grace: killing its tree"),
+        Event::Exited => (
+            matches!(line.cause, Some(Cause::Crash | Cause::OomKill)),
+            "exited",
+        ),
+        Event::RestartScheduled => (false, "restart scheduled"),
+        Event::HealthWarn => (true, "restarting too often"),
+        Event::MaxCrashesExceeded => (true, "too many crashes in a row: giving up"),
+        Event::RespawnRecommended => (false, "marker written: respawn recommended"),
+        Event::MarkerFailed => (true, "cannot write the marker"),
+        Event::MarkerRemoved => (false, "marker removed"),
+        Event::HookStarted => (false, "hook started"),
+        Event::HookFailed => (true, "cannot start the hook"),
+        Event::HookExited => (false, "hook exited"),
+        Event::HookTimedOut => (true, "hook overran its timeout: killed"),
+        Event::EventsLost => (true, "the kernel lost events"),
+        Event::OrphanTerminated => (false, "run of a previous instance dealt with"),
+    };
+    let cause = line.cause.and_then(|c| serde_json::to_value(c).ok());
+    let cause = cause.as_ref().and_then(|c| c.as_str());
+    macro_rules! record {
+        ($level:ident) => {
+            tracing::$level!(
+                service = %line.service,
+                pid = line.pid,
+                cause,
+                charged_bytes = line.charged_bytes,
+                limit_bytes = line.limit_bytes,
+                reason = line.reason,
+                restart_in_ms = line.restart_in_ms,
+                error = line.error.as_deref(),
+                "{message}"
+            )
+        };
+    }
+    if warn {
+        record!(warn);
+    } else {
+        record!(info);
     }
 }
 
