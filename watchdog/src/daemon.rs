@@ -27,7 +27,7 @@ use crate::{
     notify::Notifier,
     protect::{self, Protection},
     runner,
-    sensor::Sensor,
+    sensor::{Sensor, SensorChoice},
     service::{self, Control, Outcome, Services, host::Host},
     state::{self, StateDir, Swept},
 };
@@ -140,7 +140,27 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         }
     };
 
-    let sensor = Sensor::open(daemon.sensor, daemon.sampling()).context("cannot watch memory")?;
+    let mut choice = daemon.sensor;
+    if crate::procs::in_child_pid_namespace() {
+        // The kernel programs name processes by the host's pids, which this
+        // namespace does not show.
+        if choice == SensorChoice::Ebpf {
+            return Err(CliError::Usage(
+                "sensor = \"ebpf\" cannot work in a pid namespace of its own (a container \
+                 without hostPID): the kernel programs report host pids. Run with hostPID, or \
+                 use sensor = \"sampling\""
+                    .into(),
+            ));
+        }
+        warn!(
+            "running in a pid namespace of its own (a container without hostPID): only this \
+             namespace's processes can be supervised or watched, watch targets on the host \
+             cannot be found, and memory is sampled (the kernel programs report host pids); \
+             run with hostPID to watch the host"
+        );
+        choice = SensorChoice::Sampling;
+    }
+    let sensor = Sensor::open(choice, daemon.sampling()).context("cannot watch memory")?;
     let source = sensor.source();
     runner::become_subreaper();
     let mut host = Host::new(sensor, audit).context("failed to set up the supervisor")?;

@@ -114,6 +114,16 @@ pub(super) fn descendants_by_scan(root: u32) -> HashSet<u32> {
     found
 }
 
+/// Whether this process runs in a pid namespace of its own (a container
+/// without hostPID), where the pids it sees are not the host's: its pid
+/// namespace is not the initial one, whose inode the kernel fixes
+/// (`PROC_PID_INIT_INO`).
+pub fn in_child_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() != PROC_PID_INIT_INO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,11 +6,17 @@ mod linux;
 mod macos;
 
 #[cfg(target_os = "linux")]
-pub use linux::{all_pids, children, cmdline, exists, name, ppid, tgid};
+pub use linux::{all_pids, children, cmdline, exists, in_child_pid_namespace, name, ppid, tgid};
 #[cfg(target_os = "macos")]
 pub use macos::{all_pids, children, cmdline, exists, name, ppid};
 
 use std::collections::HashSet;
+
+/// Pid namespaces are a Linux feature.
+#[cfg(not(target_os = "linux"))]
+pub fn in_child_pid_namespace() -> bool {
+    false
+}
 
 /// The live descendants of `root` (not including `root`), walking the
 /// process tree down from it.

@@ -497,3 +497,306 @@ async fn marker_and_hook_outcomes_are_recorded() {
         }
     }
 }
+
+fn named(name: &str, tune: impl FnOnce(&mut Config)) -> ServiceConfig {
+    let mut cfg = service(None, tune).config().clone();
+    cfg.name = name.into();
+    cfg
+}
+
+/// A reload drains and restarts only the service whose definition
+/// changed; the unchanged one is never signalled.
+#[tokio::test(start_paused = true)]
+async fn a_reload_restarts_only_what_changed() {
+    let (mut platform, seen, _inject) = Scripted::new(Behaviour::default());
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let configs = vec![named("same", |_| {}), named("changed", |_| {})];
+    let mut changed = configs.clone();
+    changed[1].policy.max_crashes = 9;
+    let task = tokio::spawn(async move {
+        let mut services = Services::new(configs);
+        drive(&mut services, &mut platform, &mut controls, false)
+            .await
+            .expect("drive");
+        services
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    control
+        .send(Control::Reload {
+            services: Some(changed.clone()),
+            done: None,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The same configuration again changes nothing.
+    control
+        .send(Control::Reload {
+            services: Some(changed),
+            done: None,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    control.send(Control::Shutdown).unwrap();
+    let services = task.await.unwrap();
+    let seen = seen.lock().unwrap();
+    // pids: same = 101, changed = 102, its new run 103.
+    let signalled: Vec<u32> = seen
+        .effects
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Effect::Signal { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signalled, vec![102, 101, 103], "{:?}", seen.events());
+    assert_eq!(seen.count(is_spawn), 3);
+    let current: Vec<&str> = services.current().map(Service::name).collect();
+    assert_eq!(current, ["same", "changed"]);
+    assert_eq!(
+        services
+            .current()
+            .nth(1)
+            .unwrap()
+            .config()
+            .policy
+            .max_crashes,
+        9
+    );
+}
+
+/// A marker is removed once the run has stayed under its limit for
+/// `marker-clear-after`, and a new crossing meanwhile keeps it.
+#[test]
+fn a_marker_is_cleared_after_time_under_the_limit() {
+    let mut memory = MemoryPolicy::new(100);
+    memory.action = MemoryAction::Marker;
+    let mut svc = service(Some(memory), |_| {});
+    svc.cfg.marker.as_mut().unwrap().clear_after = Some(Duration::from_secs(10));
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    svc.handle(Input::Start, at(0));
+    svc.handle(
+        Input::Spawned(Ok(Spawned {
+            pid: 5,
+            group: Some(GroupId(5)),
+            foreign: false,
+        })),
+        at(0),
+    );
+    let cross = |svc: &mut Service, t| {
+        let effects = svc.handle(
+            Input::Sensor(SensorEvent::OverLimit(Crossing {
+                group: GroupId(5),
+                pid: Some(5),
+                charged_bytes: 150,
+                limit_bytes: 100,
+                sensed_ns: 0,
+                confirmed_ns: 0,
+                members: 1,
+                metric: Charged::AnonShmem,
+            })),
+            t,
+        );
+        for e in &effects {
+            if let Effect::WriteMarker { path, .. } = e {
+                svc.handle(Input::MarkerWritten(Ok(path.clone())), t);
+            }
+        }
+        effects
+    };
+    let under = |svc: &mut Service, t| {
+        svc.handle(
+            Input::Sensor(SensorEvent::Rearmed {
+                group: GroupId(5),
+                charged_bytes: 50,
+            }),
+            t,
+        )
+    };
+    assert!(
+        cross(&mut svc, at(1))
+            .iter()
+            .any(|e| matches!(e, Effect::WriteMarker { .. }))
+    );
+    under(&mut svc, at(2));
+    assert_eq!(svc.next_deadline(), Some(at(12)));
+    // Over again before the time is up: the marker stays.
+    cross(&mut svc, at(5));
+    assert_eq!(svc.next_deadline(), None);
+    assert!(svc.handle(Input::Timer, at(12)).is_empty());
+    under(&mut svc, at(20));
+    let effects = svc.handle(Input::Timer, at(30));
+    assert!(
+        effects.iter().any(|e| matches!(
+            e,
+            Effect::RemoveMarker {
+                reason: "under_limit",
+                ..
+            }
+        )),
+        "{effects:?}"
+    );
+    assert!(!svc.marked());
+}
+
+/// A hook that overruns its timeout is killed and recorded as such.
+#[test]
+fn an_overrunning_hook_is_killed() {
+    let mut memory = MemoryPolicy::new(100);
+    memory.action = MemoryAction::Exec(vec!["/bin/hook".into()]);
+    let mut svc = service(Some(memory), |_| {});
+    svc.cfg.hook_timeout = Duration::from_secs(5);
+    let t0 = Instant::now();
+    svc.handle(Input::Start, t0);
+    svc.handle(
+        Input::Spawned(Ok(Spawned {
+            pid: 5,
+            group: Some(GroupId(5)),
+            foreign: false,
+        })),
+        t0,
+    );
+    let effects = svc.handle(
+        Input::Sensor(SensorEvent::OverLimit(Crossing {
+            group: GroupId(5),
+            pid: Some(5),
+            charged_bytes: 150,
+            limit_bytes: 100,
+            sensed_ns: 0,
+            confirmed_ns: 0,
+            members: 1,
+            metric: Charged::AnonShmem,
+        })),
+        t0,
+    );
+    let env = effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::RunHook { env, .. } => Some(env.clone()),
+            _ => None,
+        })
+        .expect("the hook");
+    for key in [
+        "WATCHDOG_EVENT",
+        "WATCHDOG_NAME",
+        "WATCHDOG_PID",
+        "WATCHDOG_CHARGED_BYTES",
+        "WATCHDOG_LIMIT_BYTES",
+        "WATCHDOG_CAUSE",
+    ] {
+        assert!(env.iter().any(|(k, _)| *k == key), "{key} missing");
+    }
+    svc.handle(Input::HookStarted(Ok(77)), t0);
+    assert_eq!(svc.next_deadline(), Some(t0 + Duration::from_secs(5)));
+    let effects = svc.handle(Input::Timer, t0 + Duration::from_secs(5));
+    assert!(
+        effects.contains(&Effect::KillHook { pid: 77 }),
+        "{effects:?}"
+    );
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Audit(l) if l.event == Event::HookTimedOut))
+    );
+    // Killed once, and its exit is still recorded.
+    assert_eq!(svc.next_deadline(), None);
+    let effects = svc.handle(
+        Input::Reaped {
+            pid: 77,
+            status: ExitStatus::Signal {
+                signal: libc::SIGKILL,
+                core_dumped: false,
+            },
+            peak_rss_bytes: 0,
+        },
+        t0 + Duration::from_secs(5),
+    );
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Audit(l) if l.event == Event::HookExited))
+    );
+}
+
+/// A watch target whose process exits is looked for again at once (never
+/// counted as a crash, never given up on), and shutdown stops watching it
+/// without a signal.
+#[test]
+fn a_watch_target_looks_again_and_is_never_signalled_on_shutdown() {
+    let mut memory = MemoryPolicy::new(100);
+    memory.action = MemoryAction::Marker;
+    let mut svc = service(Some(memory), |c| {
+        c.watch = true;
+        c.max_crashes = u32::MAX;
+    });
+    svc.cfg.target = Target::Watch(Selector::Pid(5));
+    let t0 = Instant::now();
+    for round in 0..10 {
+        let effects = svc.handle(
+            if round == 0 {
+                Input::Start
+            } else {
+                Input::Timer
+            },
+            t0,
+        );
+        if round == 0 {
+            assert_eq!(effects, vec![Effect::Spawn]);
+        }
+        svc.handle(
+            Input::Spawned(Ok(Spawned {
+                pid: 5,
+                group: Some(GroupId(5)),
+                foreign: true,
+            })),
+            t0,
+        );
+        let effects = svc.handle(
+            Input::Sensor(SensorEvent::Exit {
+                group: Some(GroupId(5)),
+                exit: crate::event::ProcessExit {
+                    pid: 5,
+                    ppid: 1,
+                    comm: "x".into(),
+                    status: ExitStatus::Code(1),
+                    peak_rss_bytes: 0,
+                    monotonic_ns: 0,
+                    group: 5,
+                },
+            }),
+            t0,
+        );
+        assert!(
+            effects.contains(&Effect::Detach {
+                group: Some(GroupId(5))
+            }),
+            "{effects:?}"
+        );
+        assert!(
+            effects.contains(&Effect::Spawn),
+            "round {round}: {effects:?}"
+        );
+        assert!(!effects.iter().any(|e| matches!(e, Effect::EndRun { .. })));
+    }
+    assert!(!svc.finished());
+    assert_eq!(svc.policy.crash_count(), 0);
+    svc.handle(
+        Input::Spawned(Ok(Spawned {
+            pid: 6,
+            group: Some(GroupId(6)),
+            foreign: true,
+        })),
+        t0,
+    );
+    let effects = svc.handle(Input::Shutdown, t0);
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Signal { .. } | Effect::KillTree { .. })),
+        "{effects:?}"
+    );
+    assert!(effects.contains(&Effect::Detach {
+        group: Some(GroupId(6))
+    }));
+    assert!(svc.finished());
+}
