@@ -70,6 +70,25 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
+/// The sensors a test runs with: the kernel programs where privileged
+/// tests run (see [`privileged`]), and sampling always.
+pub fn sensors(test: &str) -> Vec<&'static str> {
+    let mut sensors = vec!["sampling"];
+    if privileged(test) {
+        sensors.insert(0, "ebpf");
+    }
+    sensors
+}
+
+/// Waits until `ok` holds; fails the test, naming `what`, after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A running `watchdog` with its stdout lines parsed as JSON and its
 /// stderr collected. Killed on drop if still running.
 pub struct Watchdog {

@@ -11,17 +11,11 @@ use std::{
 };
 
 use serde_json::Value;
-use watchdog_tests::{TempDir, is_root, privileged, run_watchdog, watchdog_bin};
+use watchdog_tests::{
+    TempDir, is_root, privileged, run_watchdog, sensors, wait_until, watchdog_bin,
+};
 
 const HELPER: &str = env!("CARGO_BIN_EXE_wd-helper");
-
-fn sensors(test: &str) -> Vec<&'static str> {
-    let mut sensors = vec!["sampling"];
-    if privileged(test) {
-        sensors.insert(0, "ebpf");
-    }
-    sensors
-}
 
 /// A running daemon on a configuration file of its own.
 struct Daemon {
@@ -148,14 +142,6 @@ fn alive(pid: u32) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat.rsplit_once(')')
         .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-}
-
-fn wait_until(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not {what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn service(name: &str, steps: &str, extra: &str) -> String {

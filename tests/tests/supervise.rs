@@ -8,17 +8,9 @@ use std::{
 };
 
 use serde_json::Value;
-use watchdog_tests::{TempDir, privileged, watchdog_bin};
+use watchdog_tests::{TempDir, privileged, sensors, wait_until, watchdog_bin};
 
 const HELPER: &str = env!("CARGO_BIN_EXE_wd-helper");
-
-fn sensors(test: &str) -> Vec<&'static str> {
-    let mut sensors = vec!["sampling"];
-    if privileged(test) {
-        sensors.insert(0, "ebpf");
-    }
-    sensors
-}
 
 /// A running `watchdog supervise` writing its audit log to a temp file.
 struct Supervisor {
@@ -684,14 +676,6 @@ fn charged(pid: u64) -> u64 {
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum::<u64>()
         * 1024
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn first_pid(lines: &[Value]) -> u64 {

@@ -217,8 +217,8 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         host.adopt(&mut services, record);
     }
     let (control, mut controls) = mpsc::unbounded_channel();
-    let signals =
-        listen(mode.clone(), control, notifier.clone()).context("failed to handle signals")?;
+    let signals = listen(mode.clone(), daemon.clone(), control, notifier.clone())
+        .context("failed to handle signals")?;
     info!(
         services = services.all().iter().filter(|s| !s.config().is_watch()).count(),
         watches = services.all().iter().filter(|s| s.config().is_watch()).count(),
@@ -278,6 +278,7 @@ fn create_private_dir(dir: &Path) -> Result<(), CliError> {
 /// reloads (the daemon) or reopens the audit log (supervise).
 fn listen(
     mode: Mode,
+    running: DaemonSection,
     control: mpsc::UnboundedSender<Control>,
     notifier: Arc<Notifier>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
@@ -290,7 +291,7 @@ fn listen(
                 _ = sigterm.recv() => {}
                 _ = sigint.recv() => {}
                 _ = sighup.recv() => {
-                    reload(&mode, &control, &notifier).await;
+                    reload(&mode, &running, &control, &notifier).await;
                     continue;
                 }
             }
@@ -302,7 +303,12 @@ fn listen(
     }))
 }
 
-async fn reload(mode: &Mode, control: &mpsc::UnboundedSender<Control>, notifier: &Notifier) {
+async fn reload(
+    mode: &Mode,
+    running: &DaemonSection,
+    control: &mpsc::UnboundedSender<Control>,
+    notifier: &Notifier,
+) {
     let Mode::Daemon { file, overrides } = mode else {
         // supervise: the same service; the audit log is reopened.
         let _ = control.send(Control::Reload {
@@ -315,6 +321,12 @@ async fn reload(mode: &Mode, control: &mpsc::UnboundedSender<Control>, notifier:
     match load(file, overrides) {
         Ok(config) => {
             info!(file = %file.display(), "reloading the configuration");
+            if config.daemon != *running {
+                warn!(
+                    "the [daemon] section changed: it applies when the daemon restarts; \
+                     services and watch targets are reloaded now"
+                );
+            }
             let (done, applied) = tokio::sync::oneshot::channel();
             let _ = control.send(Control::Reload {
                 services: Some(config.services),

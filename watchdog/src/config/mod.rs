@@ -39,7 +39,7 @@ pub enum Orphans {
 }
 
 /// `[daemon]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct DaemonSection {
     pub state_dir: PathBuf,
@@ -224,37 +224,27 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
     let marker_dir = daemon.marker_dir();
     let mut services = Vec::new();
     let mut seen: std::collections::HashMap<String, (&str, usize)> = Default::default();
-    for (i, options) in raw.service.iter().enumerate() {
-        let config = options
-            .service(Naming::Keys, Some(&marker_dir))
-            .map_err(|p| located("service", i, p))?;
-        if let Some((table, first)) = seen.insert(config.name.clone(), ("service", i)) {
+    let checked = raw
+        .service
+        .iter()
+        .enumerate()
+        .map(|(i, o)| ("service", i, o.service(Naming::Keys, Some(&marker_dir))))
+        .chain(
+            raw.watch
+                .iter()
+                .enumerate()
+                .map(|(i, o)| ("watch", i, o.watch(Some(&marker_dir)))),
+        );
+    for (table, i, result) in checked {
+        let config = result.map_err(|p| located(table, i, p))?;
+        if let Some((first_table, first)) = seen.insert(config.name.clone(), (table, i)) {
             return Err(located(
-                "service",
+                table,
                 i,
                 Problem {
                     key: "name",
                     message: format!(
-                        "the name {:?} is already used by {table}[{first}]; names must be unique",
-                        config.name
-                    ),
-                },
-            ));
-        }
-        services.push(config);
-    }
-    for (i, options) in raw.watch.iter().enumerate() {
-        let config = options
-            .watch(Some(&marker_dir))
-            .map_err(|p| located("watch", i, p))?;
-        if let Some((table, first)) = seen.insert(config.name.clone(), ("watch", i)) {
-            return Err(located(
-                "watch",
-                i,
-                Problem {
-                    key: "name",
-                    message: format!(
-                        "the name {:?} is already used by {table}[{first}]; names must be unique",
+                        "the name {:?} is already used by {first_table}[{first}]; names must be unique",
                         config.name
                     ),
                 },
