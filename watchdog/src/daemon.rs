@@ -93,6 +93,12 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let daemon = config.daemon.clone();
     let is_daemon = matches!(mode, Mode::Daemon { .. });
     let notifier = crate::notify::shared();
+    // Signals are caught from the start: a SIGTERM during start-up (the
+    // orphan sweep, loading the kernel programs) stops the daemon cleanly
+    // once its loop runs, instead of killing it half-started.
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let signals = listen(mode.clone(), daemon.clone(), control, notifier.clone())
+        .context("failed to handle signals")?;
 
     let applied: Vec<String> = protect::apply(&Protection {
         oom_score_adj: daemon.oom_score_adj,
@@ -216,9 +222,6 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     for record in adopt {
         host.adopt(&mut services, record);
     }
-    let (control, mut controls) = mpsc::unbounded_channel();
-    let signals = listen(mode.clone(), daemon.clone(), control, notifier.clone())
-        .context("failed to handle signals")?;
     info!(
         services = services.all().iter().filter(|s| !s.config().is_watch()).count(),
         watches = services.all().iter().filter(|s| s.config().is_watch()).count(),

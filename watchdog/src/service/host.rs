@@ -784,10 +784,12 @@ fn resolve(selector: &Selector, taken: &HashSet<u32>) -> Option<u32> {
     match selector {
         Selector::Pid(pid) => (procs::exists(*pid) && !taken.contains(pid)).then_some(*pid),
         Selector::Match(pattern) => {
+            // Never the daemon's own services (nor their hooks).
+            let ours = procs::descendants(std::process::id());
             let matched: Vec<u32> = procs::matching(&pattern.0)
                 .into_iter()
                 .map(|(pid, _)| pid)
-                .filter(|pid| !taken.contains(pid))
+                .filter(|pid| !taken.contains(pid) && !ours.contains(pid))
                 .collect();
             procs::outermost(&matched).into_iter().min()
         }
