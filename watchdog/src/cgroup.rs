@@ -36,10 +36,22 @@
 //! shared with other processes, the daemon stays where it is and the base is
 //! created beside them; in a shared cgroup the controllers stay off.
 
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) use linux::mount_points;
 #[cfg(target_os = "linux")]
-pub use linux::{Containment, ServiceCgroup, kill_recorded, of_pid};
+pub use linux::{Containment, RecordedCgroup, ServiceCgroup, kill_recorded, of_pid, recorded};
 #[cfg(not(target_os = "linux"))]
-pub use other::{Containment, ServiceCgroup, kill_recorded, of_pid};
+pub use other::{Containment, RecordedCgroup, ServiceCgroup, kill_recorded, of_pid, recorded};
+
+/// What one signal to every member of a cgroup did. A member that exited
+/// before the signal reached it is in neither list.
+#[derive(Debug, Default)]
+pub struct Signalled {
+    /// The members it reached.
+    pub reached: Vec<u32>,
+    /// The members it could not be sent to, and why.
+    pub failed: Vec<(u32, std::io::Error)>,
+}
 
 /// The most characters of an instance or service name.
 pub const MAX_NAME: usize = 64;
@@ -71,7 +83,7 @@ mod linux {
         io::{self, Read},
         os::{
             fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd},
-            unix::ffi::OsStrExt,
+            unix::{ffi::OsStrExt, fs::MetadataExt},
         },
         path::{Component, Path, PathBuf},
         sync::{Arc, Mutex, PoisonError},
@@ -80,7 +92,7 @@ mod linux {
 
     use tracing::{debug, warn};
 
-    use super::check_name;
+    use super::{Signalled, check_name};
 
     /// `statfs.f_type` of a cgroup2 filesystem.
     const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
@@ -287,10 +299,6 @@ mod linux {
             })
         }
 
-        /// Removes the whole base at daemon exit: kills what is left, waits
-        /// up to a second for it to empty, and removes the cgroups leaves
-        /// first. Never follows symlinks. Failures are logged: the next
-        /// instance sweeps what remains.
         /// Removes the empty bases other instances left when they were
         /// killed (`watchdog-<pid>` of a pid that is no longer a
         /// watchdog). Only `rmdir`: a base that still holds a process is
@@ -323,6 +331,10 @@ mod linux {
             removed
         }
 
+        /// Removes the whole base at daemon exit: kills what is left, waits
+        /// up to a second for it to empty, and removes the cgroups leaves
+        /// first. Never follows symlinks. Failures are logged: the next
+        /// instance sweeps what remains.
         pub fn remove(self) {
             if let Err(e) = kill_tree(&self.dir) {
                 warn!("cannot kill what is left in {}: {e}", self.base.display());
@@ -398,9 +410,10 @@ mod linux {
 
         /// Sends `signal` to every member; returns how many it reached. A
         /// pid that left the cgroup (and was perhaps reused) between the
-        /// listing and the signal is not signalled.
+        /// listing and the signal is not signalled, nor are 0, 1 and this
+        /// process, which cannot be a service's.
         pub fn signal(&self, signal: i32) -> usize {
-            signal_tree(&self.dir, signal)
+            signal_tree(&self.dir, signal).reached.len()
         }
 
         /// Kills every member: a write to `cgroup.kill` (Linux 5.14+), which
@@ -459,26 +472,79 @@ mod linux {
     /// cgroups below included), waits up to a second for it to empty and
     /// removes it. Returns the pids that were in it.
     ///
-    /// Refuses (`InvalidInput`) a path that is not absolute and free of
-    /// symlinks and `.`/`..`, that is not on a cgroup2 filesystem, that is
-    /// the root of a hierarchy, or that holds this process. `NotFound` when
+    /// Refuses (`InvalidInput`) what [`recorded`] refuses. `NotFound` when
     /// there is no such cgroup (nothing to sweep).
     pub fn kill_recorded(path: &Path) -> io::Result<Vec<u32>> {
-        let (parent, name, dir) = recorded(path)?;
-        let pids = tree_members(&dir);
-        if pids.contains(&std::process::id()) {
-            return Err(refused(path, "holds this process"));
-        }
-        kill_tree(&dir)?;
-        if !wait_empty(&dir, EMPTY_WAIT) {
+        let cgroup = recorded(path)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no cgroup {} to sweep", path.display()),
+            )
+        })?;
+        let pids = tree_members(&cgroup.dir);
+        cgroup.kill()?;
+        if !wait_empty(&cgroup.dir, EMPTY_WAIT) {
             return Err(io::Error::other(format!(
                 "{} still has processes {} ms after the kill",
                 path.display(),
                 EMPTY_WAIT.as_millis()
             )));
         }
-        remove_tree(&parent, &name, Instant::now() + RMDIR_WAIT)?;
+        cgroup.remove()?;
         Ok(pids)
+    }
+
+    /// A cgroup directory that an earlier daemon instance recorded, checked
+    /// by [`recorded`] and held open: what is done to it is done to the
+    /// directory that was checked, even if the path is swapped meanwhile.
+    #[derive(Debug)]
+    pub struct RecordedCgroup {
+        path: PathBuf,
+        /// The directory that holds it, for its `rmdir`.
+        parent: OwnedFd,
+        name: CString,
+        dir: OwnedFd,
+    }
+
+    impl RecordedCgroup {
+        /// The recorded path.
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+
+        /// The pids in it and in the cgroups below it, sorted. A cgroup
+        /// removed meanwhile has none; a `cgroup.procs` that cannot be
+        /// read is an error, since what it holds cannot be known.
+        pub fn members(&self) -> io::Result<Vec<u32>> {
+            let (pids, error) = list_members(&self.dir);
+            match error {
+                None => Ok(pids),
+                Some(e) => Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot list the members of {}: {e}", self.path.display()),
+                )),
+            }
+        }
+
+        /// Sends `signal` to every member, as [`ServiceCgroup::signal`]
+        /// does, and says which it reached and which it could not signal.
+        pub fn signal(&self, signal: i32) -> Signalled {
+            signal_tree(&self.dir, signal)
+        }
+
+        /// Kills every member, as [`ServiceCgroup::kill`] does: at once
+        /// with `cgroup.kill`, in up to about a second of SIGKILL rounds on
+        /// kernels without it.
+        pub fn kill(&self) -> io::Result<()> {
+            kill_tree(&self.dir)
+        }
+
+        /// Removes it and the cgroups below it, leaves first, retrying for
+        /// up to about 100 ms while the kernel still reports one busy. A
+        /// cgroup that still has members cannot be removed.
+        pub fn remove(self) -> io::Result<()> {
+            remove_tree(&self.parent, &self.name, Instant::now() + RMDIR_WAIT)
+        }
     }
 
     /// The cgroup v2 path of `pid` (its /proc/PID/cgroup `0::` line,
@@ -567,21 +633,23 @@ mod linux {
     /// whose root holds `rel`, /sys/fs/cgroup or /sys/fs/cgroup/unified
     /// first.
     pub(super) fn locate(mountinfo: &str, rel: &str) -> Option<PathBuf> {
-        let under = |m: &Mount| {
-            let rest = rel.strip_prefix(m.root.trim_end_matches('/'))?;
-            match rest.trim_start_matches('/') {
-                _ if !(rest.is_empty() || rest.starts_with('/')) => None,
-                "" => Some(m.point.clone()),
-                rest => Some(m.point.join(rest)),
-            }
-        };
         let standard = |m: &Mount| {
             m.point == Path::new("/sys/fs/cgroup") || m.point == Path::new("/sys/fs/cgroup/unified")
         };
         let mut mounts = cgroup2_mounts(mountinfo);
         // Stable: among equals, the first in mountinfo.
         mounts.sort_by_key(|m| (!standard(m), usize::MAX - m.root.len()));
-        mounts.iter().find_map(under)
+        mounts.iter().find_map(|m| under_mount(m, rel))
+    }
+
+    /// The directory of cgroup `rel` under mount `m`, if `m` shows it.
+    fn under_mount(m: &Mount, rel: &str) -> Option<PathBuf> {
+        let rest = rel.strip_prefix(m.root.trim_end_matches('/'))?;
+        match rest.trim_start_matches('/') {
+            _ if !(rest.is_empty() || rest.starts_with('/')) => None,
+            "" => Some(m.point.clone()),
+            rest => Some(m.point.join(rest)),
+        }
     }
 
     /// Whether `dir` is the root of its hierarchy, which has no
@@ -698,13 +766,20 @@ mod linux {
         }
     }
 
-    /// Sends `signal` to every member of `dir` and below; returns how many
-    /// it reached. Each pid is pinned with a pidfd and signalled only if it
-    /// is still listed after that: the process the pidfd holds is then the
-    /// listed member, or has exited and the signal goes nowhere.
-    fn signal_tree(dir: &OwnedFd, signal: i32) -> usize {
+    /// Sends `signal` to every member of `dir` and below. Each pid is
+    /// pinned with a pidfd and signalled only if it is still listed after
+    /// that: the process the pidfd holds is then the listed member, or has
+    /// exited and the signal goes nowhere.
+    ///
+    /// Never signalled: 0 (how `cgroup.procs` lists a process outside this
+    /// pid namespace, and to kill(2) this process's own group), 1 (init),
+    /// this process, and pids that do not fit a pid_t (negative, they name
+    /// a process group).
+    fn signal_tree(dir: &OwnedFd, signal: i32) -> Signalled {
+        let me = std::process::id();
         let pinned: Vec<(u32, Option<OwnedFd>)> = tree_members(dir)
             .into_iter()
+            .filter(|&pid| pid > 1 && pid != me && libc::pid_t::try_from(pid).is_ok())
             .filter_map(|pid| match pidfd_open(pid) {
                 Ok(fd) => Some((pid, Some(fd))),
                 // Gone already.
@@ -715,10 +790,9 @@ mod linux {
             })
             .collect();
         let still: HashSet<u32> = tree_members(dir).into_iter().collect();
-        pinned
-            .iter()
-            .filter(|(pid, _)| still.contains(pid))
-            .filter(|(pid, fd)| match fd {
+        let mut out = Signalled::default();
+        for (pid, fd) in pinned.into_iter().filter(|(pid, _)| still.contains(pid)) {
+            let sent = match fd {
                 // SAFETY: a pidfd we own, no siginfo, no flags.
                 Some(fd) => unsafe {
                     libc::syscall(
@@ -731,9 +805,19 @@ mod linux {
                 },
                 // The plain kill, with its small window for a reused pid.
                 // SAFETY: a signal to a pid listed in the cgroup.
-                None => unsafe { libc::kill(*pid as libc::pid_t, signal) == 0 },
-            })
-            .count()
+                None => unsafe { libc::kill(pid as libc::pid_t, signal) == 0 },
+            };
+            if sent {
+                out.reached.push(pid);
+            } else {
+                let error = io::Error::last_os_error();
+                // ESRCH: it exited meanwhile.
+                if error.raw_os_error() != Some(libc::ESRCH) {
+                    out.failed.push((pid, error));
+                }
+            }
+        }
+        out
     }
 
     fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
@@ -748,26 +832,49 @@ mod linux {
 
     /// The pids in `dir` and in the cgroups below it, sorted.
     fn tree_members(dir: &OwnedFd) -> Vec<u32> {
+        list_members(dir).0
+    }
+
+    /// The pids in `dir` and in the cgroups below it, sorted, with the
+    /// first error met opening a cgroup or reading its `cgroup.procs`. A
+    /// cgroup removed meanwhile is no error: it has no members.
+    fn list_members(dir: &OwnedFd) -> (Vec<u32>, Option<io::Error>) {
         let mut found = Vec::new();
-        collect_members(dir, 0, &mut found);
+        let mut error = None;
+        collect_members(dir, 0, &mut found, &mut error);
         found.sort_unstable();
         found.dedup();
-        found
+        (found, error)
     }
 
     /// How deep below a service's cgroup members are looked for.
     const MAX_DEPTH: usize = 16;
 
-    fn collect_members(dir: &OwnedFd, depth: usize, found: &mut Vec<u32>) {
-        if let Ok(text) = read_at(dir, c"cgroup.procs") {
-            found.extend(pids(&text));
+    fn collect_members(
+        dir: &OwnedFd,
+        depth: usize,
+        found: &mut Vec<u32>,
+        error: &mut Option<io::Error>,
+    ) {
+        // ENODEV: removed while open.
+        let gone = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENODEV));
+        match read_at(dir, c"cgroup.procs") {
+            Ok(text) => found.extend(pids(&text)),
+            Err(e) if gone(&e) => {}
+            Err(e) => {
+                error.get_or_insert(e);
+            }
         }
         if depth >= MAX_DEPTH {
             return;
         }
         for sub in subdirs(dir).unwrap_or_default() {
-            if let Ok(sub) = open_dir_at(dir, &sub) {
-                collect_members(&sub, depth + 1, found);
+            match open_dir_at(dir, &sub) {
+                Ok(sub) => collect_members(&sub, depth + 1, found, error),
+                Err(e) if gone(&e) => {}
+                Err(e) => {
+                    error.get_or_insert(e);
+                }
             }
         }
     }
@@ -870,9 +977,20 @@ mod linux {
         }
     }
 
-    /// Checks a recorded path for [`kill_recorded`] and opens it: the
-    /// directory holding it, its name, and its own directory.
-    pub(super) fn recorded(path: &Path) -> io::Result<(OwnedFd, CString, OwnedFd)> {
+    /// Checks a cgroup directory that an earlier instance recorded and
+    /// opens it, for an orphan sweep ([`kill_recorded`], or one that
+    /// signals the members itself). `Ok(None)` when it is gone: the run it
+    /// held has ended (a cgroup with members cannot be removed).
+    ///
+    /// A corrupt or planted record must not make the daemon write outside
+    /// the cgroups, or kill itself or the whole system, so it refuses
+    /// (`InvalidInput`) a path that is not absolute or holds `.` or `..`,
+    /// that is not strictly below a cgroup2 mount point, that is or goes
+    /// through a symlink, that is not a directory on a cgroup2 filesystem,
+    /// that is not owned by this process's effective uid, that is the root
+    /// of a hierarchy, or that holds this process (its own cgroup or an
+    /// ancestor of it, or any member below it).
+    pub fn recorded(path: &Path) -> io::Result<Option<RecordedCgroup>> {
         let plain = path.is_absolute()
             && path
                 .components()
@@ -883,20 +1001,93 @@ mod linux {
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(refused(path, "names no cgroup"));
         };
+        let context = |what: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("cannot {what} {}: {e}", path.display()))
+        };
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| context("find the cgroup2 mounts for", e))?;
+        let mounts = cgroup2_mounts(&mountinfo);
+        if !mounts
+            .iter()
+            .any(|m| path.starts_with(&m.point) && path != m.point)
+        {
+            return Err(refused(path, "is not below a cgroup2 mount"));
+        }
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+        let meta = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(context("inspect the cgroup", e)),
+        };
+        if meta.file_type().is_symlink() {
+            return Err(refused(path, "is a symbolic link"));
+        }
+        if !meta.is_dir() {
+            return Err(refused(path, "is not a directory"));
+        }
         // Any symlink on the way makes the resolved path differ.
-        if std::fs::canonicalize(path)? != path {
-            return Err(refused(path, "goes through a symlink"));
+        match std::fs::canonicalize(path) {
+            Ok(real) if real == path => {}
+            Ok(_) => return Err(refused(path, "goes through a symlink")),
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) => return Err(context("resolve the cgroup", e)),
         }
         let name = CString::new(name.as_bytes()).map_err(io::Error::other)?;
-        let parent = open_dir(parent)?;
-        let dir = open_dir_at(&parent, &name)?;
+        let parent = open_dir(parent).map_err(|e| context("open the parent of", e))?;
+        let dir = match open_dir_at(&parent, &name) {
+            Ok(dir) => dir,
+            Err(e) if gone(&e) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(refused(path, "is a symbolic link"));
+            }
+            Err(e) => return Err(context("open the cgroup", e)),
+        };
+        // Checked on the directory opened, not on the path.
+        let owner = dir
+            .try_clone()
+            .and_then(|fd| std::fs::File::from(fd).metadata())
+            .map_err(|e| context("inspect the cgroup", e))?
+            .uid();
+        // SAFETY: geteuid cannot fail.
+        let user = unsafe { libc::geteuid() };
+        if owner != user {
+            return Err(refused(
+                path,
+                &format!("is owned by uid {owner}, not by uid {user} that runs the watchdog"),
+            ));
+        }
         if !is_cgroup2(&dir) {
-            return Err(refused(path, "is not inside a cgroup2 mount"));
+            return Err(refused(path, "is not on a cgroup2 filesystem"));
         }
         if is_root(&dir) {
             return Err(refused(path, "is the root of a cgroup hierarchy"));
         }
-        Ok((parent, name, dir))
+        let own = read_own_cgroup().ok();
+        let holds_own = own.as_deref().is_some_and(|own| {
+            mounts
+                .iter()
+                .filter_map(|m| under_mount(m, own))
+                .any(|dir| dir.starts_with(path))
+        });
+        if holds_own || tree_members(&dir).contains(&std::process::id()) {
+            return Err(refused(path, "holds this process"));
+        }
+        Ok(Some(RecordedCgroup {
+            path: path.to_owned(),
+            parent,
+            name,
+            dir,
+        }))
+    }
+
+    /// The cgroup2 mount points, for tests that make cgroups of their own.
+    #[cfg(test)]
+    pub(crate) fn mount_points() -> Vec<PathBuf> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        cgroup2_mounts(&mountinfo)
+            .into_iter()
+            .map(|m| m.point)
+            .collect()
     }
 
     fn refused(path: &Path, why: &str) -> io::Error {
@@ -1037,6 +1228,8 @@ mod linux {
 mod other {
     use std::{io, os::fd::RawFd, path::Path};
 
+    use super::Signalled;
+
     /// Cannot exist off Linux: [`Containment::open`] always fails there.
     #[derive(Debug)]
     enum Never {}
@@ -1136,6 +1329,47 @@ mod other {
         ))
     }
 
+    /// A recorded cgroup directory; off Linux there are none.
+    #[derive(Debug)]
+    pub struct RecordedCgroup {
+        never: Never,
+    }
+
+    impl RecordedCgroup {
+        pub fn path(&self) -> &Path {
+            match self.never {}
+        }
+
+        pub fn members(&self) -> io::Result<Vec<u32>> {
+            match self.never {}
+        }
+
+        pub fn signal(&self, signal: i32) -> Signalled {
+            let _ = signal;
+            match self.never {}
+        }
+
+        pub fn kill(&self) -> io::Result<()> {
+            match self.never {}
+        }
+
+        pub fn remove(self) -> io::Result<()> {
+            match self.never {}
+        }
+    }
+
+    /// Off Linux: `Unsupported`, naming the path: a record that names a
+    /// cgroup cannot be from this system.
+    pub fn recorded(path: &Path) -> io::Result<Option<RecordedCgroup>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "cannot sweep the cgroup {}: cgroups are a Linux feature",
+                path.display()
+            ),
+        ))
+    }
+
     /// Off Linux: `None`.
     pub fn of_pid(pid: u32) -> Option<String> {
         let _ = pid;
@@ -1198,6 +1432,18 @@ mod tests {
             Path::new("/sys/fs/cgroup x")
         );
         assert_eq!(locate("", "/"), None);
+        // Optional fields before the separator; v1 mounts are not cgroup2.
+        let tagged = "\
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime shared:8 - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            cgroup2_mounts(tagged),
+            [Mount {
+                root: "/".into(),
+                point: "/sys/fs/cgroup/unified".into()
+            }]
+        );
     }
 
     #[test]
@@ -1415,8 +1661,9 @@ mod tests {
     }
 
     /// Paths that are not a cgroup of a cgroup2 mount, go through a
-    /// symlink, or are a hierarchy's root are refused before anything
-    /// is read or killed.
+    /// symlink, are a hierarchy's root or a mount point, belong to
+    /// another user or hold this process are refused before anything is
+    /// read or killed.
     #[test]
     fn a_sweep_outside_cgroupfs_is_refused() {
         let refused = |path: &Path| {
@@ -1428,7 +1675,16 @@ mod tests {
         assert!(kill_recorded(&tmp).is_err());
         assert!(refused(Path::new("relative/path")));
         assert!(refused(Path::new("/sys/fs/cgroup/../cgroup")));
+        assert!(refused(Path::new("/sys/fs/cgroup/unified/../../../tmp")));
         assert!(refused(Path::new("/")));
+        // Every mount point, a hierarchy's root or a subtree's.
+        for point in mount_points() {
+            let err = recorded(&point).unwrap_err();
+            assert!(
+                err.to_string().contains("is not below a cgroup2 mount"),
+                "{err}"
+            );
+        }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         if let Some(root) = locate(&mountinfo, "/") {
             // The v2 root itself.
@@ -1438,7 +1694,21 @@ mod tests {
                 let link = tmp.join("link");
                 std::os::unix::fs::symlink(containment.base(), &link).unwrap();
                 assert!(refused(&link));
+                let cgroup = containment.create("web").unwrap();
+                std::os::unix::fs::chown(cgroup.path(), Some(65534), None).unwrap();
+                let err = recorded(cgroup.path()).unwrap_err();
+                assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+                std::os::unix::fs::chown(cgroup.path(), Some(0), None).unwrap();
+                let swept = recorded(cgroup.path()).unwrap().unwrap();
+                assert!(swept.members().unwrap().is_empty());
+                swept.remove().unwrap();
                 containment.remove();
+                // This process's own cgroup, unless it is a mount point.
+                let own = locate(&mountinfo, &of_pid(std::process::id()).unwrap()).unwrap();
+                if !mount_points().contains(&own) {
+                    let err = recorded(&own).unwrap_err();
+                    assert!(err.to_string().contains("holds this process"), "{err}");
+                }
             }
         }
         std::fs::remove_dir_all(&tmp).unwrap();

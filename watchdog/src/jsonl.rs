@@ -10,7 +10,7 @@ use std::{
     io::{self, Seek, SeekFrom, Write},
     os::{
         fd::AsFd,
-        unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
+        unix::fs::{FileTypeExt, OpenOptionsExt},
     },
     path::{Path, PathBuf},
     time::SystemTime,
@@ -19,7 +19,10 @@ use std::{
 use serde::Serialize;
 use tracing::{error, info};
 
-use crate::event::rfc3339;
+use crate::{
+    event::rfc3339,
+    ownership::{self, Exposure},
+};
 
 /// Why a file could not be used for output.
 #[derive(Debug, thiserror::Error)]
@@ -327,26 +330,22 @@ fn open_append(path: &Path) -> Result<File, OpenError> {
     // where a reader trusts what it finds.
     let kind = meta.file_type();
     if kind.is_file() || kind.is_fifo() {
-        // SAFETY: geteuid cannot fail.
-        let user = unsafe { libc::geteuid() };
-        if meta.uid() != user {
-            return Err(OpenError::NotOwned {
-                path: path.to_owned(),
-                owner: meta.uid(),
+        ownership::check(&meta).map_err(|rule| match rule {
+            Exposure::NotOwned {
+                owner,
                 user,
-                user_name: if user == 0 {
-                    "root".into()
-                } else {
-                    user.to_string()
-                },
-            });
-        }
-        if meta.mode() & 0o022 != 0 {
-            return Err(OpenError::Writable {
+                user_name,
+            } => OpenError::NotOwned {
                 path: path.to_owned(),
-                mode: meta.mode() & 0o7777,
-            });
-        }
+                owner,
+                user,
+                user_name,
+            },
+            Exposure::Writable { mode } => OpenError::Writable {
+                path: path.to_owned(),
+                mode,
+            },
+        })?;
     }
     Ok(file)
 }

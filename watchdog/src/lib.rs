@@ -10,6 +10,8 @@
 //!   service loop (`run` and `supervise`).
 //! - [`cgroup`] (Linux): a cgroup v2 per service: a tree no fork escapes,
 //!   drain and kill of every member, OOM kills counted per service.
+//! - [`ownership`]: whether a file or directory is this user's alone
+//!   (the state directory, output files).
 //! - [`notify`]: notifications to systemd (ready, reloading, stopping,
 //!   status, watchdog pings).
 //! - [`protect`]: the daemon's protection from what it watches
@@ -47,6 +49,7 @@ pub mod jsonl;
 pub mod kernel;
 pub mod mem;
 pub mod notify;
+pub mod ownership;
 pub mod policy;
 #[cfg(target_os = "linux")]
 pub mod privilege;

@@ -19,7 +19,7 @@ use std::{
     io::{self, Read, Write},
     os::{
         fd::AsRawFd,
-        unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt},
+        unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
     },
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -28,6 +28,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
+
+use crate::{
+    cgroup::{self, RecordedCgroup, Signalled},
+    ownership::{self, Exposure},
+};
 
 /// The instance lock's file name inside the state directory.
 pub const PID_FILE: &str = "watchdog.pid";
@@ -341,27 +346,22 @@ fn create_checked(path: &Path, mode: u32, what: &'static str) -> Result<(), Stat
             path: path.to_owned(),
         });
     }
-    // SAFETY: geteuid cannot fail.
-    let user = unsafe { libc::geteuid() };
-    if meta.uid() != user {
-        return Err(StateError::NotOwned {
-            path: path.to_owned(),
-            owner: meta.uid(),
+    ownership::check(&meta).map_err(|rule| match rule {
+        Exposure::NotOwned {
+            owner,
             user,
-            user_name: if user == 0 {
-                "root".into()
-            } else {
-                user.to_string()
-            },
-        });
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(StateError::Writable {
+            user_name,
+        } => StateError::NotOwned {
             path: path.to_owned(),
-            mode: meta.mode() & 0o7777,
-        });
-    }
-    Ok(())
+            owner,
+            user,
+            user_name,
+        },
+        Exposure::Writable { mode } => StateError::Writable {
+            path: path.to_owned(),
+            mode,
+        },
+    })
 }
 
 /// The pid the lock's holder wrote, if it is there and readable.
@@ -612,19 +612,21 @@ pub enum Swept {
 /// Terminates the runs that `records` describe, bounded in number and time:
 /// at most `max` records (the rest are left for the next start, with a
 /// warning), all at once, each given `grace` after SIGTERM before SIGKILL,
-/// the whole sweep never taking longer than grace + 1 s. Polls with tokio
-/// timers and never blocks the runtime thread.
+/// the whole sweep taking at most about grace + 1 s. Polls with tokio
+/// timers; the runtime thread waits only to remove a cgroup the kernel
+/// still reports busy (up to 100 ms).
 ///
 /// A record with a cgroup directory that still exists: every member of the
 /// cgroup (and of cgroups below it) gets SIGTERM; once the cgroup is empty,
-/// or after `grace`, `cgroup.kill` (or SIGKILL to each member, on kernels
-/// without it); then the directory is removed. The directory must be below
-/// a cgroup2 mount, owned by this user, not a symlink, and not hold this
-/// process: a corrupt record must not make the daemon write elsewhere or
-/// kill itself. Without a cgroup, only a process whose start time matches
-/// the record is touched: its process group (it was started as a group
-/// leader) and itself get SIGTERM, then the group SIGKILL if it is still
-/// running after `grace`.
+/// or after `grace`, `cgroup.kill` (on kernels without it, rounds of
+/// SIGKILL for up to about a second more, all cgroups at once and off the
+/// runtime thread); then the directory is removed. The directory must pass
+/// [`cgroup::recorded`] (below a cgroup2 mount, owned by this user, not a
+/// symlink, not holding this process): a corrupt record must not make the
+/// daemon write elsewhere or kill itself. Without a cgroup, only a process
+/// whose start time matches the record is touched: its process group (it
+/// was started as a group leader) and itself get SIGTERM, then the group
+/// SIGKILL if it is still running after `grace`.
 ///
 /// Records that were dealt with (not [`Swept::Failed`]) are removed.
 pub async fn sweep(
@@ -654,10 +656,16 @@ pub async fn sweep(
         target.terminate();
     }
     wait_for_exit(&mut targets, start + grace).await;
-    for target in &mut targets {
-        if !target.exited() {
-            target.kill();
+    let mut kills = Vec::new();
+    for (i, target) in targets.iter_mut().enumerate() {
+        if !target.exited()
+            && let Some(kill) = target.kill()
+        {
+            kills.push((i, kill));
         }
+    }
+    for (i, kill) in kills {
+        targets[i].after_kill(kill.await);
     }
     wait_for_exit(&mut targets, start + grace + AFTER_KILL).await;
     let mut out = Vec::with_capacity(targets.len());
@@ -693,13 +701,20 @@ async fn wait_for_exit(targets: &mut [Target], deadline: tokio::time::Instant) {
     }
 }
 
+/// A cgroup after its kill: handed back to its target, with what the
+/// signals sent instead did when the kill through the cgroup failed.
+struct CgroupKill {
+    cgroup: RecordedCgroup,
+    fallback: Option<Signalled>,
+}
+
 /// One record being swept.
 struct Target {
     record: RunRecord,
     /// Decided before any signal: nothing to do, or nothing allowed.
     settled: Option<Swept>,
     /// The run's cgroup, checked and present.
-    cgroup: Option<PathBuf>,
+    cgroup: Option<RecordedCgroup>,
     /// The run's process group (its leader's pid), when the leader is
     /// verified by start time and still running.
     group: Option<u32>,
@@ -732,23 +747,23 @@ impl Target {
         let pid = target.record.pid;
         let leader = stat(pid);
         let verified = leader.is_some_and(|s| s.start_time == target.record.start_time);
-        if let Some(path) = target.record.cgroup.clone() {
-            match cgroup::check(&path) {
+        if let Some(path) = &target.record.cgroup {
+            match cgroup::recorded(path) {
                 Err(why) => {
-                    target.settled = Some(Swept::Failed(why));
+                    target.settled = Some(Swept::Failed(why.to_string()));
                     return target;
                 }
-                Ok(true) => target.cgroup = Some(path),
+                Ok(Some(cg)) => target.cgroup = Some(cg),
                 // Removed already: the run ended (a cgroup with members
                 // cannot be removed), unless its leader was moved out.
-                Ok(false) => {}
+                Ok(None) => {}
             }
         }
         if verified && running(pid) {
             let member = target
                 .cgroup
-                .as_deref()
-                .is_some_and(|cg| cgroup::procs(cg).is_ok_and(|m| m.contains(&pid)));
+                .as_ref()
+                .is_some_and(|cg| cg.members().is_ok_and(|m| m.contains(&pid)));
             if !member {
                 if target.cgroup.is_some() {
                     warn!(service = %target.record.service, pid,
@@ -777,18 +792,10 @@ impl Target {
         if self.settled.is_some() {
             return;
         }
-        if let Some(cg) = self.cgroup.clone() {
-            match cgroup::procs(&cg) {
-                Ok(members) => {
-                    for pid in members {
-                        self.signal(pid, libc::SIGTERM);
-                    }
-                }
-                Err(e) => {
-                    self.errors
-                        .insert(format!("cannot list the members of {}: {e}", cg.display()));
-                }
-            }
+        // A cgroup whose members cannot be listed is signalled nowhere;
+        // `exited` keeps the error.
+        if let Some(sent) = self.cgroup.as_ref().map(|cg| cg.signal(libc::SIGTERM)) {
+            self.note(sent);
         }
         if let Some(pgid) = self.group {
             self.signalled.extend(group_members(pgid));
@@ -804,13 +811,12 @@ impl Target {
         if self.settled.is_some() || self.done {
             return true;
         }
-        if let Some(cg) = self.cgroup.clone() {
-            match cgroup::procs(&cg) {
+        if let Some(cg) = &self.cgroup {
+            match cg.members() {
                 Ok(members) if !members.is_empty() => return false,
                 Ok(_) => {}
                 Err(e) => {
-                    self.errors
-                        .insert(format!("cannot list the members of {}: {e}", cg.display()));
+                    self.errors.insert(e.to_string());
                 }
             }
         }
@@ -842,21 +848,27 @@ impl Target {
         }
     }
 
-    /// Kills what is left after the grace period.
-    fn kill(&mut self) {
+    /// Kills what is left after the grace period. The cgroup is killed on
+    /// a blocking thread, which hands it back with the outcome for
+    /// [`Target::after_kill`].
+    fn kill(&mut self) -> Option<tokio::task::JoinHandle<CgroupKill>> {
         self.killed = true;
-        if let Some(cg) = self.cgroup.clone() {
-            let members = cgroup::procs(&cg).unwrap_or_default();
+        let job = self.cgroup.take().map(|cg| {
+            let members = cg.members().unwrap_or_default();
             self.signalled
-                .extend(members.iter().copied().filter(|&p| check_pid(p).is_ok()));
-            if let Err(e) = cgroup::kill(&cg) {
-                debug!(cgroup = %cg.display(), error = %e,
-                    "cgroup.kill unavailable; killing each member");
-                for pid in members {
-                    self.signal(pid, libc::SIGKILL);
+                .extend(members.into_iter().filter(|&p| check_pid(p).is_ok()));
+            tokio::task::spawn_blocking(move || {
+                let fallback = cg.kill().err().map(|e| {
+                    debug!(cgroup = %cg.path().display(), error = %e,
+                        "cannot kill through the cgroup; killing each member");
+                    cg.signal(libc::SIGKILL)
+                });
+                CgroupKill {
+                    cgroup: cg,
+                    fallback,
                 }
-            }
-        }
+            })
+        });
         if let Some(pgid) = self.group
             && self.group_running()
         {
@@ -866,6 +878,24 @@ impl Target {
                 self.signal(pgid, libc::SIGKILL);
             }
         }
+        job
+    }
+
+    /// Takes the cgroup back from the kill [`Target::kill`] started.
+    fn after_kill(&mut self, kill: Result<CgroupKill, tokio::task::JoinError>) {
+        match kill {
+            Ok(CgroupKill { cgroup, fallback }) => {
+                self.cgroup = Some(cgroup);
+                if let Some(sent) = fallback {
+                    self.note(sent);
+                }
+            }
+            Err(e) => {
+                let path = self.record.cgroup.as_deref().unwrap_or(Path::new(""));
+                self.errors
+                    .insert(format!("killing cgroup {} failed: {e}", path.display()));
+            }
+        }
     }
 
     /// The outcome, after removing the cgroup.
@@ -873,18 +903,19 @@ impl Target {
         if let Some(swept) = self.settled.take() {
             return (self.record, swept);
         }
-        if let Some(cg) = self.cgroup.clone() {
-            match cgroup::procs(&cg) {
+        if let Some(cg) = self.cgroup.take() {
+            match cg.members() {
                 Ok(members) if members.is_empty() => {
-                    if let Err(e) = cgroup::remove(&cg) {
+                    let path = cg.path().to_owned();
+                    if let Err(e) = cg.remove() {
                         self.errors
-                            .insert(format!("cannot remove {}: {e}", cg.display()));
+                            .insert(format!("cannot remove {}: {e}", path.display()));
                     }
                 }
                 Ok(members) => {
                     self.errors.insert(format!(
                         "{} still holds {members:?} after SIGKILL",
-                        cg.display()
+                        cg.path().display()
                     ));
                 }
                 // Already in the errors.
@@ -912,8 +943,8 @@ impl Target {
         (self.record, swept)
     }
 
-    /// Signals one process; skips pids that cannot be ours (0 is how a
-    /// cgroup lists a process outside our pid namespace). Gone is fine.
+    /// Signals one process; skips pids that cannot be ours
+    /// ([`check_pid`]). Gone is fine.
     fn signal(&mut self, pid: u32, signal: libc::c_int) {
         let Ok(p) = check_pid(pid) else {
             return;
@@ -937,6 +968,15 @@ impl Target {
         }
     }
 
+    /// Keeps what a signal to the cgroup's members did.
+    fn note(&mut self, sent: Signalled) {
+        self.signalled.extend(sent.reached);
+        for (pid, error) in sent.failed {
+            self.errors
+                .insert(format!("cannot signal pid {pid}: {error}"));
+        }
+    }
+
     fn note_signal_error(&mut self, whom: &str) {
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ESRCH) {
@@ -945,286 +985,15 @@ impl Target {
     }
 }
 
-/// Run cgroups (cgroup v2).
-#[cfg(target_os = "linux")]
-mod cgroup {
-    use std::{
-        fs::{self, OpenOptions},
-        io::{self, Read, Write},
-        os::unix::fs::{MetadataExt, OpenOptionsExt},
-        path::{Component, Path, PathBuf},
-    };
-
-    /// How deep below a run's cgroup the sweep looks for more cgroups.
-    const MAX_DEPTH: usize = 16;
-
-    /// A cgroup2 mount from /proc/self/mountinfo.
-    struct Mount {
-        /// The directory of the hierarchy mounted (`/` unless a namespace or
-        /// bind mount shows only part of it).
-        root: PathBuf,
-        point: PathBuf,
-    }
-
-    /// The cgroup2 mounts.
-    fn mounts() -> Vec<Mount> {
-        let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-            return Vec::new();
-        };
-        text.lines().filter_map(parse_mount).collect()
-    }
-
-    /// One mountinfo line, if it is a cgroup2 mount: `ID PARENT MAJ:MIN
-    /// ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`.
-    fn parse_mount(line: &str) -> Option<Mount> {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let dash = fields.iter().position(|&f| f == "-")?;
-        if fields.get(dash + 1) != Some(&"cgroup2") {
-            return None;
-        }
-        Some(Mount {
-            root: PathBuf::from(unescape(fields.get(3)?)),
-            point: PathBuf::from(unescape(fields.get(4)?)),
-        })
-    }
-
-    /// Undoes mountinfo's octal escapes (`\040` for a space).
-    fn unescape(field: &str) -> String {
-        let bytes = field.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'\\'
-                && let Some(code) = bytes
-                    .get(i + 1..i + 4)
-                    .and_then(|d| std::str::from_utf8(d).ok())
-                    .and_then(|d| u8::from_str_radix(d, 8).ok())
-            {
-                out.push(code);
-                i += 4;
-                continue;
-            }
-            out.push(bytes[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    /// This process's own cgroup directory, under one of `mounts`.
-    fn own(mounts: &[Mount]) -> Option<PathBuf> {
-        let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-        let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-        mounts.iter().find_map(|m| {
-            let rest = Path::new(path).strip_prefix(&m.root).ok()?;
-            Some(m.point.join(rest))
-        })
-    }
-
-    /// Whether a recorded cgroup directory may be used, and exists:
-    /// `Ok(false)` when it is gone. Refused: a path that is not plain and
-    /// absolute, not strictly below a cgroup2 mount, a symlink (or reached
-    /// through one), not a directory, not owned by this user, or one that
-    /// holds this process.
-    pub fn check(path: &Path) -> Result<bool, String> {
-        let shown = path.display();
-        if !path.is_absolute()
-            || path
-                .components()
-                .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
-        {
-            return Err(format!("cgroup {shown} is not a plain absolute path"));
-        }
-        let mounts = mounts();
-        if !mounts
-            .iter()
-            .any(|m| path.starts_with(&m.point) && path != m.point)
-        {
-            return Err(format!("cgroup {shown} is not below a cgroup2 mount"));
-        }
-        let meta = match fs::symlink_metadata(path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(format!("cannot inspect cgroup {shown}: {e}")),
-        };
-        if meta.file_type().is_symlink() {
-            return Err(format!("cgroup {shown} is a symbolic link"));
-        }
-        if !meta.is_dir() {
-            return Err(format!("cgroup {shown} is not a directory"));
-        }
-        // SAFETY: geteuid cannot fail.
-        let user = unsafe { libc::geteuid() };
-        if meta.uid() != user {
-            return Err(format!(
-                "cgroup {shown} is owned by uid {}, not by uid {user} that created the runs",
-                meta.uid()
-            ));
-        }
-        match fs::canonicalize(path) {
-            Ok(real) if real == path => {}
-            Ok(real) => {
-                return Err(format!(
-                    "cgroup {shown} is reached through a symbolic link (it is {})",
-                    real.display()
-                ));
-            }
-            Err(e) => return Err(format!("cannot resolve cgroup {shown}: {e}")),
-        }
-        if own(&mounts).is_some_and(|own| own.starts_with(path)) {
-            return Err(format!("cgroup {shown} holds this watchdog itself"));
-        }
-        Ok(true)
-    }
-
-    /// The processes in the cgroup and in the cgroups below it. A cgroup
-    /// that is gone has none.
-    pub fn procs(dir: &Path) -> io::Result<Vec<u32>> {
-        let mut out = Vec::new();
-        collect(dir, 0, &mut out)?;
-        Ok(out)
-    }
-
-    fn collect(dir: &Path, depth: usize, out: &mut Vec<u32>) -> io::Result<()> {
-        let mut text = String::new();
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(dir.join("cgroup.procs"))
-            .and_then(|mut f| f.read_to_string(&mut text))
-        {
-            Ok(_) => {}
-            // Removed meanwhile (ENODEV: removed while open).
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ENODEV) =>
-            {
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-        out.extend(
-            text.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-        if depth < MAX_DEPTH {
-            for child in subdirs(dir) {
-                collect(&child, depth + 1, out)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The cgroups directly below `dir` (never following a symlink).
-    fn subdirs(dir: &Path) -> Vec<PathBuf> {
-        let Ok(entries) = fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.path())
-            .collect()
-    }
-
-    /// Kills every process in the cgroup and below it (`cgroup.kill`,
-    /// Linux 5.14 and later).
-    pub fn kill(dir: &Path) -> io::Result<()> {
-        OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(dir.join("cgroup.kill"))?
-            .write_all(b"1")
-    }
-
-    /// Removes the cgroup and the cgroups below it, deepest first.
-    pub fn remove(dir: &Path) -> io::Result<()> {
-        remove_below(dir, 0)
-    }
-
-    fn remove_below(dir: &Path, depth: usize) -> io::Result<()> {
-        if depth < MAX_DEPTH {
-            for child in subdirs(dir) {
-                remove_below(&child, depth + 1)?;
-            }
-        }
-        match fs::remove_dir(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
-    }
-
-    #[cfg(test)]
-    pub(super) fn mount_points() -> Vec<PathBuf> {
-        mounts().into_iter().map(|m| m.point).collect()
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn parses_cgroup2_mounts_only() {
-            let v2 =
-                "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw";
-            let m = parse_mount(v2).unwrap();
-            assert_eq!(m.point, Path::new("/sys/fs/cgroup/unified"));
-            assert_eq!(m.root, Path::new("/"));
-            let v1 = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory";
-            assert!(parse_mount(v1).is_none());
-            let spaced = "41 31 0:38 /sub /mnt/c\\040g rw - cgroup2 cgroup2 rw";
-            assert_eq!(parse_mount(spaced).unwrap().point, Path::new("/mnt/c g"));
-        }
-
-        /// Guards against a record steering writes outside the cgroup
-        /// hierarchy, or at the hierarchy's root, which holds every process.
-        #[test]
-        fn refuses_paths_outside_cgroup2_and_the_root() {
-            for bad in [
-                "relative/x",
-                "/tmp/x",
-                "/sys/fs/cgroup/unified/../../../tmp",
-            ] {
-                assert!(check(Path::new(bad)).is_err(), "{bad}");
-            }
-            for point in mount_points() {
-                let err = check(&point).unwrap_err();
-                assert!(err.contains("not below a cgroup2 mount"), "{err}");
-            }
-        }
-    }
-}
-
-/// Without cgroups (macOS), a record that names one is refused.
-#[cfg(not(target_os = "linux"))]
-mod cgroup {
-    use std::{io, path::Path};
-
-    pub fn check(path: &Path) -> Result<bool, String> {
-        Err(format!(
-            "the record names cgroup {}, and this system has no cgroups",
-            path.display()
-        ))
-    }
-
-    pub fn procs(_dir: &Path) -> io::Result<Vec<u32>> {
-        Ok(Vec::new())
-    }
-
-    pub fn kill(_dir: &Path) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-
-    pub fn remove(_dir: &Path) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::{
         io::{BufRead, BufReader},
-        os::unix::{fs::PermissionsExt, process::CommandExt},
+        os::unix::{
+            fs::{MetadataExt, PermissionsExt},
+            process::CommandExt,
+        },
         process::{Child, Command, Stdio},
     };
 
@@ -1598,36 +1367,42 @@ mod tests {
         fs::remove_dir_all(&base).unwrap();
     }
 
-    /// A run with a cgroup is ended through it: members that left the
-    /// process group and session (setsid) are reached too, and the cgroup
-    /// is removed. Needs root and a cgroup2 mount.
+    /// Puts a shell into a fresh cgroup below the first cgroup2 mount,
+    /// where it starts a sleep with setsid (leaving the shell's process
+    /// group and session), which ignores SIGTERM if `stubborn`; records it
+    /// as a run and sweeps it with `grace`. Checks that the shell and the session were both signalled
+    /// and are gone, and that the cgroup and the record are removed;
+    /// returns whether SIGKILL was needed. `None` when the test cannot run
+    /// (no root, or no cgroup2 mount).
     #[cfg(target_os = "linux")]
-    #[tokio::test]
-    async fn sweep_ends_a_cgroup_with_everything_in_it() {
-        if !root_or_skip("sweep_ends_a_cgroup_with_everything_in_it") {
-            return;
+    async fn sweep_a_cgroup_run(test: &str, stubborn: bool, grace: Duration) -> Option<bool> {
+        if !root_or_skip(test) {
+            return None;
         }
-        let Some(mount) = cgroup::mount_points().into_iter().next() else {
+        let Some(mount) = crate::cgroup::mount_points().into_iter().next() else {
             let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
             assert!(!ci, "no cgroup2 mount, and CI=true requires one");
             eprintln!("skipped: no cgroup2 mount");
-            return;
+            return None;
         };
-        let cg = mount.join(format!("watchdog-state-test-{}", std::process::id()));
+        let cg = mount.join(format!("watchdog-state-{test}-{}", std::process::id()));
         let _ = fs::remove_dir(&cg);
         fs::create_dir(&cg).unwrap();
-        let base = temp_dir("cgroup");
+        let base = temp_dir(test);
         let dir = StateDir::open(&base.join("state")).unwrap();
-        let mut child = spawn_group(&["sh", "-c", "read go; setsid sleep 100 & echo $!; wait"]);
+        // The session says its pid once it is set up.
+        let trap = if stubborn { "trap \"\" TERM; " } else { "" };
+        let script = format!("read go; setsid sh -c '{trap}echo $$; exec sleep 100' & wait");
+        let mut child = spawn_group(&["sh", "-c", &script]);
         fs::write(cg.join("cgroup.procs"), child.id().to_string()).unwrap();
         writeln!(child.stdin.take().unwrap(), "go").unwrap();
         let grandchild: u32 = read_line(&mut child).parse().unwrap();
         let mut run = record("grouped", child.id(), start_time(child.id()).unwrap());
         run.cgroup = Some(cg.clone());
         dir.record_run(&run).unwrap();
-        let swept = sweep(&dir, dir.runs(), Duration::from_secs(5), 8).await;
+        let swept = sweep(&dir, dir.runs(), grace, 8).await;
         assert_eq!(swept.len(), 1);
-        let Swept::Terminated { pids, .. } = &swept[0].1 else {
+        let Swept::Terminated { pids, killed } = &swept[0].1 else {
             panic!("{:?}", swept[0].1);
         };
         assert!(pids.contains(&child.id()), "{pids:?}");
@@ -1637,6 +1412,21 @@ mod tests {
         assert!(!cg.exists(), "the cgroup must be removed");
         assert!(dir.runs().is_empty());
         fs::remove_dir_all(&base).unwrap();
+        Some(*killed)
+    }
+
+    /// A run with a cgroup is ended through it: members that left the
+    /// process group and session (setsid) are reached too, one that
+    /// ignores SIGTERM is killed through the cgroup once the grace period
+    /// is over, and the cgroup is removed. Needs root and a cgroup2 mount.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn sweep_ends_a_cgroup_with_everything_in_it() {
+        let test = "sweep_ends_a_cgroup_with_everything_in_it";
+        let killed = sweep_a_cgroup_run(test, false, Duration::from_secs(5)).await;
+        assert_ne!(killed, Some(true), "SIGTERM was enough");
+        let killed = sweep_a_cgroup_run(test, true, Duration::from_millis(300)).await;
+        assert_ne!(killed, Some(false), "SIGKILL was needed");
     }
 
     /// Guards against a record that points its cgroup somewhere the daemon
