@@ -200,23 +200,25 @@ fn effective(config: &DaemonConfig) -> String {
                 "on-memory"
             };
             let _ = writeln!(out, "{key} = {action:?}");
-            let signal_key = if service.is_watch() {
-                "signal"
-            } else {
-                "drain-signal"
-            };
-            let _ = writeln!(
-                out,
-                "{signal_key} = {:?}",
-                crate::exit::signal_name(mem.drain_signal).unwrap_or("?")
-            );
+            let signal = crate::exit::signal_name(mem.drain_signal).unwrap_or("?");
+            if !service.is_watch() {
+                let _ = writeln!(out, "drain-signal = {signal:?}");
+            } else if action == "signal" {
+                let _ = writeln!(out, "signal = {signal:?}");
+            }
             if let crate::policy::MemoryAction::Exec(argv) = &mem.action {
                 let _ = writeln!(out, "hook = {argv:?}");
                 let _ = writeln!(out, "hook-timeout = {:?}", dur(service.hook_timeout));
             }
         }
         if let Some(marker) = &service.marker {
-            let _ = writeln!(out, "marker-file = {:?}", marker.path.display().to_string());
+            let path = marker.path.display().to_string();
+            if marker.path == config.daemon.marker_dir().join(&service.name) {
+                // The default: its directory is created when the daemon starts.
+                let _ = writeln!(out, "# marker-file = {path:?}");
+            } else {
+                let _ = writeln!(out, "marker-file = {path:?}");
+            }
             let _ = writeln!(
                 out,
                 "marker-format = {:?}",
@@ -231,4 +233,42 @@ fn effective(config: &DaemonConfig) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// What `check-config` prints is itself a configuration it accepts,
+    /// and means the same.
+    #[test]
+    fn the_effective_configuration_reads_back_the_same() {
+        let full = "[daemon]\nsensor = \"sampling\"\norphans = \"adopt\"\n\
+            [[service]]\nname = \"a\"\ncommand = [\"/bin/sleep\", \"1\"]\ncwd = \"/tmp\"\n\
+            env = { A = \"1 2\", B = \"x\\\"y\" }\nuser = \"nobody\"\nsuccess-exit-codes = [0, 143]\n\
+            max-rss = \"1GiB\"\nhard-limit = \"2GiB\"\nover-for = \"1s\"\non-memory = \"exec\"\n\
+            hook = [\"/bin/true\", \"--x\"]\nhook-timeout = \"5s\"\nstop-signal = \"SIGINT\"\n\
+            [[watch]]\nname = \"w\"\nancestor-match = \"sh\"\nancestor-of = 1\nlimit = \"1GiB\"\n\
+            action = \"signal\"\nsignal = \"SIGUSR1\"\n";
+        for text in [config::SAMPLE, full] {
+            round_trip(text);
+        }
+    }
+
+    fn round_trip(text: &str) {
+        let sample = config::parse(Path::new("sample.toml"), text).unwrap();
+        let printed = effective(&sample);
+        let again = config::parse(Path::new("printed.toml"), &printed)
+            .unwrap_or_else(|e| panic!("{e}\n{printed}"));
+        assert_eq!(again.daemon, sample.daemon);
+        assert_eq!(again.services.len(), sample.services.len());
+        for (a, b) in again.services.iter().zip(&sample.services) {
+            let (mut a, mut b) = (a.clone(), b.clone());
+            a.policy.jitter_seed = 0;
+            b.policy.jitter_seed = 0;
+            assert_eq!(a, b);
+        }
+    }
 }
