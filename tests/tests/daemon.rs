@@ -40,8 +40,8 @@ impl Daemon {
             .arg("run")
             .arg("--config")
             .arg(config)
-            .envs(env.iter().copied())
             .env("WATCHDOG_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -690,5 +690,48 @@ fn orphans_can_be_adopted() {
         daemon.wait_for("its exit", Duration::from_secs(5), |l| {
             l["event"] == "exited" && l["service"] == "kept" && l["cause"] == "shutdown"
         });
+    }
+}
+
+/// SIGKILL of the daemon while a service restarts in a tight loop (children
+/// caught between fork and exec) leaves nothing holding the instance lock:
+/// the next start runs.
+#[test]
+fn a_killed_daemon_can_be_started_again_at_once() {
+    for round in 0..5 {
+        let mut daemon = Daemon::start(
+            "sampling",
+            &(service("looping", "exit 0", "clean-budget = 100000")
+                + &service("looping2", "exit 0", "clean-budget = 100000")),
+        );
+        // Quiet: thousands of restarts.
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        daemon.child = Daemon::spawn(&daemon.config, &[("WATCHDOG_LOG", "warn")]);
+        daemon.wait_for("a few restarts", Duration::from_secs(10), |l| {
+            l["event"] == "started" && l["crash_count"] == 0 && l["service"] == "looping2"
+        });
+        std::thread::sleep(Duration::from_millis(100 * round));
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        daemon.child = Daemon::spawn(&daemon.config, &[("WATCHDOG_LOG", "warn")]);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            matches!(daemon.child.try_wait(), Ok(None)),
+            "round {round}: the second start was refused"
+        );
+        assert!(daemon.stop().success());
+        // Nothing of either instance is left.
+        let config = daemon.config.display().to_string();
+        wait_until(
+            "no process of the daemon left",
+            Duration::from_secs(5),
+            || {
+                std::fs::read_dir("/proc").unwrap().flatten().all(|e| {
+                    let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                    !String::from_utf8_lossy(&cmd).contains(&config)
+                })
+            },
+        );
     }
 }

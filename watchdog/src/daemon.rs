@@ -219,6 +219,9 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     }
 
     let mut services = Services::new(config.services);
+    if is_daemon {
+        services = services.keep_trying();
+    }
     for record in adopt {
         host.adopt(&mut services, record);
     }

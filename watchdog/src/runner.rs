@@ -233,7 +233,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
                 .map_err(|_| io::Error::other("the working directory has a NUL"))
         })
         .transpose()?;
-    let (ready_w_fd, go_r_fd) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
+    let (ready_w_fd, go_r_fd, go_w_fd) = (ready_w.as_raw_fd(), go_r.as_raw_fd(), go_w.as_raw_fd());
     let user = spec.user.clone();
     let groups: Vec<libc::gid_t> = user
         .as_ref()
@@ -250,6 +250,16 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
         cmd.pre_exec(move || {
             // A process group of its own: drain and kill reach every
             // descendant that stays in it.
+            // While it waits for the go, it must not outlive the
+            // supervisor: it would wait forever, holding inherited
+            // descriptors (the instance lock among them) until exec.
+            // The parent's end of the go pipe is not its to hold either.
+            #[cfg(target_os = "linux")]
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            libc::close(go_w_fd);
+            if libc::getppid() != parent {
+                libc::_exit(127);
+            }
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -279,7 +289,11 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
             {
                 return Err(io::Error::last_os_error());
             }
-            if !outlive {
+            if outlive {
+                // Adopted by the next instance if this one dies.
+                #[cfg(target_os = "linux")]
+                libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0);
+            } else {
                 die_with_parent(parent);
             }
             Ok(())

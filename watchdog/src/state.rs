@@ -593,6 +593,33 @@ fn own_group() -> u32 {
     unsafe { libc::getpgid(0) as u32 }
 }
 
+/// How long a process that started at `start_time` (as [`start_time`]
+/// reads it) has been running; zero when that cannot be told.
+pub fn age(start_time: u64) -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let uptime = fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        match uptime {
+            Some(up) if ticks > 0 => {
+                Duration::from_secs_f64((up - start_time as f64 / ticks as f64).max(0.0))
+            }
+            _ => Duration::ZERO,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // Microseconds since the epoch.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        now.saturating_sub(Duration::from_micros(start_time))
+    }
+}
+
 /// What the sweep did to one record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Swept {

@@ -35,7 +35,7 @@ pub struct WatchArgs {
     pub pattern: Option<String>,
     /// With --match: how often to look for new matching processes
     /// [default: 2s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::de::parse_duration)]
     pub rescan: Option<Duration>,
     /// The memory limit of each group (512MiB, 2GiB, 8192MB).
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]

@@ -11,22 +11,14 @@ use crate::size::Size;
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Text(String),
-            Bytes(i64),
-        }
-        match Raw::deserialize(d).map_err(|_| {
+        // A bare number is refused: `max-rss = 5` is far more likely a
+        // forgotten unit than five bytes.
+        let text = String::deserialize(d).map_err(|_| {
             D::Error::custom(
-                "expected a size: a string such as \"512MiB\" or \"2GiB\", or a number of bytes",
+                "expected a size in quotes, with its unit, such as \"512MiB\" or \"2GiB\"",
             )
-        })? {
-            Raw::Text(text) => text.parse().map_err(D::Error::custom),
-            Raw::Bytes(n) => u64::try_from(n).map(Size).map_err(|_| {
-                D::Error::custom(format!("invalid size {n}: a size cannot be negative"))
-            }),
-        }
+        })?;
+        text.parse().map_err(D::Error::custom)
     }
 }
 
@@ -41,10 +33,18 @@ pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
 /// Parses a duration as the command line does, with a message that shows
 /// the accepted form.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
         format!("invalid duration {text:?}: {e}; write a number and a unit, e.g. 10s, 500ms or 2m")
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(format!("duration {text:?} is too long: at most 365 days"));
+    }
+    Ok(duration)
 }
+
+/// The longest duration any setting takes: deadlines are computed by
+/// adding durations to the clock, which must not overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A signal by name ("SIGTERM", "TERM") or number.
 pub fn signal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i32>, D::Error> {

@@ -152,18 +152,30 @@ impl std::error::Error for ConfigError {}
 
 /// Reads and checks a configuration file.
 pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError {
         file: path.to_owned(),
         line: 0,
         column: 0,
         key: String::new(),
         message: match e.kind() {
             std::io::ErrorKind::NotFound => format!(
-                "no such file; write one (watchdog run --sample-config > {}) or pass --config FILE",
+                "no such file; write one (watchdog run --sample-config > {}) or name another file",
                 path.display()
             ),
             _ => format!("cannot read it: {e}"),
         },
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let text = String::from_utf8_lossy(&e.as_bytes()[..valid]).into_owned();
+        let (line, column) = line_column(&text, valid);
+        ConfigError {
+            file: path.to_owned(),
+            line,
+            column,
+            key: String::new(),
+            message: "not UTF-8 text; a configuration file is UTF-8".into(),
+        }
     })?;
     parse(path, &text)
 }
@@ -190,15 +202,26 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         let (offset, key) = locate(text, table, index, problem.key);
         at(offset, key, problem.message)
     };
-    if daemon.interval.is_zero()
-        || daemon.min_interval.is_zero()
-        || daemon.min_interval > daemon.interval
-    {
+    for (key, value) in [
+        ("interval", daemon.interval),
+        ("min-interval", daemon.min_interval),
+        ("orphan-grace", daemon.orphan_grace),
+    ] {
+        if value.is_zero() {
+            let (offset, path) = locate_daemon(text, key);
+            return Err(at(offset, path, format!("{key} must be more than 0")));
+        }
+    }
+    if daemon.min_interval > daemon.interval {
         let (offset, key) = locate_daemon(text, "min-interval");
         return Err(at(
             offset,
             key,
-            "interval and min-interval must be more than 0, min-interval the shorter".into(),
+            format!(
+                "min-interval ({}) is longer than interval ({}); make the minimum the shorter",
+                humantime::format_duration(daemon.min_interval),
+                humantime::format_duration(daemon.interval)
+            ),
         ));
     }
     if daemon.rescan.is_zero() {

@@ -267,6 +267,25 @@ impl ServiceOptions {
                 format!("{} must name the program to run", n("command")),
             );
         }
+        if let Some(code) = self
+            .success_exit_codes
+            .iter()
+            .find(|c| !(0..=255).contains(*c))
+        {
+            return problem(
+                "success-exit-codes",
+                format!(
+                    "{} {code}: an exit code is 0 to 255",
+                    n("success-exit-codes")
+                ),
+            );
+        }
+        if self.group.is_some() && self.user.is_none() {
+            return problem(
+                "group",
+                format!("{} needs {}: the user to run as", n("group"), n("user")),
+            );
+        }
         let max_crashes = self.max_crashes.unwrap_or(DEFAULT_MAX_CRASHES);
         if max_crashes == 0 {
             return problem(
@@ -376,6 +395,7 @@ impl ServiceOptions {
                 );
             }
         }
+        check_program(naming, "command", &self.command[0], self.cwd.as_deref())?;
         let grace = self.grace.unwrap_or(DEFAULT_GRACE);
         let mut marker = None;
         let memory = match self.max_rss {
@@ -779,9 +799,25 @@ fn check_marker_dir(key: &str, path: &Path) -> Result<(), Problem> {
 /// `program` must be an executable file (looked up in PATH when it has no
 /// slash, as it will be at run time).
 pub fn check_executable(naming: Naming, program: &str) -> Result<(), Problem> {
-    let key = naming.name("hook");
+    check_program(naming, "hook", program, None)
+}
+
+/// `program`, given by `key`, must be an executable file (looked up in PATH
+/// when it has no slash, as it will be at run time).
+fn check_program(
+    naming: Naming,
+    key: &'static str,
+    program: &str,
+    cwd: Option<&Path>,
+) -> Result<(), Problem> {
+    let name = match (naming, key) {
+        (Naming::Flags, "command") => "the command".to_owned(),
+        _ => naming.name(key),
+    };
     let found = if program.contains('/') {
-        Some(PathBuf::from(program))
+        // A relative path is taken from the working directory the program
+        // starts in.
+        Some(cwd.map_or_else(|| PathBuf::from(program), |dir| dir.join(program)))
     } else {
         std::env::var_os("PATH").and_then(|path| {
             std::env::split_paths(&path)
@@ -791,15 +827,18 @@ pub fn check_executable(naming: Naming, program: &str) -> Result<(), Problem> {
     };
     match found {
         None => problem(
-            "hook",
-            format!("{key} {program}: no such program; give a path or a program in PATH"),
+            key,
+            format!("{name} {program}: no such program; give a path or a program in PATH"),
         ),
+        Some(path) if !path.exists() => {
+            problem(key, format!("{name} {}: no such program", path.display()))
+        }
         Some(path) if !path.is_file() => {
-            problem("hook", format!("{key} {}: not a file", path.display()))
+            problem(key, format!("{name} {}: not a file", path.display()))
         }
         Some(path) if !access(&path, libc::X_OK) => problem(
-            "hook",
-            format!("{key} {}: not executable; chmod +x it", path.display()),
+            key,
+            format!("{name} {}: not executable; chmod +x it", path.display()),
         ),
         Some(_) => Ok(()),
     }

@@ -46,10 +46,10 @@ pub struct SensorArgs {
     #[arg(long, value_enum, default_value_t = SensorChoice::Auto)]
     pub sensor: SensorChoice,
     /// Sampling interval while far from the limit (sampling sensor).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "1s", allow_hyphen_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::de::parse_duration, default_value = "1s", allow_hyphen_values = true)]
     pub interval: std::time::Duration,
     /// Shortest sampling interval, used near the limit (sampling sensor).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "50ms", allow_hyphen_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::de::parse_duration, default_value = "50ms", allow_hyphen_values = true)]
     pub min_interval: std::time::Duration,
 }
 

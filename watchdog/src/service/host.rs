@@ -155,6 +155,7 @@ impl Host {
             Swept::Gone | Swept::PidReused => {}
         }
         self.write(&line);
+        log(&line, false);
     }
 
     /// Has the service of `record` take over its run, if the process is
@@ -162,7 +163,7 @@ impl Host {
     /// record is dropped (a reused pid is never touched).
     pub fn adopt(&mut self, services: &mut super::Services, record: RunRecord) {
         let alive = state::start_time(record.pid) == Some(record.start_time);
-        let index = services.adopt(&record.service, record.pid);
+        let index = services.adopt(&record.service, record.pid, state::age(record.start_time));
         match (alive, index) {
             (true, Some(index)) => {
                 info!(service = %record.service, pid = record.pid, "adopting the run a previous instance left");
@@ -180,6 +181,7 @@ impl Host {
                     }
                 }
                 self.write(&line);
+                log(&line, false);
                 if let Some(state) = &self.state {
                     let _ = state.forget_run(&record.service);
                 }
@@ -491,15 +493,16 @@ impl Host {
             line,
             source: self.source,
         });
-        log(line);
     }
 }
 
 /// The log's account of an audit line: one record with its fields, for a
 /// terminal or a log shipper.
-fn log(line: &super::AuditLine) {
+fn log(line: &super::AuditLine, watch: bool) {
     use crate::policy::Cause;
     let (warn, message) = match line.event {
+        Event::Started if watch => (false, "found the process to watch"),
+        Event::Exited if watch => (false, "the watched process exited"),
         Event::Started => (false, "started"),
         Event::Adopted => (false, "adopted the run a previous instance left"),
         Event::MemoryOverLimit => (true, "over its memory limit"),
@@ -692,7 +695,10 @@ impl Platform for Host {
                     started.map_err(|e| format!("failed to start {:?}: {e}", argv[0])),
                 ));
             }
-            Effect::Audit(line) => self.write(&line),
+            Effect::Audit(line) => {
+                self.write(&line);
+                log(&line, service.config().is_watch());
+            }
             Effect::Finished(_) => {
                 self.pending.remove(&index);
             }

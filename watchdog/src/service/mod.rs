@@ -362,7 +362,11 @@ pub struct Service {
     retiring: bool,
     /// Takes over this pid (a previous instance's run) instead of
     /// starting one.
-    adopting: Option<u32>,
+    adopting: Option<(u32, Duration)>,
+    /// A first start that fails ends supervision (`supervise`: a mistake
+    /// on the command line); otherwise it is a failed run like any other
+    /// (the daemon keeps trying, with backoff).
+    first_failure_ends: bool,
     outcome: Option<Outcome>,
 }
 
@@ -382,6 +386,7 @@ impl Service {
             clear_at: None,
             retiring: false,
             adopting: None,
+            first_failure_ends: true,
             outcome: None,
         }
     }
@@ -471,9 +476,9 @@ impl Service {
                 });
                 self.last_pid = spawned.pid;
                 self.ever_started = true;
-                if self.adopting.take().is_some() {
-                    self.policy
-                        .handle(policy::Input::Adopted { since: now }, now)
+                if let Some((_, age)) = self.adopting.take() {
+                    let since = now.checked_sub(age).unwrap_or(now);
+                    self.policy.handle(policy::Input::Adopted { since }, now)
                 } else {
                     self.policy.handle(policy::Input::Started, now)
                 }
@@ -483,7 +488,7 @@ impl Service {
                 self.policy.handle(policy::Input::Start, now)
             }
             Input::Spawned(Err(error)) => {
-                if !self.ever_started {
+                if !self.ever_started && self.first_failure_ends {
                     return vec![self.finish(Outcome::CannotStart(error))];
                 }
                 tracing::error!(service = %self.cfg.name, error = %error, "failed to start the service");
@@ -923,6 +928,8 @@ pub struct DriveError(pub String);
 #[derive(Default)]
 pub struct Services {
     list: Vec<Service>,
+    /// Services keep trying after a failed first start (the daemon).
+    keep_trying: bool,
     /// Services waiting for their predecessor of the same name to finish
     /// draining: successor index -> predecessor index.
     waiting: HashMap<usize, usize>,
@@ -932,8 +939,27 @@ impl Services {
     pub fn new(configs: Vec<ServiceConfig>) -> Self {
         Self {
             list: configs.into_iter().map(Service::new).collect(),
+            keep_trying: false,
             waiting: HashMap::new(),
         }
+    }
+
+    /// Services that cannot be started at first are retried with backoff
+    /// instead of ending (the daemon: a program may appear later, a
+    /// mistake must not silently drop a service).
+    pub fn keep_trying(mut self) -> Self {
+        self.keep_trying = true;
+        for service in &mut self.list {
+            service.first_failure_ends = false;
+        }
+        self
+    }
+
+    fn push(&mut self, config: ServiceConfig) -> usize {
+        let mut service = Service::new(config);
+        service.first_failure_ends = !self.keep_trying;
+        self.list.push(service);
+        self.list.len() - 1
     }
 
     pub fn all(&self) -> &[Service] {
@@ -951,13 +977,14 @@ impl Services {
         indices.into_iter().map(|i| &self.list[i])
     }
 
-    /// Has the service `name` take over `pid` when it starts; its index.
-    pub fn adopt(&mut self, name: &str, pid: u32) -> Option<usize> {
+    /// Has the service `name` take over `pid`, running for `age` already,
+    /// when it starts; its index.
+    pub fn adopt(&mut self, name: &str, pid: u32, age: Duration) -> Option<usize> {
         let index = self
             .list
             .iter()
             .position(|s| s.name() == name && !s.config().is_watch() && s.adopting.is_none())?;
-        self.list[index].adopting = Some(pid);
+        self.list[index].adopting = Some((pid, age));
         Some(index)
     }
 
@@ -1096,8 +1123,7 @@ fn reload<P: Platform>(
                 tracing::info!(service = %config.name, "changed: restarting it");
                 services.list[index].retiring = true;
                 feed(&mut services.list, platform, index, Input::Shutdown, now);
-                services.list.push(Service::new(config));
-                let successor = services.list.len() - 1;
+                let successor = services.push(config);
                 services.waiting.insert(successor, index);
             }
             None => {
@@ -1110,8 +1136,7 @@ fn reload<P: Platform>(
                     }
                 });
                 tracing::info!(service = %name, "added: starting it");
-                services.list.push(Service::new(config));
-                let index = services.list.len() - 1;
+                let index = services.push(config);
                 let pred = services
                     .list
                     .iter()

@@ -232,6 +232,7 @@ async fn run_until(
     });
     let mut services = super::Services {
         list: services,
+        keep_trying: false,
         waiting: HashMap::new(),
     };
     drive(&mut services, &mut platform, &mut controls, true)
@@ -799,4 +800,39 @@ fn a_watch_target_looks_again_and_is_never_signalled_on_shutdown() {
         group: Some(GroupId(6))
     }));
     assert!(svc.finished());
+}
+
+/// The daemon keeps trying a service whose first start fails (its program
+/// may appear later; a mistake must not silently drop it); `supervise`
+/// ends on it, as a mistake on its command line.
+#[test]
+fn a_failed_first_start_ends_supervise_but_not_the_daemon() {
+    let t0 = Instant::now();
+    for keep_trying in [false, true] {
+        let mut services = Services::new(vec![named("svc", |_| {})]);
+        if keep_trying {
+            services = services.keep_trying();
+        }
+        let svc = &mut services.list[0];
+        assert_eq!(svc.handle(Input::Start, t0), vec![Effect::Spawn]);
+        let effects = svc.handle(Input::Spawned(Err("No such file or directory".into())), t0);
+        if keep_trying {
+            assert!(!svc.finished(), "{effects:?}");
+            let exited = effects
+                .iter()
+                .find_map(|e| match e {
+                    Effect::Audit(l) if l.event == Event::Exited => Some(l.clone()),
+                    _ => None,
+                })
+                .expect("an exited line");
+            assert_eq!(exited.cause, Some(Cause::Crash));
+            assert_eq!(exited.error.as_deref(), Some("No such file or directory"));
+            assert!(svc.next_deadline().is_some(), "no retry scheduled");
+        } else {
+            assert_eq!(
+                svc.outcome(),
+                Some(&Outcome::CannotStart("No such file or directory".into()))
+            );
+        }
+    }
 }
