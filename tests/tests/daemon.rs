@@ -690,6 +690,37 @@ fn orphans_can_be_adopted() {
         daemon.wait_for("its exit", Duration::from_secs(5), |l| {
             l["event"] == "exited" && l["service"] == "kept" && l["cause"] == "shutdown"
         });
+        // A run that ended while no daemon ran: the service starts afresh.
+        let audit = daemon.dir.path().join("audit.jsonl");
+        std::fs::remove_file(&audit).unwrap();
+        daemon.child = Daemon::spawn(&daemon.config, &[]);
+        let second = daemon.started("kept", Duration::from_secs(10));
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        // SAFETY: killing the run we just saw start.
+        unsafe { libc::kill(second as i32, libc::SIGKILL) };
+        wait_until("the run gone", Duration::from_secs(5), || !alive(second));
+        std::fs::remove_file(&audit).unwrap();
+        daemon.child = Daemon::spawn(&daemon.config, &[]);
+        daemon.wait_for(
+            "a fresh start after a dead record",
+            Duration::from_secs(10),
+            |l| {
+                l["event"] == "started"
+                    && l["service"] == "kept"
+                    && l["pid"]
+                        .as_u64()
+                        .is_some_and(|p| p != u64::from(pid) && p != u64::from(second))
+            },
+        );
+        assert!(
+            daemon
+                .lines()
+                .iter()
+                .any(|l| l["event"] == "orphan_terminated" && l["reason"] == "gone"),
+            "{sensor}: the dead record is not in the audit log"
+        );
+        assert!(daemon.stop().success());
     }
 }
 

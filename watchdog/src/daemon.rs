@@ -69,22 +69,29 @@ impl Overrides {
 /// under the (possibly overridden) state directory.
 pub fn load(file: &Path, overrides: &Overrides) -> Result<DaemonConfig, config::ConfigError> {
     let mut config = config::load(file)?;
-    if overrides.state_dir.is_some() {
-        // Markers without a marker-file follow the state directory.
-        let old = config.daemon.marker_dir();
-        overrides.apply(&mut config.daemon);
-        let new = config.daemon.marker_dir();
-        for service in &mut config.services {
-            if let Some(marker) = &mut service.marker
-                && let Ok(name) = marker.path.strip_prefix(&old)
-            {
-                marker.path = new.join(name);
-            }
-        }
-    } else {
-        overrides.apply(&mut config.daemon);
-    }
+    let mut daemon = config.daemon.clone();
+    overrides.apply(&mut daemon);
+    conform(&mut config, &daemon);
     Ok(config)
+}
+
+/// Makes the services follow `daemon` (the file's section with the
+/// overrides, or on reload the running one): markers without a
+/// `marker-file` under its marker directory, runs outliving a killed
+/// daemon only when it adopts them.
+fn conform(config: &mut DaemonConfig, daemon: &DaemonSection) {
+    let (old, new) = (config.daemon.marker_dir(), daemon.marker_dir());
+    for service in &mut config.services {
+        if let Some(marker) = &mut service.marker
+            && let Ok(name) = marker.path.strip_prefix(&old)
+        {
+            marker.path = new.join(name);
+        }
+        if let service::Target::Spawn(spec) = &mut service.target {
+            spec.outlive_supervisor = daemon.orphans == Orphans::Adopt;
+        }
+    }
+    config.daemon = daemon.clone();
 }
 
 /// Runs the daemon until it is told to stop (or, supervising one service,
@@ -325,13 +332,14 @@ async fn reload(
     };
     notifier.reloading();
     match load(file, overrides) {
-        Ok(config) => {
+        Ok(mut config) => {
             info!(file = %file.display(), "reloading the configuration");
             if config.daemon != *running {
                 warn!(
                     "the [daemon] section changed: it applies when the daemon restarts; \
                      services and watch targets are reloaded now"
                 );
+                conform(&mut config, running);
             }
             let (done, applied) = tokio::sync::oneshot::channel();
             let _ = control.send(Control::Reload {

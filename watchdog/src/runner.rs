@@ -351,14 +351,22 @@ fn die_with_parent(parent: libc::pid_t) {
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
+    // Close-on-exec from the start: the spawner thread may fork another
+    // service at any moment, which must not inherit these.
+    #[cfg(target_os = "linux")]
     // SAFETY: a valid array of two ints.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    #[cfg(not(target_os = "linux"))]
+    // SAFETY: a valid array of two ints. (No pipe2 here: the flag is set
+    // just after, and the fork waits for the job that carries them.)
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: fresh descriptors we now own.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    #[cfg(not(target_os = "linux"))]
     for fd in [&r, &w] {
-        // Close-on-exec: inherited across the fork, gone after exec.
         // SAFETY: setting a flag on our own descriptor.
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
@@ -502,21 +510,28 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .process_group(0);
-    if let Some(user) = user.cloned() {
-        let groups: Vec<libc::gid_t> = user.groups.iter().map(|&g| g as libc::gid_t).collect();
-        // SAFETY: between fork and exec only setgroups, setgid and setuid,
-        // on values prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+    let user = user.cloned();
+    let groups: Vec<libc::gid_t> = user
+        .as_ref()
+        .map(|u| u.groups.iter().map(|&g| g as libc::gid_t).collect())
+        .unwrap_or_default();
+    // Not the supervisor's shield: oom_score_adj 0, nice 0.
+    let reset = crate::protect::ChildReset::new(0);
+    // SAFETY: between fork and exec only the reset (documented
+    // async-signal-safe), setgroups, setgid and setuid, on values prepared
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            reset.apply()?;
+            if let Some(user) = &user
+                && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
                     || libc::setgid(user.gid as libc::gid_t) != 0
-                    || libc::setuid(user.uid as libc::uid_t) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+                    || libc::setuid(user.uid as libc::uid_t) != 0)
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     Ok(cmd.spawn()?.id())
 }

@@ -275,14 +275,6 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         }
         services.push(config);
     }
-    if daemon.orphans == Orphans::Adopt {
-        // Runs must outlive a killed daemon to be adopted by the next.
-        for service in &mut services {
-            if let crate::service::Target::Spawn(spec) = &mut service.target {
-                spec.outlive_supervisor = true;
-            }
-        }
-    }
     Ok(DaemonConfig {
         file: Some(path.to_owned()),
         daemon,

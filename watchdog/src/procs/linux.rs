@@ -29,6 +29,14 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether `pid` has exited and waits to be reaped (state `Z`).
+pub fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
 /// The thread group (process) id of `pid`, which differs from `pid` when it
 /// names a thread; `None` when there is no such task.
 pub fn tgid(pid: u32) -> Option<u32> {

@@ -6,11 +6,20 @@ mod linux;
 mod macos;
 
 #[cfg(target_os = "linux")]
-pub use linux::{all_pids, children, cmdline, exists, in_child_pid_namespace, name, ppid, tgid};
+pub use linux::{
+    all_pids, children, cmdline, exists, in_child_pid_namespace, is_zombie, name, ppid, tgid,
+};
 #[cfg(target_os = "macos")]
 pub use macos::{all_pids, children, cmdline, exists, name, ppid};
 
 use std::collections::HashSet;
+
+/// Whether `pid` has exited and waits to be reaped.
+#[cfg(not(target_os = "linux"))]
+pub fn is_zombie(pid: u32) -> bool {
+    let _ = pid;
+    false
+}
 
 /// Pid namespaces are a Linux feature.
 #[cfg(not(target_os = "linux"))]

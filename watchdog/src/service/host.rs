@@ -162,8 +162,14 @@ impl Host {
     /// still the one recorded and the service still exists; otherwise the
     /// record is dropped (a reused pid is never touched).
     pub fn adopt(&mut self, services: &mut super::Services, record: RunRecord) {
-        let alive = state::start_time(record.pid) == Some(record.start_time);
-        let index = services.adopt(&record.service, record.pid, state::age(record.start_time));
+        // A zombie keeps its start time, but there is nothing to adopt.
+        let alive = state::start_time(record.pid) == Some(record.start_time)
+            && !procs::is_zombie(record.pid);
+        let index = if alive {
+            services.adopt(&record.service, record.pid, state::age(record.start_time))
+        } else {
+            None
+        };
         match (alive, index) {
             (true, Some(index)) => {
                 info!(service = %record.service, pid = record.pid, "adopting the run a previous instance left");
@@ -218,7 +224,7 @@ impl Host {
 
     /// Takes over the run of a previous instance: watched from now on,
     /// its processes moved into this instance's cgroup of the service.
-    fn take_over(&mut self, index: usize, service: &Service, record: RunRecord) {
+    fn take_over(&mut self, service: &Service, record: RunRecord) -> Result<Spawned, String> {
         let limits = limits(service);
         if let Some(old) = &record.cgroup {
             let members = std::fs::read_to_string(old.join("cgroup.procs")).unwrap_or_default();
@@ -230,18 +236,26 @@ impl Host {
             }
             let _ = std::fs::remove_dir(old);
         }
-        let result = match self.sensor.watch_tree(record.pid, limits) {
-            Ok(group) => Ok(Spawned {
-                pid: record.pid,
-                group: Some(group),
-                foreign: true,
-            }),
-            Err(e) => Err(format!("cannot watch the adopted run: {e}")),
-        };
-        self.queue.push_back(Happening::Spawned {
-            service: index,
-            result,
-        });
+        match self.sensor.watch_tree(record.pid, limits) {
+            Ok(group) => {
+                // Recorded again as this instance's, in its cgroup.
+                self.record(Some(service.name()), record.pid);
+                Ok(Spawned {
+                    pid: record.pid,
+                    group: Some(group),
+                    foreign: true,
+                })
+            }
+            Err(e) => {
+                // Not watched, so not supervised: it must not run on
+                // beside the fresh run that replaces it.
+                runner::signal_tree(record.pid, &[], libc::SIGKILL);
+                if let Some(cgroup) = self.cgroups.get(service.name()) {
+                    let _ = cgroup.kill();
+                }
+                Err(format!("cannot watch the adopted run: {e}"))
+            }
+        }
     }
 
     /// How often watch targets without a process look for one (a new
@@ -587,11 +601,13 @@ impl Platform for Host {
                 self.names.insert(index, service.name().to_owned());
                 self.spawn(index, service);
             }
+            // Answered at once, so that no stop can come between.
             Effect::Adopt => {
                 self.names.insert(index, service.name().to_owned());
-                if let Some(record) = self.adopting.remove(&index) {
-                    self.take_over(index, service, record);
-                }
+                return Some(Input::Spawned(match self.adopting.remove(&index) {
+                    Some(record) => self.take_over(service, record),
+                    None => Err("no run to adopt".into()),
+                }));
             }
             // A process we did not start: only it gets the signal.
             Effect::Signal { pid, signal, .. } if service.config().is_watch() => {
@@ -788,7 +804,9 @@ fn rescan_timer(every: std::time::Duration) -> tokio::time::Interval {
 /// by other watch targets.
 fn resolve(selector: &Selector, taken: &HashSet<u32>) -> Option<u32> {
     match selector {
-        Selector::Pid(pid) => (procs::exists(*pid) && !taken.contains(pid)).then_some(*pid),
+        Selector::Pid(pid) => {
+            (procs::exists(*pid) && !procs::is_zombie(*pid) && !taken.contains(pid)).then_some(*pid)
+        }
         Selector::Match(pattern) => {
             // Never the daemon's own services (nor their hooks).
             let ours = procs::descendants(std::process::id());

@@ -414,9 +414,18 @@ impl Service {
         self.hooks.keys().copied()
     }
 
-    fn finish(&mut self, outcome: Outcome) -> Effect {
+    /// Ends supervision: hooks still running are killed (nothing would
+    /// time them out any more), then `Finished`.
+    fn finish(&mut self, outcome: Outcome) -> Vec<Effect> {
         self.outcome = Some(outcome.clone());
-        Effect::Finished(outcome)
+        let mut hooks: Vec<u32> = self.hooks.drain().map(|(pid, _)| pid).collect();
+        hooks.sort_unstable();
+        let mut effects: Vec<Effect> = hooks
+            .into_iter()
+            .map(|pid| Effect::KillHook { pid })
+            .collect();
+        effects.push(Effect::Finished(outcome));
+        effects
     }
 
     /// The running run's pid.
@@ -460,6 +469,14 @@ impl Service {
     /// Feeds one input at `now`; returns what to do, in order.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Effect> {
         if self.finished() {
+            // A watch target found its process as it was stopped: let go.
+            if let Input::Spawned(Ok(spawned)) = input
+                && spawned.foreign
+            {
+                return vec![Effect::Detach {
+                    group: spawned.group,
+                }];
+            }
             return vec![];
         }
         let actions = match input {
@@ -489,7 +506,7 @@ impl Service {
             }
             Input::Spawned(Err(error)) => {
                 if !self.ever_started && self.first_failure_ends {
-                    return vec![self.finish(Outcome::CannotStart(error))];
+                    return self.finish(Outcome::CannotStart(error));
                 }
                 tracing::error!(service = %self.cfg.name, error = %error, "failed to start the service");
                 // No process: the exit line says pid 0, status 127 as a
@@ -624,6 +641,18 @@ impl Service {
             now,
         );
         effects.extend(self.remove_marker("exited"));
+        if let Target::Watch(Selector::Pid(pid)) = self.cfg.target {
+            // A pid names one process: a later one with the same number is
+            // another, never to be watched (or signalled) in its place.
+            let exited: Vec<Action> = actions
+                .into_iter()
+                .filter(|a| !matches!(a, Action::Spawn))
+                .collect();
+            effects.extend(self.perform(exited));
+            tracing::info!(service = %self.cfg.name, pid, "the watched process exited; nothing left to watch");
+            effects.extend(self.finish(Outcome::Stopped));
+            return effects;
+        }
         effects.extend(self.perform(actions));
         effects
     }
@@ -781,7 +810,9 @@ impl Service {
                     if let Some(run) = self.run.take() {
                         effects.push(Effect::Detach { group: run.group });
                     }
-                    effects.push(self.finish(Outcome::Stopped));
+                    // Nobody would remove it once the watch is gone.
+                    effects.extend(self.remove_marker("stopped"));
+                    effects.extend(self.finish(Outcome::Stopped));
                 }
                 Action::Done => {
                     let outcome = if self.policy.failed() {
@@ -790,11 +821,11 @@ impl Service {
                     } else {
                         Outcome::Stopped
                     };
-                    effects.push(self.finish(outcome));
+                    effects.extend(self.finish(outcome));
                 }
                 Action::GiveUp => {
                     tracing::error!(service = %self.cfg.name, "gave up: too many crashes");
-                    effects.push(self.finish(Outcome::GaveUp));
+                    effects.extend(self.finish(Outcome::GaveUp));
                 }
             }
         }
@@ -944,9 +975,11 @@ impl Services {
         }
     }
 
-    /// Services that cannot be started at first are retried with backoff
-    /// instead of ending (the daemon: a program may appear later, a
-    /// mistake must not silently drop a service).
+    /// Services that cannot be started at first are retried with backoff,
+    /// as crashes, instead of ending at once (the daemon: a program may
+    /// appear later, and a mistake must not silently drop a service). Past
+    /// `max-crashes` they give up like any crash loop, and a reload starts
+    /// them again.
     pub fn keep_trying(mut self) -> Self {
         self.keep_trying = true;
         for service in &mut self.list {
@@ -1082,7 +1115,7 @@ pub async fn drive<P: Platform>(
                         feed(list, platform, service, Input::Spawned(result), now);
                     }
                     Happening::Reaped { pid, status, peak_rss_bytes, cgroup_oom_kill } => {
-                        if let Some(index) = list.iter().position(|s| s.owns_child(pid)) {
+                        if let Some(index) = list.iter().position(|s| !s.finished() && s.owns_child(pid)) {
                             if cgroup_oom_kill {
                                 feed(list, platform, index, Input::CgroupOomKill, now);
                             }
@@ -1119,6 +1152,14 @@ fn reload<P: Platform>(
     for config in configs {
         match services.active(&config.name) {
             Some(index) if services.list[index].config() == &config => {}
+            // Changed again before it started: it never runs; the newest
+            // waits for the same predecessor.
+            Some(index) if services.waiting.contains_key(&index) => {
+                let pred = services.waiting.remove(&index).unwrap_or(index);
+                services.list[index].outcome = Some(Outcome::Stopped);
+                let successor = services.push(config);
+                services.waiting.insert(successor, pred);
+            }
             Some(index) => {
                 tracing::info!(service = %config.name, "changed: restarting it");
                 services.list[index].retiring = true;

@@ -730,7 +730,7 @@ fn a_watch_target_looks_again_and_is_never_signalled_on_shutdown() {
         c.watch = true;
         c.max_crashes = u32::MAX;
     });
-    svc.cfg.target = Target::Watch(Selector::Pid(5));
+    svc.cfg.target = Target::Watch(Selector::Match(Pattern(regex::Regex::new("x").unwrap())));
     let t0 = Instant::now();
     for round in 0..10 {
         let effects = svc.handle(
@@ -802,6 +802,44 @@ fn a_watch_target_looks_again_and_is_never_signalled_on_shutdown() {
     assert!(svc.finished());
 }
 
+/// A watch of one pid ends when that process exits: a later process with
+/// the same number is another, never watched (or signalled) in its place.
+#[test]
+fn a_pid_watch_ends_with_its_process() {
+    let mut memory = MemoryPolicy::new(100);
+    memory.action = MemoryAction::Signal;
+    let mut svc = service(Some(memory), |c| c.watch = true);
+    svc.cfg.target = Target::Watch(Selector::Pid(5));
+    let t0 = Instant::now();
+    assert_eq!(svc.handle(Input::Start, t0), vec![Effect::Spawn]);
+    svc.handle(
+        Input::Spawned(Ok(Spawned {
+            pid: 5,
+            group: Some(GroupId(5)),
+            foreign: true,
+        })),
+        t0,
+    );
+    let effects = svc.handle(
+        Input::Sensor(SensorEvent::Exit {
+            group: Some(GroupId(5)),
+            exit: crate::event::ProcessExit {
+                pid: 5,
+                ppid: 1,
+                comm: "x".into(),
+                status: ExitStatus::Code(0),
+                peak_rss_bytes: 0,
+                monotonic_ns: 0,
+                group: 5,
+            },
+        }),
+        t0,
+    );
+    assert!(!effects.contains(&Effect::Spawn), "{effects:?}");
+    assert!(effects.contains(&Effect::Finished(Outcome::Stopped)));
+    assert!(svc.finished());
+}
+
 /// The daemon keeps trying a service whose first start fails (its program
 /// may appear later; a mistake must not silently drop it); `supervise`
 /// ends on it, as a mistake on its command line.
@@ -835,4 +873,107 @@ fn a_failed_first_start_ends_supervise_but_not_the_daemon() {
             );
         }
     }
+}
+
+/// Regression: two reloads changing a service while its old run still
+/// drained started the second new run at once, beside the old one (same
+/// cgroup, same record): the newest waits for the old run to end.
+#[tokio::test(start_paused = true)]
+async fn quick_reloads_never_run_two_copies() {
+    let (mut platform, seen, _inject) = Scripted::new(Behaviour {
+        ignores_term: true,
+        ..Behaviour::default()
+    });
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let first = vec![named("svc", |c| c.shutdown_grace = Duration::from_secs(10))];
+    let mut second = first.clone();
+    second[0].policy.max_crashes = 7;
+    let mut third = first.clone();
+    third[0].policy.max_crashes = 8;
+    let task = tokio::spawn(async move {
+        let mut services = Services::new(first);
+        drive(&mut services, &mut platform, &mut controls, false)
+            .await
+            .expect("drive");
+        services
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for configs in [second, third] {
+        control
+            .send(Control::Reload {
+                services: Some(configs),
+                done: None,
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The old run is killed 10 s after the first reload; only then does
+    // the newest start.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        seen.lock().unwrap().count(is_spawn),
+        1,
+        "a copy started early"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    control.send(Control::Shutdown).unwrap();
+    let services = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.count(is_spawn), 2, "{:?}", seen.events());
+    let killed = seen
+        .when(|e| matches!(e, Effect::KillTree { pid: 101, .. }))
+        .expect("the old run killed after its grace");
+    let respawned = seen
+        .effects
+        .iter()
+        .filter(|(_, e)| is_spawn(e))
+        .nth(1)
+        .map(|(t, _)| *t)
+        .unwrap();
+    assert!(respawned >= killed);
+    assert_eq!(
+        services
+            .current()
+            .next()
+            .unwrap()
+            .config()
+            .policy
+            .max_crashes,
+        8
+    );
+}
+
+/// An adoption whose run is gone by the time it is answered starts a run
+/// afresh instead of waiting forever.
+#[test]
+fn a_failed_adoption_starts_afresh() {
+    let t0 = Instant::now();
+    let mut services = Services::new(vec![named("svc", |_| {})]).keep_trying();
+    let index = services.adopt("svc", 42, Duration::from_secs(3)).unwrap();
+    let svc = &mut services.list[index];
+    assert_eq!(svc.handle(Input::Start, t0), vec![Effect::Adopt]);
+    let effects = svc.handle(Input::Spawned(Err("no run to adopt".into())), t0);
+    assert_eq!(effects, vec![Effect::Spawn]);
+    // An adoption that works takes the run's age.
+    let mut services = Services::new(vec![named("svc", |_| {})]);
+    services.adopt("svc", 42, Duration::from_secs(3));
+    let svc = &mut services.list[0];
+    svc.handle(Input::Start, t0);
+    let effects = svc.handle(
+        Input::Spawned(Ok(Spawned {
+            pid: 42,
+            group: Some(GroupId(42)),
+            foreign: true,
+        })),
+        t0 + Duration::from_secs(10),
+    );
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Audit(l) if l.event == Event::Adopted))
+    );
+    assert_eq!(svc.pid(), Some(42));
 }
