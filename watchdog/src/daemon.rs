@@ -107,16 +107,7 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let signals = listen(mode.clone(), daemon.clone(), control, notifier.clone())
         .context("failed to handle signals")?;
 
-    let applied: Vec<String> = protect::apply(&Protection {
-        oom_score_adj: daemon.oom_score_adj,
-        mlock: daemon.mlock,
-        nice: daemon.nice,
-        realtime: daemon.realtime,
-    })
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    info!(protection = %applied.join("; "), "shielding the daemon from what it watches");
+
 
     let with_state = match mode {
         Mode::Daemon { .. } => true,
@@ -224,6 +215,25 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     if let Some(state) = state {
         host.set_state(state);
     }
+
+    // Last, once the kernel programs are loaded: locked memory cannot be
+    // given back, so what start-up allocated for a moment (BTF, program
+    // loading) is returned first.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let applied: Vec<String> = protect::apply(&Protection {
+        oom_score_adj: daemon.oom_score_adj,
+        mlock: daemon.mlock,
+        nice: daemon.nice,
+        realtime: daemon.realtime,
+    })
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    info!(protection = %applied.join("; "), "shielding the daemon from what it watches");
 
     let mut services = Services::new(config.services);
     if is_daemon {

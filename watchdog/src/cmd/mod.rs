@@ -216,7 +216,10 @@ fn init_logging(format: LogFormat) {
     // Written by a thread of its own: a stalled reader of standard error
     // (a slow journal, a full pipe) costs log lines, never the event loop.
     // Lines dropped that way are counted by the writer and said on exit.
+    // The queue is allocated whole up front: a few thousand lines cover a
+    // burst without costing the daemon megabytes while it idles.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(4096)
         .lossy(true)
         .finish(std::io::stderr());
     let _ = LOG_GUARD.set(std::sync::Mutex::new(Some(guard)));
