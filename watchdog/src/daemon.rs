@@ -107,8 +107,6 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let signals = listen(mode.clone(), daemon.clone(), control, notifier.clone())
         .context("failed to handle signals")?;
 
-
-
     let with_state = match mode {
         Mode::Daemon { .. } => true,
         Mode::Supervise { state_dir, .. } => state_dir,

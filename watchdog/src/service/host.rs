@@ -696,6 +696,15 @@ impl Platform for Host {
                 return Some(Input::MarkerRemoved { result, reason });
             }
             Effect::KillHook { pid } => runner::signal_group(pid, libc::SIGKILL),
+            Effect::CheckGone { pid } => {
+                if !procs::exists(pid) || procs::is_zombie(pid) {
+                    return Some(Input::Reaped {
+                        pid,
+                        status: crate::exit::ExitStatus::Unknown,
+                        peak_rss_bytes: 0,
+                    });
+                }
+            }
             Effect::RunHook { argv, env, user } => {
                 let started = runner::start_hook(&argv, &env, user.as_ref());
                 if let Ok(pid) = started {

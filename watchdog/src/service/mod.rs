@@ -206,6 +206,9 @@ pub enum Effect {
     },
     /// SIGKILL a hook that overran its timeout (and its process group).
     KillHook { pid: u32 },
+    /// Is the run (one we did not fork) gone? Answered with
+    /// [`Input::Reaped`] (status unknown) when it is.
+    CheckGone { pid: u32 },
     /// Write an audit line (boxed: it is much larger than the others).
     Audit(Box<AuditLine>),
     /// The service is over.
@@ -309,6 +312,9 @@ impl AuditLine {
     }
 }
 
+/// How often a run we did not fork is looked at while it is stopped.
+const GONE_CHECK: Duration = Duration::from_secs(1);
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -360,6 +366,9 @@ pub struct Service {
     clear_at: Option<Instant>,
     /// Being drained because a reload removed or changed it.
     retiring: bool,
+    /// When to look whether a run we did not fork is gone (see
+    /// [`Service::handle`]).
+    gone_check: Option<Instant>,
     /// Takes over this pid (a previous instance's run) instead of
     /// starting one.
     adopting: Option<(u32, Duration)>,
@@ -385,6 +394,7 @@ impl Service {
             marked: false,
             clear_at: None,
             retiring: false,
+            gone_check: None,
             adopting: None,
             first_failure_ends: true,
             outcome: None,
@@ -457,6 +467,7 @@ impl Service {
             .next_deadline()
             .into_iter()
             .chain(self.clear_at)
+            .chain(self.gone_check)
             .chain(hooks)
             .min()
     }
@@ -468,6 +479,28 @@ impl Service {
 
     /// Feeds one input at `now`; returns what to do, in order.
     pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Effect> {
+        let effects = self.handle_input(input, now);
+        // A run we did not fork is known to end only from the sensor: once
+        // it is asked to stop, its pid is also looked at now and then, so
+        // that a missed exit cannot hold a drain (and the daemon's
+        // shutdown) forever.
+        match self.run {
+            Some(run)
+                if run.foreign
+                    && self.gone_check.is_none()
+                    && effects
+                        .iter()
+                        .any(|e| matches!(e, Effect::Signal { .. } | Effect::KillTree { .. })) =>
+            {
+                self.gone_check = Some(now + GONE_CHECK);
+            }
+            None => self.gone_check = None,
+            _ => {}
+        }
+        effects
+    }
+
+    fn handle_input(&mut self, input: Input, now: Instant) -> Vec<Effect> {
         if self.finished() {
             // A watch target found its process as it was stopped: let go.
             if let Input::Spawned(Ok(spawned)) = input
@@ -580,6 +613,12 @@ impl Service {
     /// Its deadlines: the marker's removal, hooks' timeouts, the policy's.
     fn timer(&mut self, now: Instant) -> Vec<Effect> {
         let mut effects = Vec::new();
+        if let (Some(at), Some(run)) = (self.gone_check, self.run)
+            && at <= now
+        {
+            self.gone_check = Some(now + GONE_CHECK);
+            effects.push(Effect::CheckGone { pid: run.pid });
+        }
         if self.clear_at.is_some_and(|at| at <= now) {
             self.clear_at = None;
             effects.extend(self.remove_marker("under_limit"));

@@ -977,3 +977,50 @@ fn a_failed_adoption_starts_afresh() {
     );
     assert_eq!(svc.pid(), Some(42));
 }
+
+/// A run we did not fork whose exit the sensor never reports (events lost)
+/// cannot hold a drain forever: once it is asked to stop, its pid is
+/// looked at every second.
+#[test]
+fn a_missed_exit_of_an_adopted_run_cannot_hold_a_drain() {
+    let t0 = Instant::now();
+    let mut services = Services::new(vec![named("svc", |c| {
+        c.shutdown_grace = Duration::from_secs(2)
+    })]);
+    services.adopt("svc", 42, Duration::ZERO);
+    let svc = &mut services.list[0];
+    svc.handle(Input::Start, t0);
+    svc.handle(
+        Input::Spawned(Ok(Spawned {
+            pid: 42,
+            group: Some(GroupId(42)),
+            foreign: true,
+        })),
+        t0,
+    );
+    assert_eq!(svc.next_deadline(), None);
+    let effects = svc.handle(Input::Shutdown, t0);
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Signal { pid: 42, .. }))
+    );
+    assert_eq!(svc.next_deadline(), Some(t0 + Duration::from_secs(1)));
+    let effects = svc.handle(Input::Timer, t0 + Duration::from_secs(1));
+    assert_eq!(effects, vec![Effect::CheckGone { pid: 42 }]);
+    // Still there: looked at again a second later; the grace still runs.
+    assert_eq!(svc.next_deadline(), Some(t0 + Duration::from_secs(2)));
+    let effects = svc.handle(
+        Input::Reaped {
+            pid: 42,
+            status: ExitStatus::Unknown,
+            peak_rss_bytes: 0,
+        },
+        t0 + Duration::from_secs(2),
+    );
+    assert!(
+        effects.contains(&Effect::Finished(Outcome::Stopped)),
+        "{effects:?}"
+    );
+    assert_eq!(svc.next_deadline(), None);
+}
