@@ -13,7 +13,7 @@
 //!
 //! Every daemon instance keeps its services under one directory of its own,
 //! the *base*, `<own>/<instance>/`, where `<own>` is the daemon's own cgroup
-//! and `<instance>` the token the caller chose (`watchdog-<pid>`). A service
+//! and `<instance>` the token the caller chose (`watchdog-<pid>-<nonce>`). A service
 //! `web` lives in `<own>/<instance>/web/`. The base is recorded by the
 //! caller, so a later instance can sweep what a crashed one left behind
 //! ([`kill_recorded`]) without touching its own.
@@ -300,7 +300,7 @@ mod linux {
         }
 
         /// Removes the empty bases other instances left when they were
-        /// killed (`watchdog-<pid>` of a pid that is no longer a
+        /// killed (`watchdog-<pid>-...` of a pid that is no longer a
         /// watchdog). Only `rmdir`: a base that still holds a process is
         /// left for the orphan sweep of its own state directory. Returns
         /// how many were removed.
@@ -313,6 +313,7 @@ mod linux {
                 let text = name.to_string_lossy();
                 let Some(pid) = text
                     .strip_prefix("watchdog-")
+                    .and_then(|p| p.split('-').next())
                     .and_then(|p| p.parse::<u32>().ok())
                 else {
                     continue;

@@ -191,9 +191,20 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     }
 
     if daemon.cgroups {
-        match Containment::open(&format!("watchdog-{}", std::process::id())) {
+        // The pid alone is not unique: daemons in pid namespaces of their
+        // own are all pid 1 and may share a cgroup parent.
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+        match Containment::open(&format!("watchdog-{}-{nonce:08x}", std::process::id())) {
             Ok(containment) => {
-                let stale = containment.remove_stale();
+                // In a pid namespace of its own, another instance's pid does not
+                // show: its empty cgroups are not ours to judge.
+                let stale = if crate::procs::in_child_pid_namespace() {
+                    0
+                } else {
+                    containment.remove_stale()
+                };
                 if stale > 0 {
                     info!(
                         removed = stale,

@@ -101,7 +101,10 @@ fn long_version() -> &'static str {
 /// Parses the command line, runs the command, and returns the exit code.
 pub fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help / --version.
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     // Before any thread: the services must not inherit systemd's socket.
     crate::notify::init();
     if let Command::Run(args) = &cli.command
@@ -151,6 +154,32 @@ pub fn main() -> ExitCode {
         }
     });
     report(result)
+}
+
+/// A command line clap refused: its message (exit 2), as one JSON record
+/// when the command line asked for JSON logs; help and version as they are.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let args: Vec<String> = std::env::args().collect();
+    let json = args
+        .windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json");
+    if !json
+        || matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        )
+    {
+        e.exit();
+    }
+    init_logging(LogFormat::Json);
+    let text = e.render().to_string();
+    report(Err(CliError::Usage(
+        text.trim().trim_start_matches("error: ").to_owned(),
+    )))
 }
 
 /// Turns a command's result into its exit code, printing its error: as a

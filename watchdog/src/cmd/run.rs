@@ -68,6 +68,29 @@ pub fn check(args: &CheckConfigArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A string as TOML writes it (escapes included).
+fn q(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
+/// A list of strings as TOML writes it.
+fn qs(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| q(i)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+/// A size, exactly: in the largest binary unit that divides it.
+fn exact(bytes: u64) -> String {
+    let text = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
+        .into_iter()
+        .find(|&(shift, _)| bytes >= 1 << shift && bytes % (1 << shift) == 0)
+        .map_or_else(
+            || format!("{bytes}B"),
+            |(shift, unit)| format!("{}{unit}", bytes >> shift),
+        );
+    q(&text)
+}
+
 /// The configuration as it will run, every default filled in.
 fn effective(config: &DaemonConfig) -> String {
     use std::fmt::Write;
@@ -83,8 +106,8 @@ fn effective(config: &DaemonConfig) -> String {
             .map_or(String::new(), |f| f.display().to_string())
     );
     let _ = writeln!(out, "[daemon]");
-    let _ = writeln!(out, "state-dir = {:?}", d.state_dir.display().to_string());
-    let _ = writeln!(out, "audit-log = {:?}", d.audit_log.display().to_string());
+    let _ = writeln!(out, "state-dir = {}", q(&d.state_dir.display().to_string()));
+    let _ = writeln!(out, "audit-log = {}", q(&d.audit_log.display().to_string()));
     let _ = writeln!(out, "audit-fsync = {}", d.audit_fsync);
     let _ = writeln!(
         out,
@@ -111,19 +134,21 @@ fn effective(config: &DaemonConfig) -> String {
             Target::Spawn(spec) => {
                 let _ = writeln!(out, "\n[[service]]");
                 let _ = writeln!(out, "name = {:?}", service.name);
-                let _ = writeln!(out, "command = {:?}", spec.argv);
+                let _ = writeln!(out, "command = {}", qs(&spec.argv));
                 if let Some(user) = &spec.user {
                     let _ = writeln!(
                         out,
-                        "user = {:?}  # uid {} gid {}",
-                        user.name, user.uid, user.gid
+                        "user = {}  # uid {} gid {}",
+                        q(&user.name),
+                        user.uid,
+                        user.gid
                     );
                 }
                 if let Some(cwd) = &spec.cwd {
-                    let _ = writeln!(out, "cwd = {:?}", cwd.display().to_string());
+                    let _ = writeln!(out, "cwd = {}", q(&cwd.display().to_string()));
                 }
                 for (k, v) in &spec.env {
-                    let _ = writeln!(out, "env.{k} = {v:?}");
+                    let _ = writeln!(out, "env.{} = {}", q(k), q(v));
                 }
                 let _ = writeln!(out, "oom-score-adj = {}", spec.oom_score_adj);
                 let _ = writeln!(
@@ -153,10 +178,10 @@ fn effective(config: &DaemonConfig) -> String {
                         let _ = writeln!(out, "pid = {pid}");
                     }
                     Selector::Match(pattern) => {
-                        let _ = writeln!(out, "match = {:?}", pattern.0.as_str());
+                        let _ = writeln!(out, "match = {}", q(pattern.0.as_str()));
                     }
                     Selector::AncestorMatch { pattern, from } => {
-                        let _ = writeln!(out, "ancestor-match = {:?}", pattern.0.as_str());
+                        let _ = writeln!(out, "ancestor-match = {}", q(pattern.0.as_str()));
                         if let Some(from) = from {
                             let _ = writeln!(out, "ancestor-of = {from}");
                         }
@@ -170,11 +195,7 @@ fn effective(config: &DaemonConfig) -> String {
             } else {
                 "max-rss"
             };
-            let _ = writeln!(
-                out,
-                "{key} = {:?}",
-                crate::size::Size(mem.limit).to_string().replace(' ', "")
-            );
+            let _ = writeln!(out, "{key} = {}", exact(mem.limit));
             if let Some(over) = mem.over_for {
                 let _ = writeln!(out, "over-for = {:?}", dur(over));
             }
@@ -182,11 +203,7 @@ fn effective(config: &DaemonConfig) -> String {
                 let _ = writeln!(out, "startup-grace = {:?}", dur(grace));
             }
             if let Some(hard) = mem.hard_limit {
-                let _ = writeln!(
-                    out,
-                    "hard-limit = {:?}",
-                    crate::size::Size(hard).to_string().replace(' ', "")
-                );
+                let _ = writeln!(out, "hard-limit = {}", exact(hard));
             }
             let action = match &mem.action {
                 crate::policy::MemoryAction::Restart => "restart",
@@ -207,7 +224,7 @@ fn effective(config: &DaemonConfig) -> String {
                 let _ = writeln!(out, "signal = {signal:?}");
             }
             if let crate::policy::MemoryAction::Exec(argv) = &mem.action {
-                let _ = writeln!(out, "hook = {argv:?}");
+                let _ = writeln!(out, "hook = {}", qs(argv));
                 let _ = writeln!(out, "hook-timeout = {:?}", dur(service.hook_timeout));
             }
         }
@@ -215,9 +232,9 @@ fn effective(config: &DaemonConfig) -> String {
             let path = marker.path.display().to_string();
             if marker.path == config.daemon.marker_dir().join(&service.name) {
                 // The default: its directory is created when the daemon starts.
-                let _ = writeln!(out, "# marker-file = {path:?}");
+                let _ = writeln!(out, "# marker-file = {}", q(&path));
             } else {
-                let _ = writeln!(out, "marker-file = {path:?}");
+                let _ = writeln!(out, "marker-file = {}", q(&path));
             }
             let _ = writeln!(
                 out,
@@ -251,7 +268,10 @@ mod tests {
             max-rss = \"1GiB\"\nhard-limit = \"2GiB\"\nover-for = \"1s\"\non-memory = \"exec\"\n\
             hook = [\"/bin/true\", \"--x\"]\nhook-timeout = \"5s\"\nstop-signal = \"SIGINT\"\n\
             [[watch]]\nname = \"w\"\nancestor-match = \"sh\"\nancestor-of = 1\nlimit = \"1GiB\"\n\
-            action = \"signal\"\nsignal = \"SIGUSR1\"\n";
+            action = \"signal\"\nsignal = \"SIGUSR1\"\n\
+            [[service]]\nname = \"odd\"\ncommand = [\"/bin/true\", \"a\\u0001b\", \"q\\\"\\\\\"]\n\
+            env = { \"A.B\" = \"v\", \"C D\" = \"\\u0007\" }\nmax-rss = \"3.3333MiB\"\n\
+            hard-limit = \"1000000000B\"\n";
         for text in [config::SAMPLE, full] {
             round_trip(text);
         }

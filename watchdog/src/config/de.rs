@@ -18,6 +18,19 @@ impl<'de> Deserialize<'de> for Size {
                 "expected a size in quotes, with its unit, such as \"512MiB\" or \"2GiB\"",
             )
         })?;
+        // Zero is zero in any unit (and refused as a limit with its own
+        // message).
+        let digits = text.trim();
+        if !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && digits.bytes().any(|b| b != b'0')
+        {
+            return Err(D::Error::custom(format!(
+                "the size {text:?} has no unit; write it with one, such as \"{}MiB\" (or \"{}B\" for bytes)",
+                text.trim(),
+                text.trim()
+            )));
+        }
         text.parse().map_err(D::Error::custom)
     }
 }
@@ -70,10 +83,15 @@ pub fn env<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::
     let table = std::collections::BTreeMap::<String, String>::deserialize(d).map_err(|_| {
         D::Error::custom("expected a table of strings, such as env = { RUST_LOG = \"info\" }")
     })?;
-    for key in table.keys() {
+    for (key, value) in &table {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
             return Err(D::Error::custom(format!(
                 "invalid environment variable name {key:?}"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(D::Error::custom(format!(
+                "the value of {key} has a NUL character, which no environment can hold"
             )));
         }
     }
@@ -103,4 +121,17 @@ pub fn argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::E
         ));
     }
     Ok(Some(argv))
+}
+
+/// Exit codes: a non-empty list (an empty one would make every exit a
+/// crash, surely not what was meant).
+pub fn codes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i32>, D::Error> {
+    let codes = Vec::<i32>::deserialize(d)
+        .map_err(|_| D::Error::custom("expected a list of exit codes, such as [0, 143]"))?;
+    if codes.is_empty() {
+        return Err(D::Error::custom(
+            "the list is empty: list at least one code, e.g. [0]",
+        ));
+    }
+    Ok(codes)
 }

@@ -191,7 +191,7 @@ pub struct ServiceOptions {
         value_name = "CODE",
         allow_hyphen_values = true
     )]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de::codes")]
     pub success_exit_codes: Vec<i32>,
     /// Run the service (and its hook) as this user and its groups.
     #[arg(long, value_name = "USER")]
@@ -261,6 +261,20 @@ impl ServiceOptions {
             key: "name",
             message: format!("{}: {message}", n("name")),
         })?;
+        if self
+            .command
+            .iter()
+            .chain(self.hook.iter().flatten())
+            .any(|a| a.contains('\0'))
+        {
+            return problem(
+                "command",
+                format!(
+                    "{} has a NUL character, which no argument can hold",
+                    n("command")
+                ),
+            );
+        }
         if self.command.first().is_none_or(|p| p.is_empty()) {
             return problem(
                 "command",
@@ -312,6 +326,19 @@ impl ServiceOptions {
             ("drain-signal", Some(drain_signal)),
             ("stop-signal", self.stop_signal),
         ] {
+            if let Some(sig @ (libc::SIGCHLD | libc::SIGCONT | libc::SIGURG | libc::SIGWINCH)) =
+                signal
+            {
+                return problem(
+                    key,
+                    format!(
+                        "{} {}: ignored by default, so nothing would stop until the grace runs out; \
+                         use SIGTERM, SIGINT, SIGQUIT or the signal the service handles",
+                        n(key),
+                        crate::exit::signal_name(sig).unwrap_or("this signal")
+                    ),
+                );
+            }
             if signal == Some(libc::SIGSTOP) {
                 return problem(
                     key,

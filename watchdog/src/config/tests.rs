@@ -129,6 +129,27 @@ fn bad_files_are_located_and_explained() {
             "under max-rss",
         ),
         ("[[service]\n", 1, 11, "", "unclosed array table"),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nmax-rss = \"5\"\n",
+            3,
+            11,
+            "service[0].max-rss",
+            "has no unit",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nsuccess-exit-codes = []\n",
+            3,
+            22,
+            "service[0].success-exit-codes",
+            "the list is empty",
+        ),
+        (
+            "[[service]]\ncommand = [\"/bin/true\"]\nstop-signal = \"SIGCHLD\"\n",
+            3,
+            1,
+            "service[0].stop-signal",
+            "ignored by default",
+        ),
     ];
     for &(text, line, column, key, needle) in cases {
         let err = error(text);

@@ -208,6 +208,14 @@ impl Host {
     /// The cgroup of a service, created on first use.
     fn cgroup(&mut self, name: &str) -> Option<&ServiceCgroup> {
         let containment = self.containment.as_ref()?;
+        // Removed behind our back (by hand, by a cleaner): made again.
+        if self.cgroups.get(name).is_some_and(|c| !c.path().is_dir()) {
+            warn!(
+                service = name,
+                "the service's cgroup is gone; creating it again"
+            );
+            self.cgroups.remove(name);
+        }
         if !self.cgroups.contains_key(name) {
             match containment.create(name) {
                 Ok(cgroup) => {

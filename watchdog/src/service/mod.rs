@@ -1017,8 +1017,8 @@ impl Services {
     /// Services that cannot be started at first are retried with backoff,
     /// as crashes, instead of ending at once (the daemon: a program may
     /// appear later, and a mistake must not silently drop a service). Past
-    /// `max-crashes` they give up like any crash loop, and a reload starts
-    /// them again.
+    /// `max-crashes` they give up like any crash loop; a reload that
+    /// changes them starts them again.
     pub fn keep_trying(mut self) -> Self {
         self.keep_trying = true;
         for service in &mut self.list {
@@ -1189,6 +1189,16 @@ fn reload<P: Platform>(
         }
     }
     for config in configs {
+        // Unchanged and over (a one-shot that ran, a pid watch whose process
+        // is gone, a service that gave up): it stays over. A reload (also
+        // the one log rotation sends) must not run it again.
+        let latest = services.list.iter().rposition(|s| s.name() == config.name);
+        if latest.is_some_and(|i| {
+            let s = &services.list[i];
+            s.finished() && !s.retiring && s.config() == &config
+        }) {
+            continue;
+        }
         match services.active(&config.name) {
             Some(index) if services.list[index].config() == &config => {}
             // Changed again before it started: it never runs; the newest

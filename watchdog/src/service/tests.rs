@@ -1024,3 +1024,41 @@ fn a_missed_exit_of_an_adopted_run_cannot_hold_a_drain() {
     );
     assert_eq!(svc.next_deadline(), None);
 }
+
+/// A reload with an unchanged file (as log rotation sends) leaves a
+/// service that is over as it is: a one-shot does not run again.
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_reload_does_not_rerun_what_is_over() {
+    let (mut platform, seen, inject) = Scripted::new(Behaviour::default());
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let configs = vec![named("oneshot", |c| {
+        c.restart = crate::policy::RestartPolicy::Never
+    })];
+    let again = configs.clone();
+    let task = tokio::spawn(async move {
+        let mut services = Services::new(configs);
+        drive(&mut services, &mut platform, &mut controls, false)
+            .await
+            .expect("drive");
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    inject
+        .send(Happening::Reaped {
+            pid: 101,
+            status: ExitStatus::Code(0),
+            peak_rss_bytes: 0,
+            cgroup_oom_kill: false,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    control
+        .send(Control::Reload {
+            services: Some(again),
+            done: None,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    control.send(Control::Shutdown).unwrap();
+    task.await.unwrap();
+    assert_eq!(seen.lock().unwrap().count(is_spawn), 1);
+}
