@@ -83,7 +83,7 @@ fn qs(items: &[String]) -> String {
 fn exact(bytes: u64) -> String {
     let text = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
         .into_iter()
-        .find(|&(shift, _)| bytes >= 1 << shift && bytes % (1 << shift) == 0)
+        .find(|&(shift, _)| bytes >= 1 << shift && bytes.is_multiple_of(1 << shift))
         .map_or_else(
             || format!("{bytes}B"),
             |(shift, unit)| format!("{}{unit}", bytes >> shift),
