@@ -900,7 +900,11 @@ impl Service {
         line.metric = record.metric;
         line.restart_in_ms = record.restart_in.map(millis);
         // An OOM kill says what the verdict rests on.
-        line.reason = record.reason.or(record.oom.map(OomEvidence::as_str));
+        line.reason = match record.reason {
+            // Stopped because a reload removed or changed it.
+            Some("shutdown") if self.retiring => Some("reload"),
+            reason => reason.or(record.oom.map(OomEvidence::as_str)),
+        };
         line.error = record.error.clone();
         line
     }

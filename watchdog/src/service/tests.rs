@@ -550,6 +550,16 @@ async fn a_reload_restarts_only_what_changed() {
         })
         .collect();
     assert_eq!(signalled, vec![102, 101, 103], "{:?}", seen.events());
+    let reasons: Vec<Option<&str>> = seen
+        .lines()
+        .iter()
+        .filter(|l| l.event == Event::DrainStarted)
+        .map(|l| l.reason)
+        .collect();
+    assert_eq!(
+        reasons,
+        [Some("reload"), Some("shutdown"), Some("shutdown")]
+    );
     assert_eq!(seen.count(is_spawn), 3);
     let current: Vec<&str> = services.current().map(Service::name).collect();
     assert_eq!(current, ["same", "changed"]);
