@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 use crate::{
     cgroup::{self, RecordedCgroup, Signalled},
     ownership::{self, Exposure},
+    procs,
 };
 
 /// The instance lock's file name inside the state directory.
@@ -490,15 +491,6 @@ fn check_pid(pid: u32) -> Result<libc::pid_t, String> {
     }
 }
 
-/// What the process table says about one process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stat {
-    /// Exited and not yet reaped: its pid is taken, but it runs no more.
-    zombie: bool,
-    pgrp: u32,
-    start_time: u64,
-}
-
 /// The start time of a process: with its pid, it names the process across
 /// pid reuse. `None` if there is no such process or it cannot be read. A
 /// zombie (exited, not yet reaped) still has one: its pid is not free yet.
@@ -506,67 +498,12 @@ struct Stat {
 /// Linux: field 22 of /proc/PID/stat, clock ticks since boot. macOS: the
 /// start time libproc reports, in microseconds since the epoch.
 pub fn start_time(pid: u32) -> Option<u64> {
-    stat(pid).map(|s| s.start_time)
-}
-
-#[cfg(target_os = "linux")]
-fn stat(pid: u32) -> Option<Stat> {
-    if pid == 0 {
-        return None;
-    }
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_stat(&text)
-}
-
-/// Parses /proc/PID/stat. The command name (field 2) is in parentheses and
-/// may itself hold spaces and parentheses, so the fields are counted from
-/// the last `)`: the first after it is field 3.
-#[cfg(target_os = "linux")]
-fn parse_stat(text: &str) -> Option<Stat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).copied();
-    let state = field(3)?;
-    Some(Stat {
-        zombie: matches!(state, "Z" | "X" | "x"),
-        pgrp: field(5)?.parse().ok()?,
-        start_time: field(22)?.parse().ok()?,
-    })
-}
-
-#[cfg(target_os = "macos")]
-fn stat(pid: u32) -> Option<Stat> {
-    let pid = libc::c_int::try_from(pid).ok().filter(|&p| p > 0)?;
-    let mut info = std::mem::MaybeUninit::<libc::proc_bsdinfo>::zeroed();
-    let size = size_of::<libc::proc_bsdinfo>() as libc::c_int;
-    // SAFETY: a buffer of the size passed, for this flavor.
-    let n = unsafe {
-        libc::proc_pidinfo(
-            pid,
-            libc::PROC_PIDTBSDINFO,
-            0,
-            info.as_mut_ptr().cast(),
-            size,
-        )
-    };
-    if n != size {
-        return None;
-    }
-    // SAFETY: filled when the whole struct was returned.
-    let info = unsafe { info.assume_init() };
-    Some(Stat {
-        zombie: info.pbi_status == libc::SZOMB,
-        pgrp: info.pbi_pgid,
-        start_time: info
-            .pbi_start_tvsec
-            .saturating_mul(1_000_000)
-            .saturating_add(info.pbi_start_tvusec),
-    })
+    procs::stat(pid).map(|s| s.start_time)
 }
 
 /// Whether `pid` is running (not gone, not a zombie).
 fn running(pid: u32) -> bool {
-    stat(pid).is_some_and(|s| !s.zombie)
+    procs::stat(pid).is_some_and(|s| !s.zombie)
 }
 
 /// The running members of process group `pgid`.
@@ -583,7 +520,7 @@ fn group_members(pgid: u32) -> Vec<u32> {
     }
     crate::procs::all_pids()
         .into_iter()
-        .filter(|&pid| stat(pid).is_some_and(|s| !s.zombie && s.pgrp == pgid))
+        .filter(|&pid| procs::stat(pid).is_some_and(|s| !s.zombie && s.pgrp == pgid))
         .collect()
 }
 
@@ -772,7 +709,7 @@ impl Target {
             return target;
         }
         let pid = target.record.pid;
-        let leader = stat(pid);
+        let leader = procs::stat(pid);
         let verified = leader.is_some_and(|s| s.start_time == target.record.start_time);
         if let Some(path) = &target.record.cgroup {
             match cgroup::recorded(path) {
@@ -856,7 +793,8 @@ impl Target {
 
     /// Whether the leader is still the recorded process and running.
     fn leader_running(&self) -> bool {
-        stat(self.record.pid).is_some_and(|s| !s.zombie && s.start_time == self.record.start_time)
+        procs::stat(self.record.pid)
+            .is_some_and(|s| !s.zombie && s.start_time == self.record.start_time)
     }
 
     /// Whether the run's process group (or its leader, wherever it moved)
@@ -868,7 +806,7 @@ impl Target {
         let Some(pgid) = self.group else {
             return false;
         };
-        match stat(pgid) {
+        match procs::stat(pgid) {
             Some(s) if s.start_time != self.record.start_time => false,
             Some(s) if !s.zombie => true,
             _ => !group_members(pgid).is_empty(),
@@ -1262,23 +1200,6 @@ mod tests {
         assert_eq!(temp_owner(".a.b.json.77.0.tmp"), Some(77));
         assert_eq!(temp_owner("web.json"), None);
         assert_eq!(temp_owner(".web.json"), None);
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn parses_stat_after_the_last_parenthesis() {
-        let line = "4242 (a) b (c) d) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
-                    987654 1000 200 18446744073709551615";
-        let stat = parse_stat(line).unwrap();
-        assert_eq!(
-            stat,
-            Stat {
-                zombie: false,
-                pgrp: 4242,
-                start_time: 987654
-            }
-        );
-        assert!(parse_stat("12 (x) Z 1 12 12").is_none());
     }
 
     #[test]

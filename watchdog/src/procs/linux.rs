@@ -2,6 +2,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::Stat;
+
 /// Every pid in /proc now.
 pub fn all_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -29,11 +31,32 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Whether `pid` has exited and waits to be reaped (state `Z`).
+/// Whether `pid` has exited and waits to be reaped.
 pub fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    stat(pid).is_some_and(|s| s.zombie)
+}
+
+/// What /proc/PID/stat says of `pid`; `None` if there is no such process.
+pub fn stat(pid: u32) -> Option<Stat> {
+    if pid == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parses /proc/PID/stat. The command name (field 2) is in parentheses and
+/// may itself hold spaces and parentheses, so the fields are counted from
+/// the last `)`: the first after it is field 3.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).copied();
+    let state = field(3)?;
+    Some(Stat {
+        zombie: matches!(state, "Z" | "X" | "x"),
+        pgrp: field(5)?.parse().ok()?,
+        start_time: field(22)?.parse().ok()?,
     })
 }
 
@@ -174,5 +197,21 @@ mod tests {
         );
         done_tx.send(()).unwrap();
         live.join().unwrap();
+    }
+
+    #[test]
+    fn parses_stat_after_the_last_parenthesis() {
+        let line = "4242 (a) b (c) d) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 200 18446744073709551615";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(
+            stat,
+            Stat {
+                zombie: false,
+                pgrp: 4242,
+                start_time: 987654
+            }
+        );
+        assert!(parse_stat("12 (x) Z 1 12 12").is_none());
     }
 }

@@ -1,5 +1,7 @@
 //! macOS: from libproc and sysctl.
 
+use super::Stat;
+
 /// Whether a process with this pid exists now.
 pub fn exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -26,7 +28,30 @@ pub fn children(pid: u32) -> Option<Vec<u32>> {
 
 /// The parent of `pid`.
 pub fn ppid(pid: u32) -> Option<u32> {
-    let pid = libc::c_int::try_from(pid).ok()?;
+    bsdinfo(pid).map(|info| info.pbi_ppid)
+}
+
+/// Whether `pid` has exited and waits to be reaped.
+pub fn is_zombie(pid: u32) -> bool {
+    stat(pid).is_some_and(|s| s.zombie)
+}
+
+/// What libproc says of `pid`; `None` if there is no such process.
+pub fn stat(pid: u32) -> Option<Stat> {
+    let info = bsdinfo(pid)?;
+    Some(Stat {
+        zombie: info.pbi_status == libc::SZOMB,
+        pgrp: info.pbi_pgid,
+        start_time: info
+            .pbi_start_tvsec
+            .saturating_mul(1_000_000)
+            .saturating_add(info.pbi_start_tvusec),
+    })
+}
+
+/// The process's BSD info from libproc.
+fn bsdinfo(pid: u32) -> Option<libc::proc_bsdinfo> {
+    let pid = libc::c_int::try_from(pid).ok().filter(|&p| p > 0)?;
     let mut info = std::mem::MaybeUninit::<libc::proc_bsdinfo>::zeroed();
     let size = size_of::<libc::proc_bsdinfo>() as libc::c_int;
     // SAFETY: a buffer of the size passed, for this flavor.
@@ -40,7 +65,7 @@ pub fn ppid(pid: u32) -> Option<u32> {
         )
     };
     // SAFETY: filled when the whole struct was returned.
-    (n == size).then(|| unsafe { info.assume_init() }.pbi_ppid)
+    (n == size).then(|| unsafe { info.assume_init() })
 }
 
 /// The process name.

@@ -7,18 +7,24 @@ mod macos;
 
 #[cfg(target_os = "linux")]
 pub use linux::{
-    all_pids, children, cmdline, exists, in_child_pid_namespace, is_zombie, name, ppid, tgid,
+    all_pids, children, cmdline, exists, in_child_pid_namespace, is_zombie, name, ppid, stat, tgid,
 };
 #[cfg(target_os = "macos")]
-pub use macos::{all_pids, children, cmdline, exists, name, ppid};
+pub use macos::{all_pids, children, cmdline, exists, is_zombie, name, ppid, stat};
 
 use std::collections::HashSet;
 
-/// Whether `pid` has exited and waits to be reaped.
-#[cfg(not(target_os = "linux"))]
-pub fn is_zombie(pid: u32) -> bool {
-    let _ = pid;
-    false
+/// What the process table says about one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Exited and not yet reaped: its pid is taken, but it runs no more.
+    pub zombie: bool,
+    /// Its process group.
+    pub pgrp: u32,
+    /// With the pid, names the process across pid reuse. Linux: clock
+    /// ticks since boot (field 22 of /proc/PID/stat); macOS: microseconds
+    /// since the epoch.
+    pub start_time: u64,
 }
 
 /// Pid namespaces are a Linux feature.

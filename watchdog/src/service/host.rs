@@ -163,8 +163,8 @@ impl Host {
     /// record is dropped (a reused pid is never touched).
     pub fn adopt(&mut self, services: &mut super::Services, record: RunRecord) {
         // A zombie keeps its start time, but there is nothing to adopt.
-        let alive = state::start_time(record.pid) == Some(record.start_time)
-            && !procs::is_zombie(record.pid);
+        let alive =
+            procs::stat(record.pid).is_some_and(|s| !s.zombie && s.start_time == record.start_time);
         let index = if alive {
             services.adopt(&record.service, record.pid, state::age(record.start_time))
         } else {

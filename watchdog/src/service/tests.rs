@@ -499,6 +499,39 @@ async fn marker_and_hook_outcomes_are_recorded() {
     }
 }
 
+/// A run found (or started) with pid `pid` as its group.
+fn found(pid: u32, foreign: bool) -> Input {
+    Input::Spawned(Ok(Spawned {
+        pid,
+        group: Some(GroupId(pid)),
+        foreign,
+    }))
+}
+
+/// A confirmed crossing of the group of `pid`.
+fn over(pid: u32, charged: u64) -> SensorEvent {
+    match Scripted::crossing(pid, charged) {
+        Happening::Sensor(event) => event,
+        _ => unreachable!("a crossing is a sensor event"),
+    }
+}
+
+/// The exit of `pid`, the root of its group, as the sensor reports it.
+fn exit_of(pid: u32, status: ExitStatus) -> SensorEvent {
+    SensorEvent::Exit {
+        group: Some(GroupId(pid)),
+        exit: crate::event::ProcessExit {
+            pid,
+            ppid: 1,
+            comm: "x".into(),
+            status,
+            peak_rss_bytes: 0,
+            monotonic_ns: 0,
+            group: pid,
+        },
+    }
+}
+
 fn named(name: &str, tune: impl FnOnce(&mut Config)) -> ServiceConfig {
     let mut cfg = service(None, tune).config().clone();
     cfg.name = name.into();
@@ -586,28 +619,9 @@ fn a_marker_is_cleared_after_time_under_the_limit() {
     let t0 = Instant::now();
     let at = |s: u64| t0 + Duration::from_secs(s);
     svc.handle(Input::Start, at(0));
-    svc.handle(
-        Input::Spawned(Ok(Spawned {
-            pid: 5,
-            group: Some(GroupId(5)),
-            foreign: false,
-        })),
-        at(0),
-    );
+    svc.handle(found(5, false), at(0));
     let cross = |svc: &mut Service, t| {
-        let effects = svc.handle(
-            Input::Sensor(SensorEvent::OverLimit(Crossing {
-                group: GroupId(5),
-                pid: Some(5),
-                charged_bytes: 150,
-                limit_bytes: 100,
-                sensed_ns: 0,
-                confirmed_ns: 0,
-                members: 1,
-                metric: Charged::AnonShmem,
-            })),
-            t,
-        );
+        let effects = svc.handle(Input::Sensor(over(5, 150)), t);
         for e in &effects {
             if let Effect::WriteMarker { path, .. } = e {
                 svc.handle(Input::MarkerWritten(Ok(path.clone())), t);
@@ -659,27 +673,8 @@ fn an_overrunning_hook_is_killed() {
     svc.cfg.hook_timeout = Duration::from_secs(5);
     let t0 = Instant::now();
     svc.handle(Input::Start, t0);
-    svc.handle(
-        Input::Spawned(Ok(Spawned {
-            pid: 5,
-            group: Some(GroupId(5)),
-            foreign: false,
-        })),
-        t0,
-    );
-    let effects = svc.handle(
-        Input::Sensor(SensorEvent::OverLimit(Crossing {
-            group: GroupId(5),
-            pid: Some(5),
-            charged_bytes: 150,
-            limit_bytes: 100,
-            sensed_ns: 0,
-            confirmed_ns: 0,
-            members: 1,
-            metric: Charged::AnonShmem,
-        })),
-        t0,
-    );
+    svc.handle(found(5, false), t0);
+    let effects = svc.handle(Input::Sensor(over(5, 150)), t0);
     let env = effects
         .iter()
         .find_map(|e| match e {
@@ -754,29 +749,8 @@ fn a_watch_target_looks_again_and_is_never_signalled_on_shutdown() {
         if round == 0 {
             assert_eq!(effects, vec![Effect::Spawn]);
         }
-        svc.handle(
-            Input::Spawned(Ok(Spawned {
-                pid: 5,
-                group: Some(GroupId(5)),
-                foreign: true,
-            })),
-            t0,
-        );
-        let effects = svc.handle(
-            Input::Sensor(SensorEvent::Exit {
-                group: Some(GroupId(5)),
-                exit: crate::event::ProcessExit {
-                    pid: 5,
-                    ppid: 1,
-                    comm: "x".into(),
-                    status: ExitStatus::Code(1),
-                    peak_rss_bytes: 0,
-                    monotonic_ns: 0,
-                    group: 5,
-                },
-            }),
-            t0,
-        );
+        svc.handle(found(5, true), t0);
+        let effects = svc.handle(Input::Sensor(exit_of(5, ExitStatus::Code(1))), t0);
         assert!(
             effects.contains(&Effect::Detach {
                 group: Some(GroupId(5))
@@ -791,14 +765,7 @@ fn a_watch_target_looks_again_and_is_never_signalled_on_shutdown() {
     }
     assert!(!svc.finished());
     assert_eq!(svc.policy.crash_count(), 0);
-    svc.handle(
-        Input::Spawned(Ok(Spawned {
-            pid: 6,
-            group: Some(GroupId(6)),
-            foreign: true,
-        })),
-        t0,
-    );
+    svc.handle(found(6, true), t0);
     let effects = svc.handle(Input::Shutdown, t0);
     assert!(
         !effects
@@ -822,29 +789,8 @@ fn a_pid_watch_ends_with_its_process() {
     svc.cfg.target = Target::Watch(Selector::Pid(5));
     let t0 = Instant::now();
     assert_eq!(svc.handle(Input::Start, t0), vec![Effect::Spawn]);
-    svc.handle(
-        Input::Spawned(Ok(Spawned {
-            pid: 5,
-            group: Some(GroupId(5)),
-            foreign: true,
-        })),
-        t0,
-    );
-    let effects = svc.handle(
-        Input::Sensor(SensorEvent::Exit {
-            group: Some(GroupId(5)),
-            exit: crate::event::ProcessExit {
-                pid: 5,
-                ppid: 1,
-                comm: "x".into(),
-                status: ExitStatus::Code(0),
-                peak_rss_bytes: 0,
-                monotonic_ns: 0,
-                group: 5,
-            },
-        }),
-        t0,
-    );
+    svc.handle(found(5, true), t0);
+    let effects = svc.handle(Input::Sensor(exit_of(5, ExitStatus::Code(0))), t0);
     assert!(!effects.contains(&Effect::Spawn), "{effects:?}");
     assert!(effects.contains(&Effect::Finished(Outcome::Stopped)));
     assert!(svc.finished());
@@ -972,14 +918,7 @@ fn a_failed_adoption_starts_afresh() {
     services.adopt("svc", 42, Duration::from_secs(3));
     let svc = &mut services.list[0];
     svc.handle(Input::Start, t0);
-    let effects = svc.handle(
-        Input::Spawned(Ok(Spawned {
-            pid: 42,
-            group: Some(GroupId(42)),
-            foreign: true,
-        })),
-        t0 + Duration::from_secs(10),
-    );
+    let effects = svc.handle(found(42, true), t0 + Duration::from_secs(10));
     assert!(
         effects
             .iter()
@@ -1000,14 +939,7 @@ fn a_missed_exit_of_an_adopted_run_cannot_hold_a_drain() {
     services.adopt("svc", 42, Duration::ZERO);
     let svc = &mut services.list[0];
     svc.handle(Input::Start, t0);
-    svc.handle(
-        Input::Spawned(Ok(Spawned {
-            pid: 42,
-            group: Some(GroupId(42)),
-            foreign: true,
-        })),
-        t0,
-    );
+    svc.handle(found(42, true), t0);
     assert_eq!(svc.next_deadline(), None);
     let effects = svc.handle(Input::Shutdown, t0);
     assert!(
