@@ -34,6 +34,10 @@
 //!   services on the real platform.
 //! - [`sensor`]: one event stream (crossings, exits, forks) from the kernel
 //!   programs or a sampler, with exact confirmation.
+//! - [`status`]: what the running daemon reports about itself (`watchdog
+//!   status`, `/healthz`, `/metrics`).
+//! - [`hostmem`]: the host's (or container's) memory: warnings with
+//!   hysteresis, never an action.
 //! - [`state`]: the state directory: the instance lock and the records of
 //!   the runs an instance started, which the next one sweeps after a crash.
 
@@ -44,6 +48,7 @@ pub mod config;
 pub mod daemon;
 pub mod event;
 pub mod exit;
+pub mod hostmem;
 pub mod jsonl;
 #[cfg(target_os = "linux")]
 pub mod kernel;
@@ -60,6 +65,7 @@ pub mod sensor;
 pub mod service;
 pub mod size;
 pub mod state;
+pub mod status;
 
 /// Whether this binary carries the compiled kernel programs.
 pub fn kernel_programs_built_in() -> bool {

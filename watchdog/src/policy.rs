@@ -154,6 +154,20 @@ pub enum Cause {
     Shutdown,
 }
 
+impl Cause {
+    /// The audit log's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CleanExit => "clean_exit",
+            Self::Crash => "crash",
+            Self::MemoryDrain => "memory_drain",
+            Self::MemoryKill => "memory_kill",
+            Self::OomKill => "oom_kill",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// The audit log's `event` values (docs/audit-log.md): the policy's own,
 /// and those the service actor records about what it did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -323,6 +337,26 @@ enum Phase {
     Over,
 }
 
+/// Where a service is in its life ([`Policy::stage`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Idle,
+    Spawning,
+    /// Running since then.
+    Running {
+        since: Instant,
+    },
+    /// Draining; its run started then.
+    Draining {
+        since: Instant,
+    },
+    /// Starts again then.
+    BackingOff {
+        until: Instant,
+    },
+    Over,
+}
+
 /// The state machine of one service.
 pub struct Policy {
     cfg: Config,
@@ -372,6 +406,23 @@ impl Policy {
 
     pub fn crash_count(&self) -> u32 {
         self.crash_count
+    }
+
+    /// Why the last run ended.
+    pub fn last_cause(&self) -> Option<Cause> {
+        self.last_cause
+    }
+
+    /// Where the service is in its life, for status reports.
+    pub fn stage(&self) -> Stage {
+        match self.phase {
+            Phase::Idle => Stage::Idle,
+            Phase::Spawning => Stage::Spawning,
+            Phase::Running { since } => Stage::Running { since },
+            Phase::Draining { since, .. } => Stage::Draining { since },
+            Phase::BackingOff { until } => Stage::BackingOff { until },
+            Phase::Over => Stage::Over,
+        }
     }
 
     /// Whether the last run failed (a crash or an OOM kill): supervision

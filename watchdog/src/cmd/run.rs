@@ -91,6 +91,14 @@ fn exact(bytes: u64) -> String {
     q(&text)
 }
 
+/// A threshold as the file writes it (sizes exact, in bytes).
+fn threshold(t: crate::hostmem::Threshold) -> String {
+    match t {
+        crate::hostmem::Threshold::Percent(p) => format!("{p}%"),
+        crate::hostmem::Threshold::Bytes(b) => format!("{b}B"),
+    }
+}
+
 /// The configuration as it will run, every default filled in.
 fn effective(config: &DaemonConfig) -> String {
     use std::fmt::Write;
@@ -128,6 +136,26 @@ fn effective(config: &DaemonConfig) -> String {
     let _ = writeln!(out, "mlock = {}", d.mlock);
     let _ = writeln!(out, "nice = {}", d.nice);
     let _ = writeln!(out, "realtime = {}", d.realtime);
+    if let Some(addr) = d.listen {
+        let _ = writeln!(out, "listen = {:?}", addr.to_string());
+    }
+    let _ = writeln!(out, "allow-remote = {}", d.allow_remote);
+    let _ = writeln!(out, "health-timeout = {:?}", dur(d.health_timeout));
+    let _ = writeln!(
+        out,
+        "host-memory-warn = {:?}",
+        threshold(d.host_memory_warn)
+    );
+    let _ = writeln!(
+        out,
+        "host-memory-recover = {:?}",
+        threshold(d.host_memory_recovery())
+    );
+    let _ = writeln!(
+        out,
+        "host-memory-interval = {:?}",
+        dur(d.host_memory_interval)
+    );
     for service in &config.services {
         let p = &service.policy;
         match &service.target {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cmd::LogFormat,
+    hostmem::Threshold,
     sensor::{SamplingOptions, SensorChoice},
     service::ServiceConfig,
 };
@@ -61,6 +62,22 @@ pub struct DaemonSection {
     pub mlock: bool,
     pub nice: i32,
     pub realtime: bool,
+    /// The HTTP listener for /healthz and /metrics (none when absent).
+    #[serde(deserialize_with = "listen_address")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Whether `listen` may be an address other hosts can reach.
+    pub allow_remote: bool,
+    /// /healthz fails when the loop's heartbeat is older than this.
+    #[serde(deserialize_with = "required_duration")]
+    pub health_timeout: Duration,
+    /// Host (or container) memory in use over which a warning is logged.
+    pub host_memory_warn: Threshold,
+    /// ... and under which the recovery is logged (default: 5 points
+    /// under the warning level).
+    pub host_memory_recover: Option<Threshold>,
+    /// How often the host's memory is sampled (PSI wakes it sooner).
+    #[serde(deserialize_with = "required_duration")]
+    pub host_memory_interval: Duration,
 }
 
 impl Default for DaemonSection {
@@ -81,6 +98,12 @@ impl Default for DaemonSection {
             mlock: true,
             nice: -10,
             realtime: false,
+            listen: None,
+            allow_remote: false,
+            health_timeout: Duration::from_secs(30),
+            host_memory_warn: Threshold::Percent(90.0),
+            host_memory_recover: None,
+            host_memory_interval: Duration::from_secs(5),
         }
     }
 }
@@ -97,6 +120,28 @@ impl DaemonSection {
     pub fn marker_dir(&self) -> PathBuf {
         self.state_dir.join("respawn-recommended")
     }
+}
+
+impl DaemonSection {
+    /// The recovery level of the host memory warning.
+    pub fn host_memory_recovery(&self) -> Threshold {
+        self.host_memory_recover
+            .unwrap_or_else(|| self.host_memory_warn.default_recovery())
+    }
+}
+
+fn listen_address<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    use serde::de::Error;
+    let text = String::deserialize(d).map_err(|_| {
+        D::Error::custom("expected an address and port in quotes, such as \"127.0.0.1:9187\"")
+    })?;
+    text.trim().parse().map(Some).map_err(|_| {
+        D::Error::custom(format!(
+            "invalid address {text:?}: write an IP address and a port, such as \"127.0.0.1:9187\" or \"[::1]:9187\""
+        ))
+    })
 }
 
 fn required_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -206,6 +251,8 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         ("interval", daemon.interval),
         ("min-interval", daemon.min_interval),
         ("orphan-grace", daemon.orphan_grace),
+        ("health-timeout", daemon.health_timeout),
+        ("host-memory-interval", daemon.host_memory_interval),
     ] {
         if value.is_zero() {
             let (offset, path) = locate_daemon(text, key);
@@ -239,6 +286,56 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
             key,
             "oom-score-adj must be between -1000 and 1000".into(),
         ));
+    }
+    if let Some(addr) = daemon.listen
+        && !addr.ip().is_loopback()
+        && !daemon.allow_remote
+    {
+        let (offset, key) = locate_daemon(text, "listen");
+        return Err(at(
+            offset,
+            key,
+            format!(
+                "{addr} can be reached from other hosts, and /metrics tells what runs here: \
+                 listen on a loopback address (127.0.0.1:{port}), or set allow-remote = true \
+                 to expose it on purpose",
+                port = addr.port()
+            ),
+        ));
+    }
+    if let Some(addr) = daemon.listen
+        && addr.port() == 0
+    {
+        let (offset, key) = locate_daemon(text, "listen");
+        return Err(at(
+            offset,
+            key,
+            format!("{addr} has no port: name one, such as 127.0.0.1:9187"),
+        ));
+    }
+    if let Some(recover) = daemon.host_memory_recover {
+        let warn = daemon.host_memory_warn;
+        let problem = match (warn, recover) {
+            (Threshold::Percent(w), Threshold::Percent(r)) if r >= w => Some(format!(
+                "host-memory-recover ({recover}) must be under host-memory-warn ({warn})"
+            )),
+            (Threshold::Bytes(w), Threshold::Bytes(r)) if r >= w => Some(format!(
+                "host-memory-recover ({}) must be under host-memory-warn ({})",
+                crate::size::Size(r),
+                crate::size::Size(w)
+            )),
+            (Threshold::Percent(_), Threshold::Bytes(_))
+            | (Threshold::Bytes(_), Threshold::Percent(_)) => Some(
+                "host-memory-recover must be written like host-memory-warn: both shares \
+                 (\"85%\") or both sizes (\"12GiB\")"
+                    .to_owned(),
+            ),
+            _ => None,
+        };
+        if let Some(message) = problem {
+            let (offset, key) = locate_daemon(text, "host-memory-recover");
+            return Err(at(offset, key, message));
+        }
     }
     if !(-20..=19).contains(&daemon.nice) {
         let (offset, key) = locate_daemon(text, "nice");

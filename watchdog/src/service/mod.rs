@@ -366,6 +366,9 @@ pub struct Service {
     clear_at: Option<Instant>,
     /// Being drained because a reload removed or changed it.
     retiring: bool,
+    /// Restarts by the cause of the exit before them (kept across a
+    /// reload that changes the service).
+    restarts: std::collections::BTreeMap<&'static str, u64>,
     /// When to look whether a run we did not fork is gone (see
     /// [`Service::handle`]).
     gone_check: Option<Instant>,
@@ -394,6 +397,7 @@ impl Service {
             marked: false,
             clear_at: None,
             retiring: false,
+            restarts: Default::default(),
             gone_check: None,
             adopting: None,
             first_failure_ends: true,
@@ -475,6 +479,60 @@ impl Service {
     /// Whether the marker is written now.
     pub fn marked(&self) -> bool {
         self.marked
+    }
+
+    /// What it is doing, for `watchdog status` and the metrics; the
+    /// memory of its tree is read by the caller from `members`.
+    pub fn status(&self, now: Instant, members: Vec<u32>) -> crate::status::ServiceStatus {
+        use crate::status::{Kind, ServiceStatus, State};
+        let (state, uptime, backoff) = match (&self.outcome, self.policy.stage()) {
+            (Some(Outcome::GaveUp), _) => (State::GaveUp, None, None),
+            (Some(Outcome::Failed | Outcome::CannotStart(_)), _) => (State::Failed, None, None),
+            (Some(Outcome::Stopped), _) => (State::Stopped, None, None),
+            (None, policy::Stage::Running { since }) => (
+                State::Running,
+                Some(now.saturating_duration_since(since)),
+                None,
+            ),
+            (None, policy::Stage::Draining { since }) => (
+                State::Draining,
+                Some(now.saturating_duration_since(since)),
+                None,
+            ),
+            (None, policy::Stage::BackingOff { until }) => (
+                State::Backoff,
+                None,
+                Some(until.saturating_duration_since(now)),
+            ),
+            (None, policy::Stage::Spawning) if self.cfg.is_watch() => (State::Waiting, None, None),
+            (None, _) => (State::Starting, None, None),
+        };
+        let memory = self.cfg.policy.memory.as_ref();
+        ServiceStatus {
+            name: self.cfg.name.clone(),
+            kind: if self.cfg.is_watch() {
+                Kind::Watch
+            } else {
+                Kind::Service
+            },
+            state,
+            pid: self.pid(),
+            processes: u32::try_from(members.len()).unwrap_or(u32::MAX),
+            charged_bytes: None,
+            limit_bytes: memory.map(|m| m.limit),
+            hard_limit_bytes: memory.and_then(|m| m.hard_limit),
+            restarts: self
+                .restarts
+                .iter()
+                .map(|(&cause, &n)| (cause.to_owned(), n))
+                .collect(),
+            crash_count: self.policy.crash_count(),
+            last_exit_cause: self.policy.last_cause().map(|c| c.as_str().to_owned()),
+            uptime_ms: uptime.map(millis),
+            backoff_ms: backoff.map(millis),
+            marker: self.marked,
+            members,
+        }
     }
 
     /// Feeds one input at `now`; returns what to do, in order.
@@ -774,7 +832,12 @@ impl Service {
         for action in actions {
             let group = self.run.and_then(|r| r.group);
             match action {
-                Action::Spawn => effects.push(Effect::Spawn),
+                Action::Spawn => {
+                    if let Some(cause) = self.policy.last_cause() {
+                        *self.restarts.entry(cause.as_str()).or_default() += 1;
+                    }
+                    effects.push(Effect::Spawn);
+                }
                 Action::Signal(signal) => {
                     if let Some(run) = self.run {
                         effects.push(Effect::Signal {
@@ -1210,14 +1273,18 @@ fn reload<P: Platform>(
             Some(index) if services.waiting.contains_key(&index) => {
                 let pred = services.waiting.remove(&index).unwrap_or(index);
                 services.list[index].outcome = Some(Outcome::Stopped);
+                let restarts = services.list[index].restarts.clone();
                 let successor = services.push(config);
+                services.list[successor].restarts = restarts;
                 services.waiting.insert(successor, pred);
             }
             Some(index) => {
                 tracing::info!(service = %config.name, "changed: restarting it");
                 services.list[index].retiring = true;
                 feed(&mut services.list, platform, index, Input::Shutdown, now);
+                let restarts = services.list[index].restarts.clone();
                 let successor = services.push(config);
+                services.list[successor].restarts = restarts;
                 services.waiting.insert(successor, index);
             }
             None => {
