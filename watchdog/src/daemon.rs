@@ -122,6 +122,21 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         Some(state) => Some(state.lock().map_err(|e| CliError::Failed(e.into()))?),
         None => None,
     };
+    // The status socket and the HTTP listener answer from here on (a
+    // heartbeat older than health-timeout makes /healthz fail, start-up
+    // included).
+    let (telemetry, queries) = crate::observe::Telemetry::new(daemon.health_timeout);
+    let _observers = crate::observe::start(
+        telemetry.clone(),
+        &crate::observe::Endpoints {
+            state_dir: state.as_ref().map(|s| s.path().to_owned()),
+            listen: daemon.listen,
+        },
+    )
+    .context("cannot serve the daemon's status")?;
+    if let Some(addr) = daemon.listen {
+        info!(address = %addr, "serving /healthz and /metrics");
+    }
     if is_daemon {
         let markers = daemon.marker_dir();
         std::fs::create_dir_all(&markers)
@@ -168,6 +183,7 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let mut host = Host::new(sensor, audit).context("failed to set up the supervisor")?;
     host.set_rescan(daemon.rescan);
     host.set_notifier(notifier.clone());
+    host.set_telemetry(telemetry.clone(), queries);
 
     // What a killed predecessor left running.
     let mut adopt = Vec::new();
@@ -258,6 +274,7 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         "started"
     );
     let driven = service::drive(&mut services, &mut host, &mut controls, !is_daemon).await;
+    telemetry.stopping();
     signals.abort();
     notifier.stopping();
     let hooks: Vec<u32> = services.all().iter().flat_map(|s| s.hooks()).collect();

@@ -54,6 +54,7 @@ pub mod jsonl;
 pub mod kernel;
 pub mod mem;
 pub mod notify;
+pub mod observe;
 pub mod ownership;
 pub mod policy;
 #[cfg(target_os = "linux")]

@@ -242,7 +242,7 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         let key = offset.map(|o| key_at(text, o)).unwrap_or_default();
         at(offset, key, e.message().trim().to_owned())
     })?;
-    let daemon = raw.daemon;
+    let mut daemon = raw.daemon;
     let located = |table: &str, index: usize, problem: Problem| {
         let (offset, key) = locate(text, table, index, problem.key);
         at(offset, key, problem.message)
@@ -337,6 +337,8 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
             return Err(at(offset, key, message));
         }
     }
+    // Resolved, so that a file that spells out the default reads the same.
+    daemon.host_memory_recover = Some(daemon.host_memory_recovery());
     if !(-20..=19).contains(&daemon.nice) {
         let (offset, key) = locate_daemon(text, "nice");
         return Err(at(offset, key, "nice must be between -20 and 19".into()));

@@ -206,3 +206,80 @@ fn a_missing_file_says_how_to_make_one() {
     let err = load(Path::new("/nonexistent/watchdog.toml")).unwrap_err();
     assert!(err.to_string().contains("--sample-config"), "{err}");
 }
+
+/// The HTTP listener stays on loopback unless told otherwise; its address
+/// and the memory monitor's levels are checked with their key named.
+#[test]
+fn listener_and_memory_monitor_settings_are_checked() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[daemon]\nlisten = \"0.0.0.0:9187\"\n",
+            "daemon.listen",
+            "can be reached from other hosts",
+        ),
+        (
+            "[daemon]\nlisten = \"[::]:9187\"\n",
+            "daemon.listen",
+            "allow-remote = true",
+        ),
+        (
+            "[daemon]\nlisten = \"localhost:9187\"\n",
+            "daemon.listen",
+            "write an IP address and a port",
+        ),
+        (
+            "[daemon]\nlisten = \"127.0.0.1\"\n",
+            "daemon.listen",
+            "write an IP address and a port",
+        ),
+        (
+            "[daemon]\nlisten = \"127.0.0.1:0\"\n",
+            "daemon.listen",
+            "has no port",
+        ),
+        (
+            "[daemon]\nhealth-timeout = \"0s\"\n",
+            "daemon.health-timeout",
+            "must be more than 0",
+        ),
+        (
+            "[daemon]\nhost-memory-warn = \"120%\"\n",
+            "daemon.host-memory-warn",
+            "at most 100",
+        ),
+        (
+            "[daemon]\nhost-memory-warn = \"80%\"\nhost-memory-recover = \"85%\"\n",
+            "daemon.host-memory-recover",
+            "must be under host-memory-warn (80%)",
+        ),
+        (
+            "[daemon]\nhost-memory-warn = \"8GiB\"\nhost-memory-recover = \"85%\"\n",
+            "daemon.host-memory-recover",
+            "both shares",
+        ),
+        (
+            "[daemon]\nhost-memory-warn = \"lots\"\n",
+            "daemon.host-memory-warn",
+            "\"90%\"",
+        ),
+    ];
+    for (text, key, message) in cases {
+        let e = error(text);
+        assert_eq!(&e.key, key, "{text}: {e}");
+        assert!(e.to_string().contains(message), "{text}: {e}");
+        assert!(e.line > 0, "{text}: {e}");
+    }
+    let ok = |text: &str| parse(Path::new("t.toml"), text).expect("refused").daemon;
+    let d = ok("[daemon]\nlisten = \"0.0.0.0:9187\"\nallow-remote = true\n");
+    assert_eq!(d.listen, Some("0.0.0.0:9187".parse().unwrap()));
+    let d = ok("[daemon]\nlisten = \"[::1]:9187\"\nhost-memory-warn = \"12GiB\"\n");
+    assert_eq!(d.host_memory_warn, Threshold::Bytes(12 << 30));
+    assert_eq!(
+        d.host_memory_recover,
+        Some(Threshold::Bytes((12u64 << 30) / 20 * 19))
+    );
+    let d = ok("");
+    assert_eq!(d.listen, None);
+    assert_eq!(d.health_timeout, Duration::from_secs(30));
+    assert_eq!(d.host_memory_recover, Some(Threshold::Percent(85.0)));
+}

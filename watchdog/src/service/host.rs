@@ -16,13 +16,15 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{
-    Effect, Happening, Input, Marker, MarkerFormat, Platform, Selector, Service, Spawned, Target,
+    Effect, Happening, Input, Marker, MarkerFormat, Platform, Selector, Service, Services, Spawned,
+    Target,
 };
 use crate::{
     auditlog::AuditLog,
     cgroup::{Containment, ServiceCgroup},
     event::rfc3339,
     notify::Notifier,
+    observe::{Query, Telemetry},
     policy::Event,
     procs,
     runner::{self, Spawner},
@@ -90,6 +92,14 @@ pub struct Host {
     state: Option<StateDir>,
     /// Services taking over a previous instance's run: index -> record.
     adopting: HashMap<usize, RunRecord>,
+    /// Where the loop's health and latencies are reported.
+    telemetry: Option<Arc<Telemetry>>,
+    queries: Option<mpsc::UnboundedReceiver<Query>>,
+    /// Crossings not yet answered by a signal: group -> when the kernel
+    /// sensed them (CLOCK_MONOTONIC ns).
+    crossings: HashMap<GroupId, u64>,
+    /// Kernel loss counters reported so far: counter -> total.
+    lost: std::collections::BTreeMap<String, u64>,
 }
 
 impl Host {
@@ -120,12 +130,61 @@ impl Host {
             cgroups: HashMap::new(),
             state: None,
             adopting: HashMap::new(),
+            telemetry: None,
+            queries: None,
+            crossings: HashMap::new(),
+            lost: Default::default(),
         })
     }
 
     /// Tells systemd (when it started us) how the loop is doing.
     pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
         self.notifier = Some(notifier);
+    }
+
+    /// Reports the loop's health, latencies and state to `telemetry`, and
+    /// answers its `queries`.
+    pub fn set_telemetry(
+        &mut self,
+        telemetry: Arc<Telemetry>,
+        queries: mpsc::UnboundedReceiver<Query>,
+    ) {
+        self.telemetry = Some(telemetry);
+        self.queries = Some(queries);
+    }
+
+    /// Notes what a sensor event tells the telemetry.
+    fn observe(&mut self, happening: Happening) -> Happening {
+        match &happening {
+            Happening::Sensor(SensorEvent::OverLimit(c)) => {
+                if let Some(t) = &self.telemetry {
+                    let latency = c.confirmed_ns.saturating_sub(c.sensed_ns);
+                    t.detection.observe(latency as f64 / 1e9);
+                }
+                self.crossings.insert(c.group, c.sensed_ns);
+            }
+            Happening::Sensor(SensorEvent::Lost { counter, total, .. }) => {
+                self.lost.insert((*counter).to_owned(), *total);
+            }
+            Happening::Failed(reason) => {
+                if let Some(t) = &self.telemetry {
+                    t.sensor_failed(reason);
+                }
+            }
+            _ => {}
+        }
+        happening
+    }
+
+    /// A signal for a crossing went out: how long it took.
+    fn signalled(&mut self, group: Option<GroupId>) {
+        if let Some(sensed) = group.and_then(|g| self.crossings.remove(&g))
+            && let Some(t) = &self.telemetry
+        {
+            let now = crate::event::monotonic_now().as_nanos() as u64;
+            t.crossing_to_signal
+                .observe(now.saturating_sub(sensed) as f64 / 1e9);
+        }
     }
 
     /// Runs each service in a cgroup of its own under `containment`.
@@ -575,13 +634,26 @@ impl Platform for Host {
     async fn next(&mut self) -> Happening {
         loop {
             if let Some(happening) = self.queue.pop_front() {
-                return happening;
+                return self.observe(happening);
             }
+            let queries = async {
+                match &mut self.queries {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 event = self.sensor.next() => match event {
                     Ok(event) if self.is_launching(event.group()) => self.held.push(event),
-                    Ok(event) => return Happening::Sensor(event),
-                    Err(e) => return Happening::Failed(format!("the sensor failed: {e}")),
+                    Ok(event) => return self.observe(Happening::Sensor(event)),
+                    Err(e) => return self.observe(Happening::Failed(format!("the sensor failed: {e}"))),
+                },
+                Some(query) = queries => match query {
+                    Query::Snapshot(reply) => return Happening::Snapshot(reply),
+                    Query::Stall(duration) => {
+                        tracing::warn!(ms = duration.as_millis() as u64, "blocking the service loop, as a test asked");
+                        std::thread::sleep(duration);
+                    }
                 },
                 Some(progress) = self.progress_rx.recv() => match progress {
                     Progress::Ready { service, pid, reply } => {
@@ -618,12 +690,14 @@ impl Platform for Host {
                 }));
             }
             // A process we did not start: only it gets the signal.
-            Effect::Signal { pid, signal, .. } if service.config().is_watch() => {
+            Effect::Signal { pid, group, signal } if service.config().is_watch() => {
                 // SAFETY: a signal to the watched process, as configured.
                 unsafe { libc::kill(pid as libc::pid_t, signal) };
+                self.signalled(group);
             }
             Effect::Signal { pid, group, signal } => {
                 runner::signal_tree(pid, &self.members(group), signal);
+                self.signalled(group);
                 if let Some(cgroup) = self.cgroups.get(service.name()) {
                     cgroup.signal(signal);
                 }
@@ -740,15 +814,19 @@ impl Platform for Host {
     }
 
     fn heartbeat_every(&self) -> Option<std::time::Duration> {
-        let notifier = self.notifier.as_ref().filter(|n| n.is_active())?;
-        Some(
-            notifier
-                .watchdog_interval()
-                .unwrap_or(std::time::Duration::from_secs(10)),
-        )
+        let notifier = self.notifier.as_ref().filter(|n| n.is_active());
+        let systemd = notifier.map(|n| n.watchdog_interval().unwrap_or(HEARTBEAT));
+        match (self.telemetry.is_some(), systemd) {
+            (true, Some(every)) => Some(every.min(HEARTBEAT)),
+            (true, None) => Some(HEARTBEAT),
+            (false, systemd) => systemd,
+        }
     }
 
-    fn heartbeat(&mut self, services: &[Service]) {
+    fn heartbeat(&mut self, services: &Services, lag: std::time::Duration) {
+        if let Some(telemetry) = &self.telemetry {
+            telemetry.beat(lag, self.snapshot(services));
+        }
         let Some(notifier) = &self.notifier else {
             return;
         };
@@ -757,13 +835,44 @@ impl Platform for Host {
             notifier.ready();
         }
         notifier.watchdog_ping();
-        notifier.status(&summary(services));
+        notifier.status(&summary(services.all()));
+    }
+
+    fn snapshot(&self, services: &Services) -> crate::status::Snapshot {
+        let now = tokio::time::Instant::now().into_std();
+        let stats = self.sensor.stats();
+        let mut lost = self.lost.clone();
+        let ringbuf = lost.entry("ringbuf_full".to_owned()).or_default();
+        *ringbuf = (*ringbuf).max(stats.lost_events);
+        crate::status::Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            sensor: self.source.to_string(),
+            lost_events: lost,
+            unconfirmed_crossings: stats.unconfirmed_crossings,
+            audit_lines_lost: self.audit.lost(),
+            services: services
+                .current()
+                .map(|s| {
+                    let mut members = self.members(s.group());
+                    if members.is_empty() {
+                        members.extend(s.pid());
+                    }
+                    s.status(now, members)
+                })
+                .collect(),
+            ..Default::default()
+        }
     }
 
     fn reloaded(&mut self) {
         self.audit.reopen();
     }
 }
+
+/// How often the loop stamps its heartbeat (and measures its lag) when
+/// someone watches it.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One line for systemd's STATUS=: how many services run, how many watch
 /// targets have found their process.

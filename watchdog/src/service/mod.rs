@@ -447,6 +447,11 @@ impl Service {
         self.run.map(|r| r.pid)
     }
 
+    /// Its run's sensor group.
+    pub fn group(&self) -> Option<GroupId> {
+        self.run.and_then(|r| r.group)
+    }
+
     /// Whether `group` is its run's sensor group.
     pub fn owns_group(&self, group: GroupId) -> bool {
         self.run.is_some_and(|r| r.group == Some(group))
@@ -1020,6 +1025,8 @@ pub enum Happening {
     },
     /// The sensor failed for good.
     Failed(String),
+    /// Someone asks for the services' state.
+    Snapshot(tokio::sync::oneshot::Sender<crate::status::Snapshot>),
 }
 
 /// What performs the services' effects and reports what happens.
@@ -1032,10 +1039,23 @@ pub trait Platform {
     fn heartbeat_every(&self) -> Option<Duration> {
         None
     }
-    /// Called by the loop itself on its heartbeat timer: proof that the
-    /// loop turns (the systemd watchdog ping), and a summary of the
-    /// services.
-    fn heartbeat(&mut self, _services: &[Service]) {}
+    /// Called by the loop itself on its heartbeat timer, `lag` after it
+    /// was due: proof that the loop turns (the systemd watchdog ping, the
+    /// health check), and a summary of the services.
+    fn heartbeat(&mut self, _services: &Services, _lag: Duration) {}
+    /// The state of the services (the current one of each name) now.
+    fn snapshot(&self, services: &Services) -> crate::status::Snapshot {
+        let now = clock();
+        crate::status::Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            services: services
+                .current()
+                .map(|s| s.status(now, Vec::new()))
+                .collect(),
+            ..Default::default()
+        }
+    }
     /// The configuration was reloaded (the audit log is reopened).
     fn reloaded(&mut self) {}
 }
@@ -1155,7 +1175,7 @@ pub async fn drive<P: Platform>(
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         timer
     });
-    platform.heartbeat(&services.list);
+    platform.heartbeat(services, Duration::ZERO);
     loop {
         let all_finished = services.list.iter().all(Service::finished);
         if all_finished && (stopping || until_done) {
@@ -1175,7 +1195,8 @@ pub async fn drive<P: Platform>(
         let beat = async {
             match &mut heartbeat {
                 Some(timer) => {
-                    timer.tick().await;
+                    let due = timer.tick().await;
+                    tokio::time::Instant::now().saturating_duration_since(due)
                 }
                 None => std::future::pending().await,
             }
@@ -1211,12 +1232,15 @@ pub async fn drive<P: Platform>(
                     }
                 }
             }
-            () = beat => platform.heartbeat(&services.list),
+            lag = beat => platform.heartbeat(services, lag),
             happening = platform.next() => {
                 let now = clock();
                 let list = &mut services.list;
                 match happening {
                     Happening::Failed(error) => return Err(DriveError(error)),
+                    Happening::Snapshot(reply) => {
+                        let _ = reply.send(platform.snapshot(services));
+                    }
                     Happening::Spawned { service, result } => {
                         feed(list, platform, service, Input::Spawned(result), now);
                     }

@@ -1,0 +1,356 @@
+//! `/metrics`: the snapshot and the loop's histograms in the OpenMetrics
+//! text format (which Prometheus reads). Per-service series are made from
+//! the snapshot at each scrape; a service removed from the configuration
+//! stops being reported.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use super::Telemetry;
+use crate::status::{Snapshot, State};
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    service: String,
+    kind: &'static str,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    service: String,
+    kind: &'static str,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabels {
+    counter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Registers a family and returns it for filling.
+fn family<L, M>(registry: &mut Registry, name: &str, help: &str) -> Family<L, M>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    M: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Default
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let family = Family::<L, M>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn float_gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
+    let g = FloatGauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The exposition of `snapshot` and the loop's histograms.
+pub fn encode(snapshot: &Snapshot, telemetry: &Telemetry) -> String {
+    let mut r = Registry::default();
+
+    let sensor: Family<ModeLabels, Gauge> = family(
+        &mut r,
+        "watchdog_sensor",
+        "Where memory readings come from (ebpf: the kernel programs; procfs, macos: sampling), and the daemon's version",
+    );
+    sensor
+        .get_or_create(&ModeLabels {
+            mode: snapshot.sensor.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+    let health = &snapshot.health;
+    gauge(
+        &mut r,
+        "watchdog_healthy",
+        "1 while the service loop's heartbeat is fresh and the sensor works",
+        i64::from(health.ok),
+    );
+    float_gauge(
+        &mut r,
+        "watchdog_loop_heartbeat_age_seconds",
+        "Time since the service loop's own timer last stamped its heartbeat",
+        health.heartbeat_age_ms as f64 / 1e3,
+    );
+    float_gauge(
+        &mut r,
+        "watchdog_loop_lag_seconds",
+        "How late the service loop's timer fired last",
+        health.loop_lag_us as f64 / 1e6,
+    );
+    float_gauge(
+        &mut r,
+        "watchdog_loop_lag_max_seconds",
+        "The largest service loop lag seen since start",
+        health.loop_lag_max_us as f64 / 1e6,
+    );
+    float_gauge(
+        &mut r,
+        "watchdog_uptime_seconds",
+        "How long the daemon has run",
+        snapshot.uptime_ms as f64 / 1e3,
+    );
+
+    let lost: Family<CounterLabels, Counter> = family(
+        &mut r,
+        "watchdog_kernel_events_lost",
+        "Events the kernel programs could not deliver or track, by counter",
+    );
+    for counter_name in ["ringbuf_full", "watch_table_full"] {
+        drop(lost.get_or_create(&CounterLabels {
+            counter: counter_name.to_owned(),
+        }));
+    }
+    for (name, &total) in &snapshot.lost_events {
+        lost.get_or_create(&CounterLabels {
+            counter: name.clone(),
+        })
+        .inc_by(total);
+    }
+    counter(
+        &mut r,
+        "watchdog_unconfirmed_crossings",
+        "Kernel crossings that the exact reading did not confirm",
+        snapshot.unconfirmed_crossings,
+    );
+    counter(
+        &mut r,
+        "watchdog_audit_lines_lost",
+        "Audit lines that could not be written",
+        snapshot.audit_lines_lost,
+    );
+    r.register(
+        "watchdog_detection_latency_seconds",
+        "Kernel crossing of a limit to its exact confirmation",
+        telemetry.detection.clone(),
+    );
+    r.register(
+        "watchdog_crossing_to_signal_seconds",
+        "Kernel crossing of a limit to the drain (or memory) signal sent",
+        telemetry.crossing_to_signal.clone(),
+    );
+
+    services(&mut r, snapshot);
+    memory(&mut r, snapshot);
+
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+        out = "# the metrics could not be encoded\n# EOF\n".into();
+    }
+    out
+}
+
+fn services(r: &mut Registry, snapshot: &Snapshot) {
+    let state: Family<StateLabels, Gauge> = family(
+        r,
+        "watchdog_service_state",
+        "1 for the state each service or watch target is in, 0 for the others",
+    );
+    let charged: Family<ServiceLabels, Gauge> = family(
+        r,
+        "watchdog_service_charged_bytes",
+        "Charged memory of the run's tree (RssAnon+RssShmem, shared pages once)",
+    );
+    let limit: Family<ServiceLabels, Gauge> = family(
+        r,
+        "watchdog_service_limit_bytes",
+        "The memory limit (max-rss)",
+    );
+    let hard: Family<ServiceLabels, Gauge> = family(
+        r,
+        "watchdog_service_hard_limit_bytes",
+        "The hard memory limit",
+    );
+    let restarts: Family<CauseLabels, Counter> = family(
+        r,
+        "watchdog_service_restarts",
+        "Restarts by the cause of the exit before them",
+    );
+    let crashes: Family<ServiceLabels, Gauge> = family(
+        r,
+        "watchdog_service_crashes",
+        "Crashes in a row (max-crashes gives up)",
+    );
+    let backoff: Family<ServiceLabels, FloatGauge> = family(
+        r,
+        "watchdog_service_backoff_seconds",
+        "Time left before the next start",
+    );
+    let uptime: Family<ServiceLabels, FloatGauge> = family(
+        r,
+        "watchdog_service_uptime_seconds",
+        "How long the current run has been up",
+    );
+    let processes: Family<ServiceLabels, Gauge> = family(
+        r,
+        "watchdog_service_processes",
+        "Processes in the run's tree",
+    );
+    let marker: Family<ServiceLabels, Gauge> = family(
+        r,
+        "watchdog_service_marker",
+        "1 while the respawn marker is written",
+    );
+    for s in &snapshot.services {
+        let kind = match s.kind {
+            crate::status::Kind::Service => "service",
+            crate::status::Kind::Watch => "watch",
+        };
+        let labels = ServiceLabels {
+            service: s.name.clone(),
+            kind,
+        };
+        for each in State::ALL {
+            state
+                .get_or_create(&StateLabels {
+                    service: s.name.clone(),
+                    kind,
+                    state: each.as_str(),
+                })
+                .set(i64::from(each == s.state));
+        }
+        if let Some(bytes) = s.charged_bytes {
+            charged.get_or_create(&labels).set(clamp(bytes));
+        }
+        if let Some(bytes) = s.limit_bytes {
+            limit.get_or_create(&labels).set(clamp(bytes));
+        }
+        if let Some(bytes) = s.hard_limit_bytes {
+            hard.get_or_create(&labels).set(clamp(bytes));
+        }
+        for (cause, &n) in &s.restarts {
+            restarts
+                .get_or_create(&CauseLabels {
+                    service: s.name.clone(),
+                    kind,
+                    cause: cause.clone(),
+                })
+                .inc_by(n);
+        }
+        crashes.get_or_create(&labels).set(i64::from(s.crash_count));
+        backoff
+            .get_or_create(&labels)
+            .set(s.backoff_ms.unwrap_or(0) as f64 / 1e3);
+        uptime
+            .get_or_create(&labels)
+            .set(s.uptime_ms.unwrap_or(0) as f64 / 1e3);
+        processes.get_or_create(&labels).set(i64::from(s.processes));
+        marker.get_or_create(&labels).set(i64::from(s.marker));
+    }
+}
+
+fn memory(r: &mut Registry, snapshot: &Snapshot) {
+    let Some(m) = &snapshot.memory else {
+        return;
+    };
+    let scoped = |r: &mut Registry, name: &str, help: &str, value: u64| {
+        let f: Family<ScopeLabels, Gauge> = family(r, name, help);
+        f.get_or_create(&ScopeLabels {
+            scope: m.scope.clone(),
+        })
+        .set(clamp(value));
+    };
+    scoped(
+        r,
+        "watchdog_memory_used_bytes",
+        "Memory in use of the host (MemTotal - MemAvailable) or of the daemon's container (usage less inactive file pages)",
+        m.used_bytes,
+    );
+    scoped(
+        r,
+        "watchdog_memory_total_bytes",
+        "Memory there is: MemTotal, or the container's limit",
+        m.total_bytes,
+    );
+    scoped(
+        r,
+        "watchdog_memory_warning_threshold_bytes",
+        "Memory in use over which a warning is logged",
+        m.warn_bytes,
+    );
+    gauge(
+        r,
+        "watchdog_memory_warning",
+        "1 while memory in use is over its warning threshold (and not back under the recovery level)",
+        i64::from(m.warning),
+    );
+    gauge(
+        r,
+        "watchdog_host_memory_available_bytes",
+        "MemAvailable of /proc/meminfo",
+        clamp(m.available_bytes),
+    );
+    if let Some(v) = m.cgroup_current_bytes {
+        gauge(
+            r,
+            "watchdog_cgroup_memory_current_bytes",
+            "The daemon's cgroup's memory usage (memory.current, v1 memory.usage_in_bytes)",
+            clamp(v),
+        );
+    }
+    if let Some(v) = m.cgroup_limit_bytes {
+        gauge(
+            r,
+            "watchdog_cgroup_memory_limit_bytes",
+            "The daemon's cgroup's memory limit",
+            clamp(v),
+        );
+    }
+    if let Some(v) = m.pressure_some_avg10 {
+        float_gauge(
+            r,
+            "watchdog_memory_pressure_some_avg10",
+            "PSI: share of the last 10 s some task stalled on memory, in percent",
+            v,
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! What the daemon tells the outside: the status socket (`watchdog
+//! status`), the optional HTTP listener (`/healthz`, `/metrics`) and the
+//! telemetry they read.
+//!
+//! They run on a thread of their own with its own (single-threaded) tokio
+//! runtime, so that a scrape never delays the service loop and a loop that
+//! is stuck can still be reported as such. The loop stamps a heartbeat from
+//! its own timer and publishes a snapshot of its services with it; a
+//! request for the current state is answered by the loop itself when it
+//! turns, and from the last snapshot when it does not (within a second).
+
+mod http;
+pub mod metrics;
+mod socket;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::status::{Health, HostMemory, Snapshot};
+
+/// How long a request waits for the loop before the last snapshot is used.
+const LOOP_ANSWER: Duration = Duration::from_secs(1);
+
+/// The environment variable that lets a test block the loop through the
+/// status socket (`stall MS`). Never set in production.
+pub const STALL_ENV: &str = "WATCHDOG_TEST_STALL_LOOP";
+
+/// What the outside asks of the loop.
+#[derive(Debug)]
+pub enum Query {
+    /// The services as they are now.
+    Snapshot(oneshot::Sender<Snapshot>),
+    /// Block the loop this long (tests of the health check only).
+    Stall(Duration),
+}
+
+/// Shared between the loop (which writes) and the observers (which read).
+pub struct Telemetry {
+    started: Instant,
+    /// A heartbeat older than this is unhealthy.
+    threshold: Duration,
+    /// When the loop last stamped its heartbeat, in ns since `started`
+    /// (`u64::MAX`: never).
+    heartbeat_ns: AtomicU64,
+    lag_us: AtomicU64,
+    lag_max_us: AtomicU64,
+    /// Why the sensor stopped working, once it has.
+    sensor_failure: Mutex<Option<String>>,
+    /// The loop's last published snapshot (health and memory filled in
+    /// when read).
+    published: Mutex<Snapshot>,
+    memory: Mutex<Option<HostMemory>>,
+    /// Kernel crossing -> exact confirmation.
+    pub detection: Histogram,
+    /// Kernel crossing -> drain (or memory) signal sent.
+    pub crossing_to_signal: Histogram,
+    queries: mpsc::UnboundedSender<Query>,
+    /// Whether `stall` requests are honoured.
+    stall_allowed: bool,
+    stopping: AtomicBool,
+}
+
+/// Buckets of the latency histograms, in seconds: 50 µs to 10 s.
+const LATENCY_BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+impl Telemetry {
+    /// Telemetry for a daemon whose heartbeat must be younger than
+    /// `threshold`; the receiver is the loop's end of the query channel.
+    pub fn new(threshold: Duration) -> (Arc<Self>, mpsc::UnboundedReceiver<Query>) {
+        let (queries, rx) = mpsc::unbounded_channel();
+        let telemetry = Self {
+            started: Instant::now(),
+            threshold,
+            heartbeat_ns: AtomicU64::new(u64::MAX),
+            lag_us: AtomicU64::new(0),
+            lag_max_us: AtomicU64::new(0),
+            sensor_failure: Mutex::new(None),
+            published: Mutex::new(Snapshot::default()),
+            memory: Mutex::new(None),
+            detection: Histogram::new(LATENCY_BUCKETS),
+            crossing_to_signal: Histogram::new(LATENCY_BUCKETS),
+            queries,
+            stall_allowed: std::env::var_os(STALL_ENV).is_some_and(|v| v == "1"),
+            stopping: AtomicBool::new(false),
+        };
+        (Arc::new(telemetry), rx)
+    }
+
+    /// Called from the loop's own timer: it turns. `lag` is how late the
+    /// timer fired; `snapshot` is the services as they are.
+    pub fn beat(&self, lag: Duration, snapshot: Snapshot) {
+        let at = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.heartbeat_ns.store(at, Ordering::Release);
+        let lag = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
+        self.lag_us.store(lag, Ordering::Relaxed);
+        self.lag_max_us.fetch_max(lag, Ordering::Relaxed);
+        *lock(&self.published) = snapshot;
+    }
+
+    /// The sensor failed for good: the daemon is unhealthy from now on.
+    pub fn sensor_failed(&self, reason: &str) {
+        *lock(&self.sensor_failure) = Some(reason.to_owned());
+    }
+
+    /// The daemon is stopping: requests are no longer sent to the loop.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// The memory monitor's last reading.
+    pub fn set_memory(&self, memory: HostMemory) {
+        *lock(&self.memory) = Some(memory);
+    }
+
+    /// The loop's health now.
+    pub fn health(&self) -> Health {
+        let beat = self.heartbeat_ns.load(Ordering::Acquire);
+        let now = self.started.elapsed();
+        let age = if beat == u64::MAX {
+            now
+        } else {
+            now.saturating_sub(Duration::from_nanos(beat))
+        };
+        let sensor = lock(&self.sensor_failure).clone();
+        let problem = if let Some(reason) = sensor {
+            Some(format!("the sensor failed: {reason}"))
+        } else if age > self.threshold {
+            Some(format!(
+                "the service loop has not turned for {} (more than health-timeout {})",
+                humantime::format_duration(Duration::from_millis(millis(age))),
+                humantime::format_duration(self.threshold)
+            ))
+        } else {
+            None
+        };
+        Health {
+            ok: problem.is_none(),
+            problem,
+            heartbeat_age_ms: millis(age),
+            loop_lag_us: self.lag_us.load(Ordering::Relaxed),
+            loop_lag_max_us: self.lag_max_us.load(Ordering::Relaxed),
+            threshold_ms: millis(self.threshold),
+        }
+    }
+
+    /// The last published snapshot, with health and memory as they are now
+    /// (charged memory as of its publication: not read again).
+    pub fn last(&self) -> Snapshot {
+        let mut snapshot = lock(&self.published).clone();
+        self.complete(&mut snapshot);
+        snapshot
+    }
+
+    /// Fills in what the loop does not know: health, the host's memory.
+    fn complete(&self, snapshot: &mut Snapshot) {
+        snapshot.health = self.health();
+        snapshot.uptime_ms = millis(self.started.elapsed());
+        snapshot.memory = lock(&self.memory).clone();
+    }
+
+    /// The current state: asked of the loop, whose answer is completed
+    /// with each tree's memory read now (off the loop); the last snapshot
+    /// when the loop does not answer in time.
+    pub async fn current(&self) -> Snapshot {
+        let (tx, rx) = oneshot::channel();
+        let asked = !self.stopping.load(Ordering::Relaxed)
+            && self.queries.send(Query::Snapshot(tx)).is_ok();
+        let answer = if asked {
+            tokio::time::timeout(LOOP_ANSWER, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        let Some(mut snapshot) = answer else {
+            return self.last();
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            read_memory(&mut snapshot);
+            snapshot
+        })
+        .await;
+        match read {
+            Ok(mut snapshot) => {
+                self.complete(&mut snapshot);
+                snapshot
+            }
+            Err(_) => self.last(),
+        }
+    }
+
+    fn stall(&self, duration: Duration) -> bool {
+        self.stall_allowed && self.queries.send(Query::Stall(duration)).is_ok()
+    }
+}
+
+/// Reads each run's charged memory (the same measure as the sensor's
+/// confirmations).
+fn read_memory(snapshot: &mut Snapshot) {
+    for service in &mut snapshot.services {
+        if service.members.is_empty() {
+            continue;
+        }
+        let reading = crate::mem::read_tree(&service.members);
+        if !reading.members.is_empty() {
+            service.charged_bytes = Some(reading.charged_bytes);
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A poisoned lock still holds usable telemetry.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Where the observers listen.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints {
+    /// The state directory, for the status socket.
+    pub state_dir: Option<PathBuf>,
+    /// The HTTP listener.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why an observer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(
+        "cannot listen on {addr} for /healthz and /metrics: {error}; free the port or set another `listen`"
+    )]
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("cannot create the status socket {path}: {error}")]
+    Socket { path: PathBuf, error: String },
+    #[error("cannot start the status thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The running observers; they stop when it is dropped (and with the
+/// process).
+pub struct Observers {
+    socket: Option<PathBuf>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Observers {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(path) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Binds the endpoints (an address in use is an error now, not later) and
+/// serves them on a thread of their own.
+pub fn start(telemetry: Arc<Telemetry>, endpoints: &Endpoints) -> Result<Observers, ObserveError> {
+    let listener = match endpoints.listen {
+        Some(addr) => Some(bind_tcp(addr).map_err(|error| ObserveError::Listen { addr, error })?),
+        None => None,
+    };
+    let socket = match &endpoints.state_dir {
+        Some(dir) => Some(socket::bind(dir)?),
+        None => None,
+    };
+    let socket_path = socket.as_ref().map(|(_, path)| path.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("watchdog-status".into())
+        .spawn(move || serve(telemetry, listener, socket.map(|(s, _)| s), stopped))
+        .map_err(ObserveError::Thread)?;
+    Ok(Observers {
+        socket: socket_path,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn serve(
+    telemetry: Arc<Telemetry>,
+    listener: Option<std::net::TcpListener>,
+    socket: Option<std::os::unix::net::UnixListener>,
+    stopped: oneshot::Receiver<()>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the status runtime: no status, /healthz or /metrics");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let http = async {
+            match listener {
+                Some(listener) => http::serve(telemetry.clone(), listener).await,
+                None => std::future::pending().await,
+            }
+        };
+        let status = async {
+            match socket {
+                Some(socket) => socket::serve(telemetry.clone(), socket).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = http => {}
+            () = status => {}
+            _ = stopped => {}
+        }
+    });
+}
+
+/// Kernel loss counters as the snapshot reports them.
+pub fn losses(lost: &[(&'static str, u64)]) -> BTreeMap<String, u64> {
+    lost.iter().map(|&(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// The state directory's status socket.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(crate::status::SOCKET)
+}
