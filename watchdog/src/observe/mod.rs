@@ -355,3 +355,50 @@ pub fn losses(lost: &[(&'static str, u64)]) -> BTreeMap<String, u64> {
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(crate::status::SOCKET)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The health check follows the heartbeat's age and the sensor, and
+    /// remembers the worst lag.
+    #[test]
+    fn health_follows_the_heartbeat() {
+        let (telemetry, _queries) = Telemetry::new(Duration::from_millis(200));
+        assert!(telemetry.health().ok, "start-up is healthy until the threshold");
+        telemetry.beat(Duration::from_micros(1500), Snapshot::default());
+        telemetry.beat(Duration::from_micros(300), Snapshot::default());
+        let health = telemetry.health();
+        assert!(health.ok);
+        assert_eq!((health.loop_lag_us, health.loop_lag_max_us), (300, 1500));
+        std::thread::sleep(Duration::from_millis(250));
+        let health = telemetry.health();
+        assert!(!health.ok);
+        assert!(health.heartbeat_age_ms >= 250, "{health:?}");
+        assert!(
+            health.problem.as_deref().unwrap_or("").contains("has not turned"),
+            "{health:?}"
+        );
+        telemetry.beat(Duration::ZERO, Snapshot::default());
+        assert!(telemetry.health().ok);
+        telemetry.sensor_failed("the ring buffer is gone");
+        let health = telemetry.health();
+        assert!(!health.ok);
+        assert!(health.problem.unwrap().contains("ring buffer is gone"));
+    }
+
+    /// A loop that does not answer: the last snapshot, after a second.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_loop_gets_the_last_snapshot() {
+        let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30));
+        let published = Snapshot {
+            sensor: "procfs".into(),
+            ..Snapshot::default()
+        };
+        telemetry.beat(Duration::ZERO, published);
+        let started = tokio::time::Instant::now();
+        let snapshot = telemetry.current().await;
+        assert_eq!(snapshot.sensor, "procfs");
+        assert_eq!(started.elapsed(), LOOP_ANSWER);
+    }
+}

@@ -1004,3 +1004,96 @@ async fn an_unchanged_reload_does_not_rerun_what_is_over() {
     task.await.unwrap();
     assert_eq!(seen.lock().unwrap().count(is_spawn), 1);
 }
+
+/// What `watchdog status` and /metrics report follows the service's life:
+/// state, uptime, restarts by the cause before them, backoff left, marker.
+#[test]
+fn status_follows_the_service() {
+    use crate::status::State;
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let mut memory = MemoryPolicy::new(1000);
+    memory.grace = Duration::from_secs(1);
+    let mut svc = service(Some(memory), |c| c.backoff_floor = Duration::from_secs(2));
+    let status = |svc: &Service, now| svc.status(now, vec![7, 8]);
+
+    assert_eq!(status(&svc, t0).state, State::Starting);
+    svc.handle(Input::Start, t0);
+    svc.handle(found(100, false), t0);
+    let s = status(&svc, at(1500));
+    assert_eq!(
+        (s.state, s.pid, s.uptime_ms, s.processes),
+        (State::Running, Some(100), Some(1500), 2)
+    );
+    assert_eq!((s.limit_bytes, s.charged_bytes), (Some(1000), None));
+    assert!(s.restarts.is_empty());
+
+    // Over the limit: drained; the exit on the drain signal restarts it.
+    svc.handle(Input::Sensor(over(100, 2000)), at(2000));
+    assert_eq!(status(&svc, at(2100)).state, State::Draining);
+    let reaped = |pid, signal| Input::Reaped {
+        pid,
+        status: ExitStatus::Signal {
+            signal,
+            core_dumped: false,
+        },
+        peak_rss_bytes: 0,
+    };
+    let effects = svc.handle(reaped(100, libc::SIGTERM), at(2200));
+    assert!(effects.iter().any(is_spawn), "{effects:?}");
+    let s = status(&svc, at(2200));
+    assert_eq!(s.state, State::Starting);
+    assert_eq!(s.restarts.get("memory_drain"), Some(&1));
+    assert_eq!(s.last_exit_cause.as_deref(), Some("memory_drain"));
+    svc.handle(found(101, false), at(2300));
+    assert_eq!(status(&svc, at(2400)).uptime_ms, Some(100));
+
+    // A crash: backing off, with the time left.
+    let effects = svc.handle(reaped(101, libc::SIGSEGV), at(2500));
+    assert!(!effects.iter().any(is_spawn), "{effects:?}");
+    let s = status(&svc, at(2500));
+    assert_eq!(s.state, State::Backoff);
+    assert_eq!(s.crash_count, 1);
+    let left = s.backoff_ms.expect("backoff left");
+    assert!(left > 0 && left <= 4000, "{left}");
+    let until = svc.next_deadline().expect("deadline");
+    svc.handle(Input::Timer, until);
+    let s = status(&svc, until);
+    assert_eq!(s.restarts.get("crash"), Some(&1));
+    assert_eq!(s.restarts_total(), 2);
+    assert_eq!(s.state, State::Starting);
+
+    // Stopped on request.
+    svc.handle(found(102, false), until);
+    svc.handle(Input::Shutdown, until);
+    svc.handle(reaped(102, libc::SIGTERM), until);
+    let s = status(&svc, until);
+    assert_eq!((s.state, s.pid), (State::Stopped, None));
+}
+
+/// A reload that changes a service keeps its restart counts (a counter in
+/// /metrics never goes back).
+#[tokio::test(start_paused = true)]
+async fn a_changed_service_keeps_its_restart_counts() {
+    let (mut platform, _seen, _inject) = Scripted::new(Behaviour::default());
+    let mut services = Services::new(vec![named("a", |_| {})]);
+    services.list[0].restarts.insert("crash", 3);
+    let (control, mut controls) = mpsc::unbounded_channel();
+    let changed = named("a", |c| c.max_crashes = 9);
+    control
+        .send(Control::Reload {
+            services: Some(vec![changed]),
+            done: None,
+        })
+        .unwrap();
+    control.send(Control::Shutdown).unwrap();
+    drive(&mut services, &mut platform, &mut controls, false)
+        .await
+        .unwrap();
+    let current: Vec<_> = services
+        .current()
+        .map(|s| s.status(Instant::now(), vec![]))
+        .collect();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].restarts.get("crash"), Some(&3));
+}
