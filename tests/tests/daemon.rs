@@ -766,3 +766,299 @@ fn a_killed_daemon_can_be_started_again_at_once() {
         );
     }
 }
+
+/// A loopback port free now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on the daemon's listener: the status code and the body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// One request on the status socket; the reply.
+fn ask(state: &Path, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(state.join("status.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+/// /healthz answers 503 while the loop is blocked past health-timeout
+/// (blocked on purpose through the status socket, which only a daemon
+/// started for tests honours) and 200 again once it turns.
+#[test]
+fn healthz_fails_while_the_loop_is_blocked() {
+    let port = free_port();
+    let dir = TempDir::new("healthz");
+    let config = dir.path().join("watchdog.toml");
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling")
+            .replace(
+                "[daemon]\n",
+                &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\nhealth-timeout = \"1s\"\n"),
+            )
+            + &service("steady", "sleep 60000", ""),
+    )
+    .unwrap();
+    let child = Daemon::spawn(&config, &[("WATCHDOG_TEST_STALL_LOOP", "1")]);
+    let mut daemon = Daemon { child, dir, config };
+    daemon.started("steady", Duration::from_secs(10));
+    let health = || http_get(port, "/healthz");
+    wait_until("/healthz 200", Duration::from_secs(10), || {
+        health().is_some_and(|(code, _)| code == 200)
+    });
+    let (_, body) = health().unwrap();
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "ok", "{body}");
+    assert_eq!(body["services"][0]["name"], "steady", "{body}");
+    assert_eq!(body["services"][0]["state"], "running", "{body}");
+
+    assert!(ask(&daemon.state(), "stall 4000\n").contains("stalling"));
+    wait_until("/healthz 503", Duration::from_secs(4), || {
+        health().is_some_and(|(code, _)| code == 503)
+    });
+    let (_, body) = health().unwrap();
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "unhealthy", "{body}");
+    assert!(
+        body["problem"].as_str().unwrap().contains("has not turned"),
+        "{body}"
+    );
+    // The status socket still answers, from the last snapshot.
+    let status: Value = serde_json::from_str(&ask(&daemon.state(), "status\n")).unwrap();
+    assert_eq!(status["health"]["ok"], false, "{status}");
+    wait_until("/healthz 200 again", Duration::from_secs(8), || {
+        health().is_some_and(|(code, _)| code == 200)
+    });
+    let (_, body) = health().unwrap();
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        body["loop_lag_max_us"].as_u64().unwrap() >= 3_000_000,
+        "the stall is not in the lag: {body}"
+    );
+    assert!(daemon.stop().success());
+    assert!(
+        !daemon.state().join("status.sock").exists(),
+        "the socket outlived the daemon"
+    );
+
+    // Without the test switch, nobody can block the loop.
+    let mut daemon = Daemon::start("sampling", &service("steady", "sleep 60000", ""));
+    daemon.started("steady", Duration::from_secs(10));
+    assert!(ask(&daemon.state(), "stall 4000\n").contains("refused"));
+    assert!(daemon.stop().success());
+}
+
+/// After a drain, /metrics (read by an independent Prometheus text
+/// parser) has the services' series with their labels and values, the
+/// restart counted by its cause, the latency histograms and the loss
+/// counters; `watchdog status --json` matches the daemon's state and the
+/// table renders without a terminal.
+#[test]
+fn metrics_and_status_after_a_drain() {
+    for sensor in sensors("metrics_and_status_after_a_drain") {
+        let port = free_port();
+        let dir = TempDir::new("metrics");
+        let config = dir.path().join("watchdog.toml");
+        std::fs::write(
+            &config,
+            daemon_section(dir.path(), sensor)
+                .replace("[daemon]\n", &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"))
+                + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
+                + &service("steady", "alloc 8 sleep 60000", "max-rss = \"64MiB\""),
+        )
+        .unwrap();
+        let child = Daemon::spawn(&config, &[]);
+        let mut daemon = Daemon { child, dir, config };
+        let steady = daemon.started("steady", Duration::from_secs(10));
+        let first = daemon.started("leaker", Duration::from_secs(10));
+        daemon.wait_for("the leaker's respawn", Duration::from_secs(20), |l| {
+            l["event"] == "started"
+                && l["service"] == "leaker"
+                && l["pid"].as_u64() != Some(u64::from(first))
+        });
+        let (code, text) = http_get(port, "/metrics").expect("/metrics");
+        assert_eq!(code, 200, "{text}");
+        let drains = daemon
+            .lines()
+            .iter()
+            .filter(|l| {
+                l["event"] == "exited" && l["service"] == "leaker" && l["cause"] == "memory_drain"
+            })
+            .count() as f64;
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .unwrap_or_else(|e| panic!("{sensor}: /metrics does not parse: {e}\n{text}"));
+        let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .map(|s| match &s.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => *v,
+                    other => panic!("{name}: unexpected {other:?}"),
+                })
+        };
+        let leaker = [("service", "leaker"), ("kind", "service")];
+        let steady_l = [("service", "steady"), ("kind", "service")];
+        let restarts = value(
+            "watchdog_service_restarts_total",
+            &[("service", "leaker"), ("cause", "memory_drain")],
+        )
+        .unwrap_or_else(|| panic!("{sensor}: no restart counted by cause\n{text}"));
+        assert!(
+            restarts >= 1.0 && restarts <= drains,
+            "{sensor}: {restarts} restarts, {drains} drains"
+        );
+        assert_eq!(
+            value("watchdog_service_limit_bytes", &leaker),
+            Some(f64::from(24u32 << 20))
+        );
+        let charged = value("watchdog_service_charged_bytes", &steady_l).expect("charged");
+        assert!(
+            (f64::from(8u32 << 20)..f64::from(16u32 << 20)).contains(&charged),
+            "{sensor}: steady charged {charged}"
+        );
+        assert_eq!(
+            value(
+                "watchdog_service_state",
+                &[("service", "steady"), ("state", "running")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                "watchdog_service_state",
+                &[("service", "steady"), ("state", "draining")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(value("watchdog_service_crashes", &steady_l), Some(0.0));
+        let mode = if sensor == "ebpf" { "ebpf" } else { "procfs" };
+        assert_eq!(value("watchdog_sensor", &[("mode", mode)]), Some(1.0));
+        assert_eq!(value("watchdog_healthy", &[]), Some(1.0));
+        assert_eq!(
+            value(
+                "watchdog_kernel_events_lost_total",
+                &[("counter", "ringbuf_full")]
+            ),
+            Some(0.0)
+        );
+        for histogram in [
+            "watchdog_detection_latency_seconds",
+            "watchdog_crossing_to_signal_seconds",
+        ] {
+            let count = value(&format!("{histogram}_count"), &[]).unwrap_or(0.0);
+            assert!(count >= 1.0, "{sensor}: {histogram} is empty\n{text}");
+        }
+        assert!(
+            value("watchdog_memory_total_bytes", &[]).is_some_and(|v| v > 0.0),
+            "{sensor}: no host memory\n{text}"
+        );
+
+        // watchdog status: the same state, as JSON and as a table.
+        let state = daemon.state();
+        let mode = std::fs::metadata(state.join("status.sock"))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap();
+        assert_eq!(mode, 0o600, "the status socket is {mode:o}");
+        let state_arg = state.to_str().unwrap();
+        let (code, out) = status_command(&["status", "--state-dir", state_arg, "--json"]);
+        assert_eq!(code, Some(0), "{out}");
+        let status: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(status["pid"], daemon.child.id(), "{status}");
+        assert_eq!(status["sensor"], mode_name(sensor));
+        let services = status["services"].as_array().unwrap();
+        let by_name = |name: &str| services.iter().find(|s| s["name"] == name).unwrap();
+        assert_eq!(by_name("steady")["pid"], steady, "{status}");
+        assert_eq!(by_name("steady")["state"], "running", "{status}");
+        assert!(alive(steady));
+        let leaker_pid = by_name("leaker")["pid"].as_u64();
+        if let Some(pid) = leaker_pid {
+            assert!(alive(pid as u32) || by_name("leaker")["state"] != "running");
+        }
+        assert!(
+            by_name("leaker")["restarts"]["memory_drain"].as_u64() >= Some(1),
+            "{status}"
+        );
+        assert_eq!(by_name("leaker")["limit_bytes"], 24 << 20);
+        let (code, table) = status_command(&["status", "--state-dir", state_arg]);
+        assert_eq!(code, Some(0), "{table}");
+        assert!(!table.contains('\x1b'), "colour without a terminal:\n{table}");
+        assert!(
+            table.contains("steady") && table.contains("leaker"),
+            "{table}"
+        );
+        for line in table.lines() {
+            assert!(line.chars().count() <= 80, "too wide: {line:?}");
+        }
+        assert!(daemon.stop().success());
+        let (code, out) = status_command(&["status", "--state-dir", state_arg]);
+        assert_eq!(code, Some(1), "{out}");
+        assert!(out.contains("status.sock"), "{out}");
+    }
+}
+
+fn mode_name(sensor: &str) -> &'static str {
+    if sensor == "ebpf" { "ebpf" } else { "procfs" }
+}
+
+/// Runs `watchdog ARGS`: its exit code and its standard output and error.
+fn status_command(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(watchdog_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+/// A listener other hosts could reach is refused unless allowed.
+#[test]
+fn a_remote_listener_needs_allow_remote() {
+    let dir = TempDir::new("remote");
+    let config = dir.path().join("watchdog.toml");
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling").replace(
+            "[daemon]\n",
+            "[daemon]\nlisten = \"0.0.0.0:9187\"\n",
+        ) + &service("steady", "sleep 60000", ""),
+    )
+    .unwrap();
+    let (code, err) = run_watchdog(
+        &["run", "--config", config.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("daemon.listen") && err.contains("allow-remote = true"),
+        "{err}"
+    );
+    assert!(!dir.path().join("state").exists(), "it started anyway");
+}

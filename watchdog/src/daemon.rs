@@ -137,6 +137,22 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     if let Some(addr) = daemon.listen {
         info!(address = %addr, "serving /healthz and /metrics");
     }
+    // Telemetry only, on a thread of its own: it never blocks the loop.
+    let memory_monitor = {
+        let telemetry = telemetry.clone();
+        match crate::hostmem::spawn(
+            daemon.host_memory_warn,
+            daemon.host_memory_recovery(),
+            daemon.host_memory_interval,
+            move |memory| telemetry.set_memory(memory),
+        ) {
+            Ok(monitor) => Some(monitor),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the host's memory");
+                None
+            }
+        }
+    };
     if is_daemon {
         let markers = daemon.marker_dir();
         std::fs::create_dir_all(&markers)
@@ -275,6 +291,9 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     );
     let driven = service::drive(&mut services, &mut host, &mut controls, !is_daemon).await;
     telemetry.stopping();
+    if let Some(monitor) = memory_monitor {
+        let _ = monitor.stop();
+    }
     signals.abort();
     notifier.stopping();
     let hooks: Vec<u32> = services.all().iter().flat_map(|s| s.hooks()).collect();
