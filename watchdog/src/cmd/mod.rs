@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub mod audit;
 pub mod memcheck;
 pub mod run;
+pub mod status;
 pub mod supervise;
 pub mod watch;
 
@@ -55,6 +56,10 @@ pub enum Command {
     /// in. Exit 0 when valid, 2 (with the file, line, column and key of the
     /// error) when not.
     CheckConfig(run::CheckConfigArgs),
+    /// Ask the running daemon what it is doing: its health, and each
+    /// service's and watch target's state, memory, limit and restarts.
+    /// Exit 1 when no daemon answers.
+    Status(status::StatusArgs),
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -151,6 +156,7 @@ pub fn main() -> ExitCode {
                 None => Err(CliError::Usage("no configuration".into())),
             },
             Command::CheckConfig(args) => run::check(&args),
+            Command::Status(args) => status::run(args).await,
         }
     });
     report(result)
