@@ -812,21 +812,22 @@ fn healthz_fails_while_the_loop_is_blocked() {
     let config = dir.path().join("watchdog.toml");
     std::fs::write(
         &config,
-        daemon_section(dir.path(), "sampling")
-            .replace(
-                "[daemon]\n",
-                &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\nhealth-timeout = \"1s\"\n"),
-            )
-            + &service("steady", "sleep 60000", ""),
+        daemon_section(dir.path(), "sampling").replace(
+            "[daemon]\n",
+            &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\nhealth-timeout = \"1s\"\n"),
+        ) + &service("steady", "sleep 60000", ""),
     )
     .unwrap();
     let child = Daemon::spawn(&config, &[("WATCHDOG_TEST_STALL_LOOP", "1")]);
     let mut daemon = Daemon { child, dir, config };
     daemon.started("steady", Duration::from_secs(10));
     let health = || http_get(port, "/healthz");
-    wait_until("/healthz 200", Duration::from_secs(10), || {
-        health().is_some_and(|(code, _)| code == 200)
-    });
+    // Its services as of the last heartbeat (at most a second old).
+    wait_until(
+        "/healthz 200 with steady running",
+        Duration::from_secs(10),
+        || health().is_some_and(|(code, body)| code == 200 && body.contains("\"running\"")),
+    );
     let (_, body) = health().unwrap();
     let body: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["status"], "ok", "{body}");
@@ -882,9 +883,10 @@ fn metrics_and_status_after_a_drain() {
         let config = dir.path().join("watchdog.toml");
         std::fs::write(
             &config,
-            daemon_section(dir.path(), sensor)
-                .replace("[daemon]\n", &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"))
-                + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
+            daemon_section(dir.path(), sensor).replace(
+                "[daemon]\n",
+                &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"),
+            ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
                 + &service("steady", "alloc 8 sleep 60000", "max-rss = \"64MiB\""),
         )
         .unwrap();
@@ -1007,7 +1009,10 @@ fn metrics_and_status_after_a_drain() {
         assert_eq!(by_name("leaker")["limit_bytes"], 24 << 20);
         let (code, table) = status_command(&["status", "--state-dir", state_arg]);
         assert_eq!(code, Some(0), "{table}");
-        assert!(!table.contains('\x1b'), "colour without a terminal:\n{table}");
+        assert!(
+            !table.contains('\x1b'),
+            "colour without a terminal:\n{table}"
+        );
         assert!(
             table.contains("steady") && table.contains("leaker"),
             "{table}"
@@ -1045,10 +1050,9 @@ fn a_remote_listener_needs_allow_remote() {
     let config = dir.path().join("watchdog.toml");
     std::fs::write(
         &config,
-        daemon_section(dir.path(), "sampling").replace(
-            "[daemon]\n",
-            "[daemon]\nlisten = \"0.0.0.0:9187\"\n",
-        ) + &service("steady", "sleep 60000", ""),
+        daemon_section(dir.path(), "sampling")
+            .replace("[daemon]\n", "[daemon]\nlisten = \"0.0.0.0:9731\"\n")
+            + &service("steady", "sleep 60000", ""),
     )
     .unwrap();
     let (code, err) = run_watchdog(

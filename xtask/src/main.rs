@@ -267,6 +267,9 @@ impl Project {
              Audit log (JSON lines): target/demo/audit.jsonl\n\
              Marker, once the session crosses its limit: \
              target/demo/state/respawn-recommended/session\n\
+             From another terminal, in this directory (as root, like the daemon):\n  \
+             target/release/watchdog status --config examples/watchdog.toml\n  \
+             curl -s http://127.0.0.1:9731/metrics | grep restarts\n\
              Ctrl-C stops everything."
         );
         let mut session = Command::new(release.join("watchdog-demo"))

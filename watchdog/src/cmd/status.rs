@@ -92,8 +92,8 @@ fn state_dir(args: &StatusArgs) -> Result<PathBuf, CliError> {
     if !named && !file.exists() {
         return Ok(PathBuf::from(config::DEFAULT_STATE_DIR));
     }
-    match config::load(&file) {
-        Ok(config) => Ok(config.daemon.state_dir),
+    match config::load_daemon(&file) {
+        Ok(daemon) => Ok(daemon.state_dir),
         Err(e) if named => Err(CliError::Usage(e.to_string())),
         Err(e) => Err(CliError::Usage(format!(
             "{e} (the default configuration file; name the daemon's state \

@@ -135,11 +135,11 @@ fn listen_address<'de, D: serde::Deserializer<'de>>(
 ) -> Result<Option<std::net::SocketAddr>, D::Error> {
     use serde::de::Error;
     let text = String::deserialize(d).map_err(|_| {
-        D::Error::custom("expected an address and port in quotes, such as \"127.0.0.1:9187\"")
+        D::Error::custom("expected an address and port in quotes, such as \"127.0.0.1:9731\"")
     })?;
     text.trim().parse().map(Some).map_err(|_| {
         D::Error::custom(format!(
-            "invalid address {text:?}: write an IP address and a port, such as \"127.0.0.1:9187\" or \"[::1]:9187\""
+            "invalid address {text:?}: write an IP address and a port, such as \"127.0.0.1:9731\" or \"[::1]:9731\""
         ))
     })
 }
@@ -197,6 +197,35 @@ impl std::error::Error for ConfigError {}
 
 /// Reads and checks a configuration file.
 pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+    parse(path, &read(path)?)
+}
+
+/// Reads only the `[daemon]` section of a configuration file (what
+/// `watchdog status` needs: its services' programs may not exist here).
+pub fn load_daemon(path: &Path) -> Result<DaemonSection, ConfigError> {
+    #[derive(Deserialize)]
+    struct DaemonOnly {
+        #[serde(default)]
+        daemon: DaemonSection,
+    }
+    let text = read(path)?;
+    toml::from_str::<DaemonOnly>(&text)
+        .map(|d| d.daemon)
+        .map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            let (line, column) = offset.map_or((0, 0), |o| line_column(&text, o));
+            ConfigError {
+                file: path.to_owned(),
+                line,
+                column,
+                key: offset.map(|o| key_at(&text, o)).unwrap_or_default(),
+                message: e.message().trim().to_owned(),
+            }
+        })
+}
+
+/// A configuration file's text.
+fn read(path: &Path) -> Result<String, ConfigError> {
     let bytes = std::fs::read(path).map_err(|e| ConfigError {
         file: path.to_owned(),
         line: 0,
@@ -222,7 +251,7 @@ pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
             message: "not UTF-8 text; a configuration file is UTF-8".into(),
         }
     })?;
-    parse(path, &text)
+    Ok(text)
 }
 
 /// Checks a configuration given as text (`path` names it in errors).
@@ -310,7 +339,7 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         return Err(at(
             offset,
             key,
-            format!("{addr} has no port: name one, such as 127.0.0.1:9187"),
+            format!("{addr} has no port: name one, such as 127.0.0.1:9731"),
         ));
     }
     if let Some(recover) = daemon.host_memory_recover {

@@ -213,17 +213,17 @@ fn a_missing_file_says_how_to_make_one() {
 fn listener_and_memory_monitor_settings_are_checked() {
     let cases: &[(&str, &str, &str)] = &[
         (
-            "[daemon]\nlisten = \"0.0.0.0:9187\"\n",
+            "[daemon]\nlisten = \"0.0.0.0:9731\"\n",
             "daemon.listen",
             "can be reached from other hosts",
         ),
         (
-            "[daemon]\nlisten = \"[::]:9187\"\n",
+            "[daemon]\nlisten = \"[::]:9731\"\n",
             "daemon.listen",
             "allow-remote = true",
         ),
         (
-            "[daemon]\nlisten = \"localhost:9187\"\n",
+            "[daemon]\nlisten = \"localhost:9731\"\n",
             "daemon.listen",
             "write an IP address and a port",
         ),
@@ -270,9 +270,9 @@ fn listener_and_memory_monitor_settings_are_checked() {
         assert!(e.line > 0, "{text}: {e}");
     }
     let ok = |text: &str| parse(Path::new("t.toml"), text).expect("refused").daemon;
-    let d = ok("[daemon]\nlisten = \"0.0.0.0:9187\"\nallow-remote = true\n");
-    assert_eq!(d.listen, Some("0.0.0.0:9187".parse().unwrap()));
-    let d = ok("[daemon]\nlisten = \"[::1]:9187\"\nhost-memory-warn = \"12GiB\"\n");
+    let d = ok("[daemon]\nlisten = \"0.0.0.0:9731\"\nallow-remote = true\n");
+    assert_eq!(d.listen, Some("0.0.0.0:9731".parse().unwrap()));
+    let d = ok("[daemon]\nlisten = \"[::1]:9731\"\nhost-memory-warn = \"12GiB\"\n");
     assert_eq!(d.host_memory_warn, Threshold::Bytes(12 << 30));
     assert_eq!(
         d.host_memory_recover,

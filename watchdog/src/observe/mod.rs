@@ -365,7 +365,10 @@ mod tests {
     #[test]
     fn health_follows_the_heartbeat() {
         let (telemetry, _queries) = Telemetry::new(Duration::from_millis(200));
-        assert!(telemetry.health().ok, "start-up is healthy until the threshold");
+        assert!(
+            telemetry.health().ok,
+            "start-up is healthy until the threshold"
+        );
         telemetry.beat(Duration::from_micros(1500), Snapshot::default());
         telemetry.beat(Duration::from_micros(300), Snapshot::default());
         let health = telemetry.health();
@@ -376,7 +379,11 @@ mod tests {
         assert!(!health.ok);
         assert!(health.heartbeat_age_ms >= 250, "{health:?}");
         assert!(
-            health.problem.as_deref().unwrap_or("").contains("has not turned"),
+            health
+                .problem
+                .as_deref()
+                .unwrap_or("")
+                .contains("has not turned"),
             "{health:?}"
         );
         telemetry.beat(Duration::ZERO, Snapshot::default());
