@@ -845,9 +845,14 @@ fn healthz_fails_while_the_loop_is_blocked() {
         body["problem"].as_str().unwrap().contains("has not turned"),
         "{body}"
     );
-    // The status socket still answers, from the last snapshot.
+    // The status socket still answers, from the last snapshot; `watchdog
+    // status` says so with exit 3.
     let status: Value = serde_json::from_str(&ask(&daemon.state(), "status\n")).unwrap();
     assert_eq!(status["health"]["ok"], false, "{status}");
+    let state_arg = daemon.state().to_str().unwrap().to_owned();
+    let (code, out) = status_command(&["status", "--state-dir", &state_arg]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("has not turned"), "{out}");
     wait_until("/healthz 200 again", Duration::from_secs(8), || {
         health().is_some_and(|(code, _)| code == 200)
     });

@@ -36,6 +36,8 @@ pub struct StatusArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Print the daemon's snapshot as JSON (every field, pretty-printed).
+    /// Either way the exit code is 0 when the daemon is healthy, 3 when it
+    /// answers that it is not, 1 when it does not answer.
     #[arg(long)]
     pub json: bool,
 }
@@ -52,6 +54,9 @@ const MAX_ANSWER: u64 = 64 << 20;
 const MAX_SOCKET_PATH: usize = 107;
 #[cfg(not(target_os = "linux"))]
 const MAX_SOCKET_PATH: usize = 103;
+
+/// The exit code when the daemon answers that it is unhealthy.
+pub const UNHEALTHY: u8 = 3;
 
 /// The width the table fits in.
 const WIDTH: usize = 80;
@@ -70,11 +75,18 @@ pub async fn run(args: StatusArgs) -> Result<ExitCode, CliError> {
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         render(&snapshot, colour)
     };
+    // A daemon that answers but is unhealthy: exit 3, for probes and
+    // scripts (1 is no answer at all).
+    let code = if snapshot.health.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(UNHEALTHY)
+    };
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+        Ok(()) => Ok(code),
         // `watchdog status | head`: the reader has what it wanted.
-        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(code),
         Err(e) => Err(anyhow!("cannot write to standard output: {e}").into()),
     }
 }
