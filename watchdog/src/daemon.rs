@@ -137,6 +137,12 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     if let Some(addr) = daemon.listen {
         info!(address = %addr, "serving /healthz and /metrics");
     }
+    if telemetry.stall_allowed() {
+        warn!(
+            "{} is set: the status socket's owner can block the service loop (for tests only)",
+            crate::observe::STALL_ENV
+        );
+    }
     // Telemetry only, on a thread of its own: it never blocks the loop.
     let memory_monitor = {
         let telemetry = telemetry.clone();
@@ -199,7 +205,11 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let mut host = Host::new(sensor, audit).context("failed to set up the supervisor")?;
     host.set_rescan(daemon.rescan);
     host.set_notifier(notifier.clone());
-    host.set_telemetry(telemetry.clone(), queries);
+    // Nobody to read the heartbeat (supervise without a state directory):
+    // the loop does not stamp it.
+    if state.is_some() || daemon.listen.is_some() {
+        host.set_telemetry(telemetry.clone(), queries);
+    }
 
     // What a killed predecessor left running.
     let mut adopt = Vec::new();

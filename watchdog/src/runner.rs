@@ -243,6 +243,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
     let parent = unsafe { libc::getpid() };
     let reset = crate::protect::ChildReset::new(spec.oom_score_adj);
     let outlive = spec.outlive_supervisor;
+    let withheld = withheld();
     // SAFETY: between fork and exec the closure calls only async-signal-safe
     // functions (setpgid, getpid, getppid, write, read, setgroups, setgid,
     // setuid, chdir, prctl, _exit) on values prepared before the fork.
@@ -257,6 +258,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
             #[cfg(target_os = "linux")]
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             libc::close(go_w_fd);
+            close_withheld(&withheld);
             if libc::getppid() != parent {
                 libc::_exit(127);
             }
@@ -328,6 +330,53 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
                 .ok()
                 .and_then(Result::err)
                 .unwrap_or_else(|| io::Error::other("the child did not start")))
+        }
+    }
+}
+
+/// Descriptors no child may hold even for a moment between fork and exec
+/// (-1: a free slot): the instance lock, the status socket, the HTTP
+/// listener. They are close-on-exec, but a child killed before its exec
+/// (its supervisor died) would keep the next instance from taking them.
+static WITHHELD: [std::sync::atomic::AtomicI32; 8] =
+    [const { std::sync::atomic::AtomicI32::new(-1) }; 8];
+
+/// Keeps `fd` from every child started from now on (closed first thing
+/// after fork). For descriptors held until the daemon exits.
+pub fn withhold(fd: std::os::fd::RawFd) {
+    use std::sync::atomic::Ordering;
+    for slot in &WITHHELD {
+        if slot
+            .compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return;
+        }
+    }
+    tracing::debug!(fd, "no slot left to keep a descriptor from children");
+}
+
+/// Undoes [`withhold`] (before `fd` is closed: its number may be reused).
+pub fn release(fd: std::os::fd::RawFd) {
+    use std::sync::atomic::Ordering;
+    for slot in &WITHHELD {
+        let _ = slot.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// The withheld descriptors, read before a fork.
+fn withheld() -> [libc::c_int; 8] {
+    WITHHELD
+        .each_ref()
+        .map(|s| s.load(std::sync::atomic::Ordering::Acquire))
+}
+
+/// Closes the withheld descriptors (async-signal-safe).
+fn close_withheld(fds: &[libc::c_int; 8]) {
+    for &fd in fds {
+        if fd >= 0 {
+            // SAFETY: close on a descriptor number this child inherited.
+            unsafe { libc::close(fd) };
         }
     }
 }
@@ -517,11 +566,13 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
         .unwrap_or_default();
     // Not the supervisor's shield: oom_score_adj 0, nice 0.
     let reset = crate::protect::ChildReset::new(0);
-    // SAFETY: between fork and exec only the reset (documented
+    let withheld = withheld();
+    // SAFETY: between fork and exec only close, the reset (documented
     // async-signal-safe), setgroups, setgid and setuid, on values prepared
     // before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            close_withheld(&withheld);
             reset.apply()?;
             if let Some(user) = &user
                 && (libc::setgroups(groups.len() as _, groups.as_ptr()) != 0

@@ -132,6 +132,12 @@ pub struct PidLock {
     path: PathBuf,
 }
 
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        crate::runner::release(self._file.as_raw_fd());
+    }
+}
+
 impl PidLock {
     /// The lock file.
     pub fn path(&self) -> &Path {
@@ -241,6 +247,7 @@ impl StateDir {
         file.set_len(0)
             .and_then(|()| file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0))
             .map_err(|e| io_err("write this pid into", e))?;
+        crate::runner::withhold(file.as_raw_fd());
         Ok(PidLock { _file: file, path })
     }
 

@@ -25,6 +25,9 @@ pub use options::{Naming, OnMemory, Problem, ServiceOptions, WatchOptions};
 /// Where the daemon looks for its configuration by default.
 pub const DEFAULT_CONFIG: &str = "/etc/watchdog/watchdog.toml";
 pub const DEFAULT_STATE_DIR: &str = "/run/watchdog";
+/// The shortest `health-timeout`: a few of the loop's heartbeats (one a
+/// second), so that a loop that turns is never reported stuck.
+pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/watchdog/audit.jsonl";
 
 /// What to do with the runs a previous instance left alive (it was killed
@@ -317,7 +320,7 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
         ));
     }
     if let Some(addr) = daemon.listen
-        && !addr.ip().is_loopback()
+        && !addr.ip().to_canonical().is_loopback()
         && !daemon.allow_remote
     {
         let (offset, key) = locate_daemon(text, "listen");
@@ -341,6 +344,27 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
             key,
             format!("{addr} has no port: name one, such as 127.0.0.1:9731"),
         ));
+    }
+    for (key, value, least) in [
+        ("health-timeout", daemon.health_timeout, MIN_HEALTH_TIMEOUT),
+        (
+            "host-memory-interval",
+            daemon.host_memory_interval,
+            Duration::from_millis(100),
+        ),
+    ] {
+        if value < least {
+            let (offset, path) = locate_daemon(text, key);
+            return Err(at(
+                offset,
+                path,
+                format!(
+                    "{key} must be at least {} (it is {})",
+                    humantime::format_duration(least),
+                    humantime::format_duration(value)
+                ),
+            ));
+        }
     }
     if let Some(recover) = daemon.host_memory_recover {
         let warn = daemon.host_memory_warn;

@@ -243,6 +243,16 @@ fn listener_and_memory_monitor_settings_are_checked() {
             "must be more than 0",
         ),
         (
+            "[daemon]\nhealth-timeout = \"2s\"\n",
+            "daemon.health-timeout",
+            "must be at least 3s",
+        ),
+        (
+            "[daemon]\nhost-memory-interval = \"10ms\"\n",
+            "daemon.host-memory-interval",
+            "must be at least 100ms",
+        ),
+        (
             "[daemon]\nhost-memory-warn = \"120%\"\n",
             "daemon.host-memory-warn",
             "at most 100",
@@ -278,6 +288,8 @@ fn listener_and_memory_monitor_settings_are_checked() {
         d.host_memory_recover,
         Some(Threshold::Bytes((12u64 << 30) / 20 * 19))
     );
+    let d = ok("[daemon]\nlisten = \"[::ffff:127.0.0.1]:9731\"\n");
+    assert!(d.listen.is_some());
     let d = ok("");
     assert_eq!(d.listen, None);
     assert_eq!(d.health_timeout, Duration::from_secs(30));

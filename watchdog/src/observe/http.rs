@@ -32,9 +32,6 @@ pub(super) async fn serve(telemetry: Arc<Telemetry>, listener: std::net::TcpList
     };
     let connections = Arc::new(Semaphore::new(CONNECTIONS));
     loop {
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -43,6 +40,11 @@ pub(super) async fn serve(telemetry: Arc<Telemetry>, listener: std::net::TcpList
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        // Over the limit: closed at once rather than left in the backlog.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
         };
         let telemetry = telemetry.clone();
         tokio::spawn(async move {

@@ -44,6 +44,10 @@ struct CounterLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabels {
     mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
     version: &'static str,
 }
 
@@ -97,15 +101,21 @@ fn clamp(v: u64) -> i64 {
 pub fn encode(snapshot: &Snapshot, telemetry: &Telemetry) -> String {
     let mut r = Registry::default();
 
+    let build: Family<VersionLabels, Gauge> =
+        family(&mut r, "watchdog_build_info", "The daemon's version");
+    build
+        .get_or_create(&VersionLabels {
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
     let sensor: Family<ModeLabels, Gauge> = family(
         &mut r,
         "watchdog_sensor",
-        "Where memory readings come from (ebpf: the kernel programs; procfs, macos: sampling), and the daemon's version",
+        "Where memory readings come from (ebpf: the kernel programs; procfs, macos: sampling)",
     );
     sensor
         .get_or_create(&ModeLabels {
             mode: snapshot.sensor.clone(),
-            version: env!("CARGO_PKG_VERSION"),
         })
         .set(1);
     let health = &snapshot.health;
@@ -217,7 +227,7 @@ fn services(r: &mut Registry, snapshot: &Snapshot) {
     );
     let crashes: Family<ServiceLabels, Gauge> = family(
         r,
-        "watchdog_service_crashes",
+        "watchdog_service_consecutive_crashes",
         "Crashes in a row (max-crashes gives up)",
     );
     let backoff: Family<ServiceLabels, FloatGauge> = family(
@@ -317,11 +327,11 @@ fn memory(r: &mut Registry, snapshot: &Snapshot) {
         "Memory in use over which a warning is logged",
         m.warn_bytes,
     );
-    gauge(
+    scoped(
         r,
         "watchdog_memory_warning",
         "1 while memory in use is over its warning threshold (and not back under the recovery level)",
-        i64::from(m.warning),
+        u64::from(m.warning),
     );
     gauge(
         r,
@@ -348,9 +358,9 @@ fn memory(r: &mut Registry, snapshot: &Snapshot) {
     if let Some(v) = m.pressure_some_avg10 {
         float_gauge(
             r,
-            "watchdog_memory_pressure_some_avg10",
-            "PSI: share of the last 10 s some task stalled on memory, in percent",
-            v,
+            "watchdog_memory_pressure_some_avg10_ratio",
+            "PSI: share of the last 10 s in which some task stalled on memory",
+            v / 100.0,
         );
     }
 }

@@ -36,6 +36,9 @@ const LOOP_ANSWER: Duration = Duration::from_secs(1);
 /// status socket (`stall MS`). Never set in production.
 pub const STALL_ENV: &str = "WATCHDOG_TEST_STALL_LOOP";
 
+/// The longest stall a test may ask for.
+const STALL_MAX: Duration = Duration::from_secs(30);
+
 /// What the outside asks of the loop.
 #[derive(Debug)]
 pub enum Query {
@@ -205,7 +208,14 @@ impl Telemetry {
     }
 
     fn stall(&self, duration: Duration) -> bool {
-        self.stall_allowed && self.queries.send(Query::Stall(duration)).is_ok()
+        self.stall_allowed
+            && duration <= STALL_MAX
+            && self.queries.send(Query::Stall(duration)).is_ok()
+    }
+
+    /// Whether the test-only stall switch is on (said at start-up).
+    pub fn stall_allowed(&self) -> bool {
+        self.stall_allowed
     }
 }
 
@@ -260,6 +270,8 @@ pub enum ObserveError {
 /// The running observers; they stop when it is dropped (and with the
 /// process).
 pub struct Observers {
+    /// The listeners' descriptors, kept from children.
+    withheld: Vec<std::os::fd::RawFd>,
     socket: Option<PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -272,6 +284,9 @@ impl Drop for Observers {
         }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+        for &fd in &self.withheld {
+            crate::runner::release(fd);
         }
         if let Some(path) = &self.socket {
             let _ = std::fs::remove_file(path);
@@ -291,12 +306,22 @@ pub fn start(telemetry: Arc<Telemetry>, endpoints: &Endpoints) -> Result<Observe
         None => None,
     };
     let socket_path = socket.as_ref().map(|(_, path)| path.clone());
+    use std::os::fd::AsRawFd;
+    let withheld: Vec<std::os::fd::RawFd> = listener
+        .iter()
+        .map(AsRawFd::as_raw_fd)
+        .chain(socket.iter().map(|(s, _)| s.as_raw_fd()))
+        .collect();
+    for &fd in &withheld {
+        crate::runner::withhold(fd);
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("watchdog-status".into())
         .spawn(move || serve(telemetry, listener, socket.map(|(s, _)| s), stopped))
         .map_err(ObserveError::Thread)?;
     Ok(Observers {
+        withheld,
         socket: socket_path,
         stop: Some(stop),
         thread: Some(thread),
@@ -344,6 +369,9 @@ fn serve(
             _ = stopped => {}
         }
     });
+    // A reading stuck on a process in uninterruptible sleep must not hold
+    // the daemon's exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
 }
 
 /// Kernel loss counters as the snapshot reports them.

@@ -57,7 +57,15 @@ pub(super) fn bind(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(fail(e.to_string())),
     }
-    let temporary = state_dir.join(format!(".status.sock.{}", std::process::id()));
+    // Made in the private runs/ directory (mode 0700), so that nobody can
+    // connect before its mode is 0600, whatever the umask.
+    let private = state_dir.join("runs");
+    let temporary = if private.is_dir() {
+        private
+    } else {
+        state_dir.to_owned()
+    }
+    .join(format!(".status.sock.{}", std::process::id()));
     let _ = std::fs::remove_file(&temporary);
     let listener = std::os::unix::net::UnixListener::bind(&temporary)
         .map_err(|e| fail(format!("cannot bind it: {e}")))?;
@@ -81,11 +89,14 @@ pub(super) async fn serve(telemetry: Arc<Telemetry>, listener: std::os::unix::ne
     };
     let clients = Arc::new(Semaphore::new(CLIENTS));
     loop {
-        let Ok(permit) = clients.clone().acquire_owned().await else {
-            return;
-        };
         match listener.accept().await {
             Ok((stream, _)) => {
+                // Over the limit: closed at once rather than left waiting,
+                // so that idle clients cannot hold up the others for long.
+                let Ok(permit) = clients.clone().try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
                 let telemetry = telemetry.clone();
                 tokio::spawn(async move {
                     answer(&telemetry, stream).await;

@@ -100,6 +100,11 @@ pub struct Host {
     crossings: HashMap<GroupId, u64>,
     /// Kernel loss counters reported so far: counter -> total.
     lost: std::collections::BTreeMap<String, u64>,
+    /// The service whose memory drain (or memory signal) was just decided:
+    /// its next signal answers the crossing.
+    memory_signal: Option<usize>,
+    /// The last STATUS= line sent to systemd.
+    last_status: String,
 }
 
 impl Host {
@@ -134,6 +139,8 @@ impl Host {
             queries: None,
             crossings: HashMap::new(),
             lost: Default::default(),
+            memory_signal: None,
+            last_status: String::new(),
         })
     }
 
@@ -176,8 +183,12 @@ impl Host {
         happening
     }
 
-    /// A signal for a crossing went out: how long it took.
-    fn signalled(&mut self, group: Option<GroupId>) {
+    /// A signal went out: when it is the memory signal of a crossing,
+    /// how long after the crossing.
+    fn signalled(&mut self, index: usize, group: Option<GroupId>) {
+        if self.memory_signal.take() != Some(index) {
+            return;
+        }
         if let Some(sensed) = group.and_then(|g| self.crossings.remove(&g))
             && let Some(t) = &self.telemetry
         {
@@ -693,11 +704,11 @@ impl Platform for Host {
             Effect::Signal { pid, group, signal } if service.config().is_watch() => {
                 // SAFETY: a signal to the watched process, as configured.
                 unsafe { libc::kill(pid as libc::pid_t, signal) };
-                self.signalled(group);
+                self.signalled(index, group);
             }
             Effect::Signal { pid, group, signal } => {
                 runner::signal_tree(pid, &self.members(group), signal);
-                self.signalled(group);
+                self.signalled(index, group);
                 if let Some(cgroup) = self.cgroups.get(service.name()) {
                     cgroup.signal(signal);
                 }
@@ -705,6 +716,7 @@ impl Platform for Host {
             Effect::Detach { group } => {
                 self.attached.retain(|_, &mut i| i != index);
                 if let Some(group) = group {
+                    self.crossings.remove(&group);
                     self.sensor.remove_group(group);
                 }
             }
@@ -723,6 +735,7 @@ impl Platform for Host {
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 }
                 if let Some(group) = group {
+                    self.crossings.remove(&group);
                     self.sensor.remove_group(group);
                 }
                 if let Some(cgroup) = self.cgroups.get(service.name()) {
@@ -754,6 +767,11 @@ impl Platform for Host {
                 }
             }
             Effect::Rearm { group } => {
+                // Back under (or acted on without a signal): no signal
+                // answers that crossing any more.
+                if self.memory_signal != Some(index) {
+                    self.crossings.remove(&group);
+                }
                 if let Err(e) = self.sensor.rearm(group) {
                     warn!(service = service.name(), error = %e, "cannot re-arm the memory trigger");
                 }
@@ -803,6 +821,9 @@ impl Platform for Host {
                 ));
             }
             Effect::Audit(line) => {
+                if line.event == Event::DrainStarted && line.charged_bytes.is_some() {
+                    self.memory_signal = Some(index);
+                }
                 self.write(&line);
                 log(&line, service.config().is_watch());
             }
@@ -835,7 +856,11 @@ impl Platform for Host {
             notifier.ready();
         }
         notifier.watchdog_ping();
-        notifier.status(&summary(services.all()));
+        let status = summary(services.all());
+        if status != self.last_status {
+            notifier.status(&status);
+            self.last_status = status;
+        }
     }
 
     fn snapshot(&self, services: &Services) -> crate::status::Snapshot {

@@ -838,7 +838,11 @@ impl Service {
             let group = self.run.and_then(|r| r.group);
             match action {
                 Action::Spawn => {
-                    if let Some(cause) = self.policy.last_cause() {
+                    // A watch target found again is not a restart: the
+                    // daemon started nothing.
+                    if !self.cfg.is_watch()
+                        && let Some(cause) = self.policy.last_cause()
+                    {
                         *self.restarts.entry(cause.as_str()).or_default() += 1;
                     }
                     effects.push(Effect::Spawn);
@@ -1090,6 +1094,9 @@ pub struct Services {
     /// Services waiting for their predecessor of the same name to finish
     /// draining: successor index -> predecessor index.
     waiting: HashMap<usize, usize>,
+    /// The names in the configuration (after the last reload); `None`:
+    /// every name ever run.
+    configured: Option<std::collections::HashSet<String>>,
 }
 
 impl Services {
@@ -1098,6 +1105,7 @@ impl Services {
             list: configs.into_iter().map(Service::new).collect(),
             keep_trying: false,
             waiting: HashMap::new(),
+            configured: None,
         }
     }
 
@@ -1125,15 +1133,30 @@ impl Services {
         &self.list
     }
 
-    /// The service that is current for each name (the latest of a name).
+    /// The service that is current for each name in the configuration, in
+    /// the order the names first appeared: the latest of a name, or, while
+    /// that one waits for its predecessor to drain, the predecessor. A
+    /// service removed by a reload is current until it has drained.
     pub fn current(&self) -> impl Iterator<Item = &Service> {
         let mut latest: HashMap<&str, usize> = HashMap::new();
+        let mut first: HashMap<&str, usize> = HashMap::new();
         for (i, s) in self.list.iter().enumerate() {
             latest.insert(s.name(), i);
+            first.entry(s.name()).or_insert(i);
         }
-        let mut indices: Vec<usize> = latest.into_values().collect();
-        indices.sort_unstable();
-        indices.into_iter().map(|i| &self.list[i])
+        let mut shown: Vec<(usize, usize)> = latest
+            .into_iter()
+            .filter(|&(name, i)| {
+                let s = &self.list[i];
+                self.configured
+                    .as_ref()
+                    .is_none_or(|names| names.contains(name))
+                    || !s.finished()
+            })
+            .map(|(name, i)| (first[name], *self.waiting.get(&i).unwrap_or(&i)))
+            .collect();
+        shown.sort_unstable();
+        shown.into_iter().map(|(_, i)| &self.list[i])
     }
 
     /// Has the service `name` take over `pid`, running for `age` already,
@@ -1238,6 +1261,8 @@ pub async fn drive<P: Platform>(
                 let list = &mut services.list;
                 match happening {
                     Happening::Failed(error) => return Err(DriveError(error)),
+                    // Asked and given up on (the loop was late): no work.
+                    Happening::Snapshot(reply) if reply.is_closed() => {}
                     Happening::Snapshot(reply) => {
                         let _ = reply.send(platform.snapshot(services));
                     }
@@ -1270,6 +1295,7 @@ fn reload<P: Platform>(
     now: Instant,
 ) {
     let names: std::collections::HashSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+    services.configured = Some(names.clone());
     // Removed: drained, not replaced.
     for index in 0..services.list.len() {
         let service = &services.list[index];
@@ -1321,7 +1347,15 @@ fn reload<P: Platform>(
                     }
                 });
                 tracing::info!(service = %name, "added: starting it");
+                // A name that ran before keeps its counts.
+                let restarts = services
+                    .list
+                    .iter()
+                    .rfind(|s| s.name() == name)
+                    .map(|s| s.restarts.clone())
+                    .unwrap_or_default();
                 let index = services.push(config);
+                services.list[index].restarts = restarts;
                 let pred = services
                     .list
                     .iter()

@@ -232,8 +232,7 @@ async fn run_until(
     });
     let mut services = super::Services {
         list: services,
-        keep_trying: false,
-        waiting: HashMap::new(),
+        ..Default::default()
     };
     drive(&mut services, &mut platform, &mut controls, true)
         .await
@@ -1096,4 +1095,50 @@ async fn a_changed_service_keeps_its_restart_counts() {
         .collect();
     assert_eq!(current.len(), 1);
     assert_eq!(current[0].restarts.get("crash"), Some(&3));
+}
+
+/// What status reports after reloads (asked of the running loop): a
+/// removed service until it has drained, then not at all; a changed one as
+/// its draining predecessor until the new one starts; names in the order
+/// they first appeared.
+#[tokio::test(start_paused = true)]
+async fn status_lists_what_the_configuration_runs() {
+    use crate::status::State::{Draining, Running};
+    let (mut platform, _seen, inject) = Scripted::new(Behaviour {
+        ignores_term: true,
+        ..Behaviour::default()
+    });
+    let grace = |c: &mut Config| c.shutdown_grace = Duration::from_secs(5);
+    let mut services = Services::new(vec![named("a", grace), named("b", grace)]);
+    let (control, mut controls) = mpsc::unbounded_channel();
+    tokio::spawn(async move { drive(&mut services, &mut platform, &mut controls, false).await });
+    let ask = || async {
+        let (tx, rx) = oneshot::channel();
+        inject.send(Happening::Snapshot(tx)).unwrap();
+        let snapshot = rx.await.unwrap();
+        snapshot
+            .services
+            .into_iter()
+            .map(|s| (s.name, s.state))
+            .collect::<Vec<_>>()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ask().await, [("a".into(), Running), ("b".into(), Running)]);
+    // b removed, a changed: both drain (they ignore SIGTERM for 5 s).
+    control
+        .send(Control::Reload {
+            services: Some(vec![named("a", |c| {
+                grace(c);
+                c.max_crashes = 9;
+            })]),
+            done: None,
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        ask().await,
+        [("a".into(), Draining), ("b".into(), Draining)]
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(ask().await, [("a".into(), Running)]);
 }
