@@ -834,6 +834,28 @@ fn healthz_fails_while_the_loop_is_blocked() {
     assert_eq!(body["services"][0]["name"], "steady", "{body}");
     assert_eq!(body["services"][0]["state"], "running", "{body}");
 
+    // Idle clients (a hung script, a slow scraper) do not hold up the
+    // others: well past the old limits of 64 and 16 connections.
+    let idle_tcp: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let idle_unix: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .map(|_| {
+            std::os::unix::net::UnixStream::connect(daemon.state().join("status.sock")).unwrap()
+        })
+        .collect();
+    let asked = Instant::now();
+    assert_eq!(health().map(|(code, _)| code), Some(200));
+    let state_arg = daemon.state().to_str().unwrap().to_owned();
+    let (code, out) = status_command(&["status", "--state-dir", &state_arg]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "idle clients held up /healthz and status for {:?}",
+        asked.elapsed()
+    );
+    drop((idle_tcp, idle_unix));
+
     assert!(ask(&daemon.state(), "stall 9000\n").contains("stalling"));
     wait_until("/healthz 503", Duration::from_secs(6), || {
         health().is_some_and(|(code, _)| code == 503)
@@ -849,7 +871,10 @@ fn healthz_fails_while_the_loop_is_blocked() {
     // status` says so with exit 3.
     let status: Value = serde_json::from_str(&ask(&daemon.state(), "status\n")).unwrap();
     assert_eq!(status["health"]["ok"], false, "{status}");
-    let state_arg = daemon.state().to_str().unwrap().to_owned();
+    assert!(
+        status["services"][0]["charged_bytes"].as_u64().is_some(),
+        "no memory read while the loop is stuck: {status}"
+    );
     let (code, out) = status_command(&["status", "--state-dir", &state_arg]);
     assert_eq!(code, Some(3), "{out}");
     assert!(out.contains("has not turned"), "{out}");

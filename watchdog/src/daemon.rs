@@ -133,9 +133,17 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
             listen: daemon.listen,
         },
     )
-    .context("cannot serve the daemon's status")?;
-    if let Some(addr) = daemon.listen {
-        info!(address = %addr, "serving /healthz and /metrics");
+    .map_err(|e| match e {
+        crate::observe::ObserveError::Socket { .. } => CliError::Usage(e.to_string()),
+        e => CliError::Failed(e.into()),
+    })?;
+    match daemon.listen {
+        Some(addr) if !addr.ip().to_canonical().is_loopback() => warn!(
+            address = %addr,
+            "serving /healthz and /metrics where other hosts can reach them (allow-remote = true)"
+        ),
+        Some(addr) => info!(address = %addr, "serving /healthz and /metrics"),
+        None => {}
     }
     if telemetry.stall_allowed() {
         warn!(

@@ -42,8 +42,8 @@ pub struct Snapshot {
 pub struct Health {
     /// The heartbeat is fresh and the sensor works.
     pub ok: bool,
-    /// Why not, when not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Why not, when not (`null` when healthy).
+    #[serde(default)]
     pub problem: Option<String>,
     /// Time since the loop's own timer last stamped its heartbeat.
     pub heartbeat_age_ms: u64,

@@ -366,6 +366,35 @@ pub fn parse(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
             ));
         }
     }
+    let socket = daemon.state_dir.join(crate::status::SOCKET);
+    if socket.as_os_str().len() > 107 {
+        let (offset, key) = locate_daemon(text, "state-dir");
+        return Err(at(
+            offset,
+            key,
+            format!(
+                "the status socket {} would be {} bytes long, and a Unix socket's path is at \
+                 most 107: use a shorter state-dir",
+                socket.display(),
+                socket.as_os_str().len()
+            ),
+        ));
+    }
+    for (key, level) in [
+        ("host-memory-warn", Some(daemon.host_memory_warn)),
+        ("host-memory-recover", daemon.host_memory_recover),
+    ] {
+        if let Some(Threshold::Bytes(b)) = level
+            && b < 1 << 20
+        {
+            let (offset, path) = locate_daemon(text, key);
+            return Err(at(
+                offset,
+                path,
+                format!("{key} must be at least 1MiB (or a share, such as \"90%\")"),
+            ));
+        }
+    }
     if let Some(recover) = daemon.host_memory_recover {
         let warn = daemon.host_memory_warn;
         let problem = match (warn, recover) {

@@ -253,6 +253,16 @@ fn listener_and_memory_monitor_settings_are_checked() {
             "must be at least 100ms",
         ),
         (
+            "[daemon]\nhost-memory-warn = \"1B\"\n",
+            "daemon.host-memory-warn",
+            "at least 1MiB",
+        ),
+        (
+            "[daemon]\nstate-dir = \"/tmp/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n",
+            "daemon.state-dir",
+            "use a shorter state-dir",
+        ),
+        (
             "[daemon]\nhost-memory-warn = \"120%\"\n",
             "daemon.host-memory-warn",
             "at most 100",

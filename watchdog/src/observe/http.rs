@@ -15,10 +15,11 @@ use tokio::{net::TcpListener, sync::Semaphore};
 
 use super::{Telemetry, metrics};
 
-/// Connections served at once; more wait to be accepted.
-const CONNECTIONS: usize = 64;
-/// A client that has not sent its request headers by then is dropped.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are closed at once.
+const CONNECTIONS: usize = 512;
+/// A client that has not sent its request headers by then is dropped (an
+/// idle keep-alive connection too).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// No connection lives longer than this.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -91,7 +92,13 @@ async fn route(telemetry: &Telemetry, request: &Request<Incoming>) -> Response<F
         response
     };
     if *request.method() == Method::HEAD {
-        *response.body_mut() = Full::new(Bytes::new());
+        let length = http_body_util::BodyExt::collect(std::mem::take(response.body_mut()))
+            .await
+            .map(|b| b.to_bytes().len())
+            .unwrap_or(0);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     response
 }

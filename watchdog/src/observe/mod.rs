@@ -190,9 +190,9 @@ impl Telemetry {
         } else {
             None
         };
-        let Some(mut snapshot) = answer else {
-            return self.last();
-        };
+        // The loop is late: its last snapshot, with memory read now all
+        // the same.
+        let mut snapshot = answer.unwrap_or_else(|| lock(&self.published).clone());
         let read = tokio::task::spawn_blocking(move || {
             read_memory(&mut snapshot);
             snapshot

@@ -18,10 +18,10 @@ use tokio::{
 
 use super::{ObserveError, Telemetry};
 
-/// A client that sends nothing this long is dropped.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Clients served at once; more wait to be accepted.
-const CLIENTS: usize = 16;
+/// A client that sends no request this long is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Clients served at once; more are closed at once.
+const CLIENTS: usize = 128;
 /// The longest request line.
 const REQUEST_MAX: u64 = 256;
 
@@ -119,7 +119,7 @@ async fn answer(telemetry: &Telemetry, stream: UnixStream) {
     let reply = match request {
         Ok(Ok(_)) => respond(telemetry, line.trim()).await,
         Ok(Err(e)) => error(&format!("cannot read the request: {e}")),
-        Err(_) => error("no request within 5 s"),
+        Err(_) => error("no whole request line within 2 s"),
     };
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let _ = write.write_all(reply.as_bytes()).await;
