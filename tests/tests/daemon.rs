@@ -871,6 +871,7 @@ fn healthz_fails_while_the_loop_is_blocked() {
     // status` says so with exit 3.
     let status: Value = serde_json::from_str(&ask(&daemon.state(), "status\n")).unwrap();
     assert_eq!(status["health"]["ok"], false, "{status}");
+    assert_eq!(status["stale"], true, "{status}");
     assert!(
         status["services"][0]["charged_bytes"].as_u64().is_some(),
         "no memory read while the loop is stuck: {status}"
@@ -1026,6 +1027,7 @@ fn metrics_and_status_after_a_drain() {
         let status: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(status["pid"], daemon.child.id(), "{status}");
         assert_eq!(status["sensor"], mode_name(sensor));
+        assert_eq!(status["stale"], false, "{status}");
         let services = status["services"].as_array().unwrap();
         let by_name = |name: &str| services.iter().find(|s| s["name"] == name).unwrap();
         assert_eq!(by_name("steady")["pid"], steady, "{status}");

@@ -35,6 +35,11 @@ pub struct Snapshot {
     pub memory: Option<HostMemory>,
     /// Services and watch targets, in configuration order.
     pub services: Vec<ServiceStatus>,
+    /// The service loop did not answer in time: the services are as of its
+    /// last heartbeat (`health.heartbeat_age_ms` ago), their memory read
+    /// now.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// Whether the loop turns.

@@ -266,6 +266,15 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
         *last = format!("{head}{}", paint.paint(verdict, style));
     }
     lines.extend(header);
+    if snapshot.stale {
+        let note = format!(
+            "the service loop did not answer within 1 s: services as of its last heartbeat, {} ago",
+            human_ms(health.heartbeat_age_ms)
+        );
+        for line in wrap(&note, WIDTH) {
+            lines.push(paint.paint(&line, YELLOW));
+        }
+    }
     if let Some(memory) = &snapshot.memory {
         lines.extend(memory_line(memory, paint));
     }
@@ -725,6 +734,7 @@ mod tests {
             services: vec![
                 leaky, session, steady, draining, backoff, gave_up, unlimited, stopped, waiting,
             ],
+            stale: false,
         }
     }
 
@@ -1042,5 +1052,18 @@ mod tests {
         let long = PathBuf::from("/".to_owned() + &"d".repeat(120)).join(status::SOCKET);
         let too_long = message(query(&long, TIMEOUT).await);
         assert!(too_long.starts_with("usage: the socket path"), "{too_long}");
+    }
+
+    /// A loop that did not answer is said, under the header.
+    #[test]
+    fn a_stale_snapshot_is_said() {
+        let mut snapshot = sample();
+        snapshot.health.heartbeat_age_ms = 4_200;
+        snapshot.stale = true;
+        let text = render(&snapshot, false);
+        assert!(text.contains("did not answer within 1 s"), "{text}");
+        assert_fits(&text);
+        snapshot.stale = false;
+        assert!(!render(&snapshot, false).contains("did not answer"));
     }
 }

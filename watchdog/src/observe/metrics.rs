@@ -125,6 +125,12 @@ pub fn encode(snapshot: &Snapshot, telemetry: &Telemetry) -> String {
         "1 while the service loop's heartbeat is fresh and the sensor works",
         i64::from(health.ok),
     );
+    gauge(
+        &mut r,
+        "watchdog_snapshot_stale",
+        "1 when the service loop did not answer this scrape within 1 s (services as of its last heartbeat)",
+        i64::from(snapshot.stale),
+    );
     float_gauge(
         &mut r,
         "watchdog_loop_heartbeat_age_seconds",

@@ -163,7 +163,10 @@ impl Telemetry {
     /// The last published snapshot, with health and memory as they are now
     /// (charged memory as of its publication: not read again).
     pub fn last(&self) -> Snapshot {
-        let mut snapshot = lock(&self.published).clone();
+        let mut snapshot = Snapshot {
+            stale: true,
+            ..lock(&self.published).clone()
+        };
         self.complete(&mut snapshot);
         snapshot
     }
@@ -192,7 +195,10 @@ impl Telemetry {
         };
         // The loop is late: its last snapshot, with memory read now all
         // the same.
-        let mut snapshot = answer.unwrap_or_else(|| lock(&self.published).clone());
+        let mut snapshot = answer.unwrap_or_else(|| Snapshot {
+            stale: true,
+            ..lock(&self.published).clone()
+        });
         let read = tokio::task::spawn_blocking(move || {
             read_memory(&mut snapshot);
             snapshot
@@ -434,6 +440,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let snapshot = telemetry.current().await;
         assert_eq!(snapshot.sensor, "procfs");
+        assert!(snapshot.stale);
         assert_eq!(started.elapsed(), LOOP_ANSWER);
     }
 }
