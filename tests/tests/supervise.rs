@@ -1075,3 +1075,62 @@ fn lost_kernel_events_are_in_the_audit_log() {
     assert!(lost["total"].as_u64().unwrap() >= lost["count"].as_u64().unwrap());
     assert!(sv.stop().success());
 }
+
+/// A failure inside the kernel programs (here a read made to fail, in the
+/// exec program) is counted and reported in the audit log as
+/// `events_lost` with counter `read_failed`; its message reaches the log
+/// through aya-log only when the daemon logs at debug.
+#[test]
+fn kernel_program_failures_are_counted_and_logged_at_debug() {
+    if !privileged("kernel_program_failures_are_counted_and_logged_at_debug") {
+        return;
+    }
+    for debug in [true, false] {
+        let dir = TempDir::new("kfault");
+        let log = dir.path().join("audit.jsonl");
+        let err = dir.path().join("stderr");
+        let filter = if debug {
+            "info,watchdog::kernel=debug"
+        } else {
+            "info"
+        };
+        let mut child = Command::new(watchdog_bin())
+            .args(["supervise", "--sensor", "ebpf", "--max-rss", "512MiB"])
+            .arg("--audit-log")
+            .arg(&log)
+            .arg("--")
+            .arg(HELPER)
+            .args(["exec", "sleep", "60000"])
+            .env("WATCHDOG_LOG", filter)
+            .env("WATCHDOG_TEST_FAULT_EXEC", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let read_failed = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["event"] == "events_lost" && l["counter"] == "read_failed")
+        };
+        wait_until(
+            "an events_lost line for read_failed",
+            Duration::from_secs(30),
+            || read_failed().is_some(),
+        );
+        let line = read_failed().unwrap();
+        assert!(line["count"].as_u64() >= Some(1), "{line}");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        let stderr = std::fs::read_to_string(&err).unwrap();
+        let message = "kernel program: sched_process_exec: reading the new mm of";
+        assert_eq!(
+            stderr.contains(message),
+            debug,
+            "debug {debug}: the kernel's message {}:\n{stderr}",
+            if debug { "is missing" } else { "came out" }
+        );
+    }
+}

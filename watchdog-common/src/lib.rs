@@ -198,8 +198,11 @@ pub mod counter {
     pub const RINGBUF_FULL: u32 = 0;
     /// New processes of a watched tree that did not fit in `WATCHED`.
     pub const WATCH_TABLE_FULL: u32 = 1;
+    /// Reads of kernel structures that failed (an unexpected layout): the
+    /// event or the update they were for was dropped.
+    pub const READ_FAILED: u32 = 2;
     /// Number of counters.
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Capacity of the `EXIT_SEEN` map: processes whose exit the legacy exit

@@ -10,6 +10,13 @@
 //!
 //! Kernel struct offsets come from userspace (resolved from the running
 //! kernel's BTF) in the read-only global `OFFSETS`.
+//!
+//! A failure of a program (a kernel read that fails on an unexpected
+//! layout) is counted in `COUNTERS` (`READ_FAILED`), which the daemon
+//! reports like its other losses, and logged through aya-log when the
+//! daemon logs at debug: the loader sets the read-only `AYA_LOG_LEVEL` to 0
+//! otherwise, so the verifier drops the logging code and the failure path
+//! costs a counter increment.
 #![no_std]
 #![no_main]
 // The BPF target has no atomic types with read-modify-write methods (it
@@ -28,12 +35,22 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
+use aya_log_ebpf::error;
 use watchdog_common::{
     COMM_LEN, EVENT_CHANGED, EVENT_CROSSING, EVENT_EXIT, EVENT_FORK, EVENT_OOM_VICTIM,
     EVENT_REARMED, Event, GRANULE_PAGES, GROUP_ARMED, GROUP_DISARMED, GROUP_WAIT_BELOW,
     GroupCounters, GroupLimits, KernelOffsets, MAX_EXITING, MAX_GROUPS, MAX_WATCHED, RINGBUF_BYTES,
     SIGNAL_GROUP_EXIT, WATCH_SHARED_MM, Watch, charged_pages, counter, group_slot,
 };
+
+/// A failure of a program: counted (`READ_FAILED`), and logged when the
+/// daemon logs at debug (see the crate's documentation).
+macro_rules! failed {
+    ($ctx:expr, $($message:tt)+) => {{
+        count(counter::READ_FAILED);
+        error!($ctx, $($message)+);
+    }};
+}
 
 /// Watched processes, keyed by tgid.
 #[map]
@@ -125,6 +142,12 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     page_shift: 12,
 });
 
+/// Non-zero: sched_process_exec fails as if the new mm could not be read
+/// (tests of the failure path only; read-only, so the verifier drops the
+/// branch when it is 0).
+#[unsafe(no_mangle)]
+static FAULT_EXEC: Global<u32> = Global::new(0);
+
 /// Non-zero: report the exit of every process on the host (`audit --all`).
 #[unsafe(no_mangle)]
 static WATCH_ALL: Global<u32> = Global::new(0);
@@ -138,10 +161,17 @@ pub fn sched_process_exit(ctx: RawTracePointContext) -> i32 {
     };
     let task: *const u8 = ctx.arg(0);
     let group_dead: u64 = ctx.arg(1);
-    if group_dead != 0 {
+    if group_dead != 0
         // group_dead is true in exactly one thread: the one whose
         // atomic_dec_and_test(&signal->live) reached 0 (kernel/exit.c).
-        let _ = report_exit(tgid, task, watch, Once::Already);
+        && let Err(e) = report_exit(tgid, task, watch, Once::Already)
+    {
+        failed!(
+            &ctx,
+            "sched_process_exit: reading the task of {} failed: {}",
+            tgid,
+            e
+        );
     }
     0
 }
@@ -161,14 +191,32 @@ pub fn sched_process_exit_legacy(ctx: RawTracePointContext) -> i32 {
     };
     let task: *const u8 = ctx.arg(0);
     let off = OFFSETS.load();
-    let live = read::<i32>(task, off.task_signal, off.signal_live).unwrap_or(1);
+    let live = match read::<i32>(task, off.task_signal, off.signal_live) {
+        Ok(live) => live,
+        Err(e) => {
+            failed!(
+                &ctx,
+                "sched_process_exit: reading signal->live of {} failed: {}",
+                tgid,
+                e
+            );
+            return 0;
+        }
+    };
     if live == 0 {
         let once = if WATCH_ALL.load() != 0 {
             Once::FirstSeen
         } else {
             Once::EntryRemoved
         };
-        let _ = report_exit(tgid, task, watch, once);
+        if let Err(e) = report_exit(tgid, task, watch, once) {
+            failed!(
+                &ctx,
+                "sched_process_exit: reading the task of {} failed: {}",
+                tgid,
+                e
+            );
+        }
     }
     0
 }
@@ -227,7 +275,14 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let child: *const u8 = ctx.arg(1);
-    let _ = track_fork(parent, child, watch);
+    if let Err(e) = track_fork(parent, child, watch) {
+        failed!(
+            &ctx,
+            "sched_process_fork: reading the child of {} failed: {}",
+            parent,
+            e
+        );
+    }
     0
 }
 
@@ -402,8 +457,11 @@ fn report_exit(tgid: u32, task: *const u8, watch: Watch, once: Once) -> Result<(
 pub fn mark_victim(ctx: RawTracePointContext) -> i32 {
     let task: *const u8 = ctx.arg(0);
     let off = OFFSETS.load();
-    if let Ok(tgid) = read_field::<u32>(task, off.task_tgid) {
-        report_oom_victim(tgid);
+    match read_field::<u32>(task, off.task_tgid) {
+        Ok(tgid) => report_oom_victim(tgid),
+        Err(e) => {
+            failed!(&ctx, "mark_victim: reading the victim's tgid failed: {}", e);
+        }
     }
     0
 }
@@ -436,7 +494,14 @@ pub fn rss_stat(ctx: RawTracePointContext) -> i32 {
     if !maybe_watched(tgid) {
         return 0;
     }
-    let _ = on_rss_stat::<false>(ctx.arg(0), ctx.arg::<u64>(1) as u32, tgid);
+    if let Err(e) = on_rss_stat::<false>(ctx.arg(0), ctx.arg::<u64>(1) as u32, tgid) {
+        failed!(
+            &ctx,
+            "rss_stat: reading the counters of {} failed: {}",
+            tgid,
+            e
+        );
+    }
     0
 }
 
@@ -449,7 +514,14 @@ pub fn rss_stat_btf(ctx: BtfTracePointContext) -> i32 {
     if !maybe_watched(tgid) {
         return 0;
     }
-    let _ = on_rss_stat::<true>(ctx.arg(0), ctx.arg::<u64>(1) as u32, tgid);
+    if let Err(e) = on_rss_stat::<true>(ctx.arg(0), ctx.arg::<u64>(1) as u32, tgid) {
+        failed!(
+            &ctx,
+            "rss_stat (BTF): reading the counters of {} failed: {}",
+            tgid,
+            e
+        );
+    }
     0
 }
 
@@ -457,7 +529,7 @@ pub fn rss_stat_btf(ctx: BtfTracePointContext) -> i32 {
 /// linux_binprm *bprm)`, after the new mm is in place: the process's
 /// contribution becomes that of its new address space.
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
-pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
+pub fn sched_process_exec(ctx: RawTracePointContext) -> i32 {
     let tgid = current_tgid();
     if !maybe_watched(tgid) {
         return 0;
@@ -466,8 +538,18 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let off = OFFSETS.load();
-    if let Ok(mm) = current_mm(&off) {
-        let _ = recharge(entry, tgid, mm, &off);
+    let mm = if FAULT_EXEC.load() != 0 {
+        Err(-14)
+    } else {
+        current_mm(&off)
+    };
+    if let Err(e) = mm.and_then(|mm| recharge(entry, tgid, mm, &off)) {
+        failed!(
+            &ctx,
+            "sched_process_exec: reading the new mm of {} failed: {}",
+            tgid,
+            e
+        );
     }
     0
 }

@@ -215,6 +215,7 @@ mod linux {
             exits = writer.exits,
             ringbuf_full = losses.ringbuf_full,
             watch_table_full = losses.watch_table_full,
+            read_failed = losses.read_failed,
             lines_lost = writer.sink.lost(),
             "stopped"
         );
@@ -258,6 +259,7 @@ mod linux {
                     self.losses.watch_table_full,
                     now.watch_table_full,
                 ),
+                ("read_failed", self.losses.read_failed, now.read_failed),
             ];
             self.losses = now;
             for (counter, before, total) in counters {
@@ -270,10 +272,16 @@ mod linux {
                         lost = count,
                         total, "the kernel event buffer was full: exit events were lost"
                     ),
-                    _ => warn!(
+                    "watch_table_full" => warn!(
                         untracked = count,
                         total,
                         "the watch table was full: new processes of the watched tree are not tracked"
+                    ),
+                    _ => warn!(
+                        failed = count,
+                        total,
+                        "the kernel programs could not read a kernel structure: events were dropped \
+                         (run with WATCHDOG_LOG=debug for their messages)"
                     ),
                 }
                 let line = EventsLostLine {

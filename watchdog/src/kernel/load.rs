@@ -122,6 +122,66 @@ fn force_legacy_exit() -> bool {
     forced
 }
 
+/// `WATCHDOG_TEST_FAULT_EXEC=1`: the exec program fails its read, to test
+/// how the programs' failures are reported. Never set in production.
+fn fault_exec() -> u32 {
+    u32::from(std::env::var_os("WATCHDOG_TEST_FAULT_EXEC").is_some_and(|v| v == "1"))
+}
+
+/// Every level of the kernel programs' messages (aya-log's trace, 5).
+const KERNEL_LOG_ALL: u8 = 5;
+
+/// Hands the kernel programs' messages to the daemon's log, from a task of
+/// the runtime (they are rare: failures only).
+fn forward_kernel_log(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init_with_logger(ebpf, KernelLog) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::debug!(error = %e, "the kernel programs' messages cannot be read");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's descriptor for its whole
+    // life and always reports the same one; the AsyncFd owns the logger.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut logger = match registered {
+        Ok(logger) => logger,
+        Err(e) => {
+            let (_, error) = e.into_parts();
+            tracing::debug!(error = %error, "the kernel programs' messages cannot be read");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// A `log::Log` that passes the kernel programs' records to tracing.
+struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let message = record.args();
+        match record.level() {
+            log::Level::Error | log::Level::Warn => {
+                tracing::warn!(target: "watchdog::kernel", "kernel program: {message}");
+            }
+            _ => tracing::debug!(target: "watchdog::kernel", "kernel program: {message}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 /// What to watch from the start.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProbeOptions {
@@ -141,12 +201,25 @@ impl Probes {
 
         let layout = KernelLayout::resolve(&Btf::from_kernel()?)?;
         let watch_all = u32::from(options.watch_all);
+        // The programs' own messages only when the daemon logs at debug:
+        // a read-only level of 0 lets the verifier drop their logging code.
+        let log_level: u8 = if tracing::enabled!(target: "watchdog::kernel", tracing::Level::DEBUG)
+        {
+            KERNEL_LOG_ALL
+        } else {
+            0
+        };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("WATCH_FILTER", pid_max().div_ceil(8))
             .override_global("OFFSETS", &layout.offsets, true)
             .override_global("WATCH_ALL", &watch_all, true)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .override_global("FAULT_EXEC", &fault_exec(), true)
             .load(object)
             .map_err(|e| LoadError::kernel("load the kernel programs", e))?;
+        if log_level > 0 {
+            forward_kernel_log(&mut ebpf);
+        }
 
         // Maps first: the programs write to them as soon as they attach.
         let watched = take_map(&mut ebpf, "WATCHED", HashMap::try_from)?;

@@ -58,14 +58,19 @@ pub struct Losses {
     pub ringbuf_full: u64,
     /// New processes of watched trees that the watch table had no room for.
     pub watch_table_full: u64,
+    /// Reads of kernel structures that failed in the programs (an
+    /// unexpected layout): the event or update they were for was dropped.
+    pub read_failed: u64,
 }
 
 impl Losses {
-    /// Each counter with its name (`ringbuf_full`, `watch_table_full`).
-    pub fn named(&self) -> [(&'static str, u64); 2] {
+    /// Each counter with its name (`ringbuf_full`, `watch_table_full`,
+    /// `read_failed`).
+    pub fn named(&self) -> [(&'static str, u64); 3] {
         [
             ("ringbuf_full", self.ringbuf_full),
             ("watch_table_full", self.watch_table_full),
+            ("read_failed", self.read_failed),
         ]
     }
 }
@@ -115,6 +120,7 @@ impl Probes {
         Losses {
             ringbuf_full: read(counter::RINGBUF_FULL),
             watch_table_full: read(counter::WATCH_TABLE_FULL),
+            read_failed: read(counter::READ_FAILED),
         }
     }
 

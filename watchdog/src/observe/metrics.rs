@@ -161,7 +161,7 @@ pub fn encode(snapshot: &Snapshot, telemetry: &Telemetry) -> String {
         "watchdog_kernel_events_lost",
         "Events the kernel programs could not deliver or track, by counter",
     );
-    for counter_name in ["ringbuf_full", "watch_table_full"] {
+    for counter_name in ["ringbuf_full", "watch_table_full", "read_failed"] {
         drop(lost.get_or_create(&CounterLabels {
             counter: counter_name.to_owned(),
         }));

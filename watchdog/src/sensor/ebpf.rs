@@ -21,6 +21,8 @@ const RECHECK_MAX: Duration = Duration::from_millis(1280);
 /// The loss counters are read after the ring buffer drains, at most this
 /// often.
 const LOSS_CHECK: Duration = Duration::from_secs(1);
+/// How often the loss counters are read when no event prompts it.
+const LOSS_POLL: Duration = Duration::from_secs(5);
 
 /// How often a group whose processes share pages copy-on-write is read
 /// exactly. A forked child is charged by the kernel programs only its
@@ -246,7 +248,13 @@ impl EbpfSensor {
                     let shared = g.shared_check.map(|at| (at, Wake::SharedCheck(id)));
                     recheck.into_iter().chain(shared)
                 })
-                .chain(self.loss_check_due.map(|at| (at, Wake::Losses)))
+                // Failures inside the programs may come with no event at
+                // all: the counters are also looked at now and then.
+                .chain(std::iter::once((
+                    self.loss_check_due
+                        .unwrap_or(self.last_loss_check + LOSS_POLL),
+                    Wake::Losses,
+                )))
                 .min();
             let event = match wake {
                 Some((at, what)) => {
