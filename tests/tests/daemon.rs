@@ -1101,3 +1101,105 @@ fn a_remote_listener_needs_allow_remote() {
     );
     assert!(!dir.path().join("state").exists(), "it started anyway");
 }
+
+/// The daemon names the form of each kernel program in one info line at
+/// start-up, and `watchdog status` reports the same forms; the exit
+/// program forced to its pre-6.16 form is reported as such, with why.
+#[test]
+fn the_kernel_program_forms_are_told() {
+    if !privileged("the_kernel_program_forms_are_told") {
+        return;
+    }
+    // What `watchdog version --verbose` finds by loading the programs.
+    let (code, version) = status_command(&["version", "--verbose"]);
+    assert_eq!(code, Some(0), "{version}");
+    let expected = version
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel programs: "))
+        .unwrap_or_else(|| panic!("no forms in version --verbose: {version}"))
+        .to_owned();
+    for forced in [false, true] {
+        let dir = TempDir::new("forms");
+        let config = dir.path().join("watchdog.toml");
+        std::fs::write(
+            &config,
+            daemon_section(dir.path(), "ebpf")
+                + &service("steady", "sleep 60000", "max-rss = \"64MiB\""),
+        )
+        .unwrap();
+        let stderr = dir.path().join("stderr.log");
+        let env: &[(&str, &str)] = if forced {
+            &[("WATCHDOG_FORCE_LEGACY_EXIT", "1")]
+        } else {
+            &[]
+        };
+        let child = Command::new(watchdog_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("WATCHDOG_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon { child, dir, config };
+        daemon.started("steady", Duration::from_secs(10));
+        let log = std::fs::read_to_string(&stderr).unwrap();
+        let told: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("kernel programs attached"))
+            .collect();
+        assert_eq!(told.len(), 1, "one line names the forms: {log}");
+        let line = told[0];
+        assert!(line.contains(" INFO "), "{line}");
+        let forms = line
+            .split_once("kernel programs attached: ")
+            .unwrap()
+            .1
+            .trim_end();
+        for program in ["rss_stat=", "sched_process_exit=", "mark_victim="] {
+            assert!(forms.contains(program), "{program} in {line}");
+        }
+        if forced {
+            assert!(
+                forms
+                    .contains("sched_process_exit=legacy (forced by WATCHDOG_FORCE_LEGACY_EXIT=1)"),
+                "{line}"
+            );
+        } else {
+            assert_eq!(forms, expected, "the daemon and version --verbose agree");
+        }
+
+        let state = daemon.state().display().to_string();
+        let (code, out) = status_command(&["status", "--state-dir", &state, "--json"]);
+        assert_eq!(code, Some(0), "{out}");
+        let status: Value = serde_json::from_str(&out).unwrap();
+        let programs = status["kernel_programs"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no kernel_programs: {status}"));
+        let from_status = ["rss_stat", "sched_process_exit", "mark_victim"]
+            .map(|p| format!("{p}={}", programs[p].as_str().unwrap()))
+            .join(", ");
+        assert_eq!(from_status, forms, "status --json and the log agree");
+        if forced {
+            assert_eq!(
+                programs["sched_process_exit"],
+                "legacy (forced by WATCHDOG_FORCE_LEGACY_EXIT=1)"
+            );
+        }
+        let (code, table) = status_command(&["status", "--state-dir", &state]);
+        assert_eq!(code, Some(0), "{table}");
+        let short = table
+            .lines()
+            .find(|l| l.starts_with("kernel programs: "))
+            .unwrap_or_else(|| panic!("no forms line: {table}"));
+        assert!(short.len() <= 80, "{short}");
+        let exit_form = if forced { "legacy" } else { "" };
+        assert!(
+            short.contains(&format!("sched_process_exit={exit_form}")),
+            "{short}"
+        );
+        assert!(daemon.stop().success());
+    }
+}

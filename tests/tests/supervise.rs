@@ -1134,3 +1134,169 @@ fn kernel_program_failures_are_counted_and_logged_at_debug() {
         );
     }
 }
+
+/// `unshare --pid --fork --mount-proc watchdog supervise ARGS -- HELPER
+/// STEPS`: a supervisor in a pid namespace of its own, as in a container
+/// without hostPID, its standard error in a file. `None` (with the reason
+/// printed) where this cannot run.
+fn in_a_pid_namespace(
+    test: &str,
+    dir: &TempDir,
+    args: &[&str],
+    steps: &[&str],
+) -> Option<(Child, std::path::PathBuf)> {
+    if !privileged(test) {
+        return None;
+    }
+    if Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("skipped {test}: no unshare (util-linux)");
+        return None;
+    }
+    let stderr = dir.path().join("stderr.log");
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(watchdog_bin())
+        .arg("supervise")
+        .args(args)
+        .arg("--")
+        .arg(HELPER)
+        .args(steps)
+        .env("WATCHDOG_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    Some((child, stderr))
+}
+
+/// In a pid namespace of its own, `--sensor auto` samples, with one
+/// warning that says why and names hostPID, and still drains a leaker.
+#[test]
+fn in_a_pid_namespace_supervise_samples_with_one_warning() {
+    let test = "in_a_pid_namespace_supervise_samples_with_one_warning";
+    let dir = TempDir::new("pidns");
+    let log = dir.path().join("audit.jsonl");
+    let log_arg = log.display().to_string();
+    let Some((mut child, stderr)) = in_a_pid_namespace(
+        test,
+        &dir,
+        &[
+            "--audit-log",
+            &log_arg,
+            "--sensor",
+            "auto",
+            "--interval",
+            "100ms",
+            "--min-interval",
+            "20ms",
+            "--max-rss",
+            "32MiB",
+            "--grace",
+            "5s",
+        ],
+        &["leak", "64", "5", "sleep", "100000"],
+    ) else {
+        return;
+    };
+    let lines = |path: &std::path::Path| -> Vec<Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until("a drain in the audit log", Duration::from_secs(20), || {
+        lines(&log)
+            .iter()
+            .any(|l| l["event"] == "exited" && l["cause"] == "memory_drain")
+    });
+    let audit = lines(&log);
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    let exit = audit
+        .iter()
+        .find(|l| l["event"] == "exited" && l["cause"] == "memory_drain")
+        .unwrap();
+    assert_eq!(exit["source"], "procfs", "{exit}");
+    assert!(audit.iter().all(|l| l["source"] == "procfs"), "{audit:#?}");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("hostPID"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning naming hostPID: {text}");
+    assert!(warnings[0].contains("pid namespace"), "{}", warnings[0]);
+    assert!(!text.contains("kernel programs attached"), "{text}");
+    assert!(!text.contains("self-check"), "{text}");
+
+    // SIGTERM to the supervisor (pid 1 of the namespace) drains and ends.
+    let unshare = child.id();
+    let inner: i32 = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the supervisor under unshare")
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the supervisor this test started.
+    unsafe { libc::kill(inner, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the supervisor did not exit on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// In a pid namespace of its own, `--sensor ebpf` is refused: exit 2,
+/// with a message that names hostPID.
+#[test]
+fn in_a_pid_namespace_sensor_ebpf_is_refused() {
+    let test = "in_a_pid_namespace_sensor_ebpf_is_refused";
+    let dir = TempDir::new("pidns");
+    let log = dir.path().join("audit.jsonl");
+    let log_arg = log.display().to_string();
+    let Some((mut child, stderr)) = in_a_pid_namespace(
+        test,
+        &dir,
+        &[
+            "--audit-log",
+            &log_arg,
+            "--sensor",
+            "ebpf",
+            "--max-rss",
+            "32MiB",
+        ],
+        &["sleep", "100000"],
+    ) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("supervise --sensor ebpf was not refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(text.contains("hostPID"), "{text}");
+    assert!(text.contains("--sensor ebpf"), "{text}");
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("\"started\""),
+        "nothing was started"
+    );
+}

@@ -79,3 +79,67 @@ fn rescan_without_match_is_refused() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--rescan"), "{stderr}");
 }
+
+/// In a pid namespace of its own (a container without hostPID): `watch
+/// --sensor auto` samples with one warning naming hostPID, `watch --sensor
+/// ebpf` and `audit` are refused with exit 2 and a message naming hostPID.
+#[test]
+fn in_a_pid_namespace_watch_samples_and_ebpf_is_refused() {
+    let test = "in_a_pid_namespace_watch_samples_and_ebpf_is_refused";
+    if !privileged(test) {
+        return;
+    }
+    if Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("skipped {test}: no unshare (util-linux)");
+        return;
+    }
+    let in_namespace = |args: &str| {
+        // The helper runs inside the namespace, where the pid is found.
+        let script = format!(
+            "{HELPER} sleep 3000 & exec {} {}",
+            watchdog_bin().display(),
+            args.replace("PID", "$!")
+        );
+        let out = Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "sh",
+                "-c",
+            ])
+            .arg(script)
+            .env("WATCHDOG_LOG", "info")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = in_namespace(
+        "watch --pid PID --limit 1GiB --sensor auto --interval 100ms --min-interval 20ms",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let warnings = stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("hostPID"))
+        .count();
+    assert_eq!(warnings, 1, "one warning naming hostPID: {stderr}");
+    assert!(stderr.contains("source=procfs"), "{stderr}");
+    assert!(
+        stdout.contains("\"exited\""),
+        "the exit is reported: {stdout}"
+    );
+    for args in [
+        "watch --pid PID --limit 1GiB --sensor ebpf",
+        "audit --pid PID",
+    ] {
+        let (code, _, stderr) = in_namespace(args);
+        assert_eq!(code, Some(2), "{args}: {stderr}");
+        assert!(stderr.contains("hostPID"), "{args}: {stderr}");
+    }
+}

@@ -192,12 +192,16 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         // The kernel programs name processes by the host's pids, which this
         // namespace does not show.
         if choice == SensorChoice::Ebpf {
-            return Err(CliError::Usage(
-                "sensor = \"ebpf\" cannot work in a pid namespace of its own (a container \
-                 without hostPID): the kernel programs report host pids. Run with hostPID, or \
-                 use sensor = \"sampling\""
-                    .into(),
-            ));
+            let (asked, instead) = if is_daemon {
+                ("sensor = \"ebpf\"", "sensor = \"sampling\"")
+            } else {
+                ("--sensor ebpf", "--sensor sampling")
+            };
+            return Err(CliError::Usage(format!(
+                "{asked} cannot work in a pid namespace of its own (a container without \
+                 hostPID): the kernel programs report host pids. Run with hostPID, or use \
+                 {instead}"
+            )));
         }
         warn!(
             "running in a pid namespace of its own (a container without hostPID): only this \

@@ -19,6 +19,12 @@ pub struct Snapshot {
     pub pid: u32,
     /// Where memory readings come from: `ebpf`, `procfs` or `macos`.
     pub sensor: String,
+    /// The form each kernel program was attached in, by program
+    /// (`rss_stat`, `sched_process_exit`, `mark_victim`), with the reason
+    /// for a fallback in parentheses: `"raw (BTF form refused by the
+    /// verifier: ...)"`. Absent when sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_programs: Option<BTreeMap<String, String>>,
     /// How long the daemon has run.
     pub uptime_ms: u64,
     /// The loop's health.

@@ -148,6 +148,14 @@ mod linux {
                 }
             }
         }
+        if procs::in_child_pid_namespace() {
+            return Err(CliError::Usage(
+                "watchdog audit traces exits with the kernel programs, which cannot work in a \
+                 pid namespace of its own (a container without hostPID): they report host \
+                 pids. Run it with hostPID, or on the host"
+                    .into(),
+            ));
+        }
         let sink = output_sink(args.output.as_deref())?;
         let mut probes = Probes::load(ProbeOptions {
             watch_all: args.all,

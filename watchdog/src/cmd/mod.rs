@@ -60,6 +60,18 @@ pub enum Command {
     /// service's and watch target's state, memory, limit and restarts.
     /// Exit 1 when no daemon answers.
     Status(status::StatusArgs),
+    /// Print the version; with --verbose, also which form of each kernel
+    /// program this kernel takes (found by loading them: needs root).
+    Version(VersionArgs),
+}
+
+/// Arguments of `watchdog version`.
+#[derive(Debug, clap::Args)]
+pub struct VersionArgs {
+    /// Also load the kernel programs and tell which form of each this
+    /// kernel takes, and why for each fallback.
+    #[arg(long, short)]
+    pub verbose: bool,
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -95,6 +107,54 @@ pub fn matching(pattern: &str) -> Result<Vec<u32>, CliError> {
     Ok(matched)
 }
 
+/// `watchdog version [--verbose]`: the version line; with --verbose, the
+/// kernel and the forms its programs take here.
+fn version(args: &VersionArgs) -> ExitCode {
+    println!("watchdog {}", long_version());
+    if !args.verbose {
+        return ExitCode::SUCCESS;
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |r| r.trim().to_owned());
+    println!("kernel: {} {release}", std::env::consts::OS);
+    println!("kernel programs: {}", kernel_forms());
+    ExitCode::SUCCESS
+}
+
+/// Which forms the kernel programs take here, found by loading them (and
+/// unloading them at once), or why that could not be found out.
+#[cfg(target_os = "linux")]
+fn kernel_forms() -> String {
+    use crate::kernel::{LoadError, ProbeOptions, Probes};
+    if !crate::kernel::built_in() {
+        return "not built in".into();
+    }
+    if crate::procs::in_child_pid_namespace() {
+        return "cannot be used in a pid namespace of its own (a container without hostPID)".into();
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return format!("unknown (cannot start the async runtime: {e})"),
+    };
+    match runtime.block_on(async { Probes::load(ProbeOptions::default()) }) {
+        Ok(probes) => probes.forms().to_string(),
+        Err(LoadError::Privilege { .. }) => {
+            "unknown: needs root to find out (they are loaded to see which forms this kernel \
+             takes)"
+                .into()
+        }
+        Err(e) => format!("cannot be loaded here: {e}"),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kernel_forms() -> String {
+    "none (they need Linux)".into()
+}
+
 fn long_version() -> &'static str {
     if crate::kernel_programs_built_in() {
         concat!(env!("CARGO_PKG_VERSION"), " (with kernel programs)")
@@ -110,6 +170,11 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    // Before logging: loading the kernel programs to see their forms
+    // would log, and this prints to standard output only.
+    if let Command::Version(args) = &cli.command {
+        return version(args);
+    }
     // Before any thread: the services must not inherit systemd's socket.
     crate::notify::init();
     if let Command::Run(args) = &cli.command
@@ -157,6 +222,7 @@ pub fn main() -> ExitCode {
             },
             Command::CheckConfig(args) => run::check(&args),
             Command::Status(args) => status::run(args).await,
+            Command::Version(_) => Ok(ExitCode::SUCCESS),
         }
     });
     report(result)

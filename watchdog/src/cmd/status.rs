@@ -266,6 +266,9 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
         *last = format!("{head}{}", paint.paint(verdict, style));
     }
     lines.extend(header);
+    if let Some(programs) = &snapshot.kernel_programs {
+        lines.extend(wrap(&programs_line(programs), WIDTH));
+    }
     if snapshot.stale {
         let note = format!(
             "the service loop did not answer within 1 s: services as of its last heartbeat, {} ago",
@@ -566,6 +569,30 @@ fn plural(n: u64) -> &'static str {
 
 /// Text from the daemon with control characters (escape sequences) made
 /// harmless.
+/// `kernel programs: rss_stat=btf, sched_process_exit=group_dead,
+/// mark_victim=task`: each program's form without the reason for a
+/// fallback (which `--json` has), the known programs first.
+fn programs_line(programs: &std::collections::BTreeMap<String, String>) -> String {
+    let order = |name: &str| {
+        ["rss_stat", "sched_process_exit", "mark_victim"]
+            .iter()
+            .position(|known| *known == name)
+            .unwrap_or(usize::MAX)
+    };
+    let mut named: Vec<(&String, &String)> = programs.iter().collect();
+    named.sort_by_key(|(name, _)| order(name));
+    let forms: Vec<String> = named
+        .into_iter()
+        .map(|(name, form)| {
+            let short = form
+                .split_once(' ')
+                .map_or(form.as_str(), |(short, _)| short);
+            format!("{}={}", clean(name), clean(short))
+        })
+        .collect();
+    format!("kernel programs: {}", forms.join(", "))
+}
+
 fn clean(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { '?' } else { c })
@@ -710,6 +737,11 @@ mod tests {
             version: "0.1.0".into(),
             pid: 1234,
             sensor: "ebpf".into(),
+            kernel_programs: Some(BTreeMap::from([
+                ("rss_stat".into(), "btf".into()),
+                ("sched_process_exit".into(), "group_dead".into()),
+                ("mark_victim".into(), "task".into()),
+            ])),
             uptime_ms: 2 * 3_600_000 + 3 * 60_000,
             health: Health {
                 ok: true,
@@ -763,6 +795,10 @@ mod tests {
         assert_eq!(
             lines.next(),
             Some("watchdog 0.1.0, pid 1234, up 2h 3m, sensor ebpf, loop lag 0.1 ms: healthy")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("kernel programs: rss_stat=btf, sched_process_exit=group_dead, mark_victim=task")
         );
         assert!(
             text.contains("host memory 5.2 GiB / 7.8 GiB (67%)"),
@@ -1065,5 +1101,46 @@ mod tests {
         assert_fits(&text);
         snapshot.stale = false;
         assert!(!render(&snapshot, false).contains("did not answer"));
+    }
+
+    /// Fallbacks show as their form only (the reasons are in --json); a
+    /// sampling daemon has no such line.
+    #[test]
+    fn kernel_program_forms_are_one_line_under_the_header() {
+        let mut snapshot = sample();
+        snapshot.kernel_programs = Some(BTreeMap::from([
+            (
+                "rss_stat".into(),
+                "raw (BTF form refused by the verifier: Type 'atomic_long_t' is not a struct)"
+                    .into(),
+            ),
+            (
+                "sched_process_exit".into(),
+                "legacy (forced by WATCHDOG_FORCE_LEGACY_EXIT=1)".into(),
+            ),
+            (
+                "mark_victim".into(),
+                "none (no mark_victim tracepoint)".into(),
+            ),
+        ]));
+        let text = render(&snapshot, false);
+        assert_fits(&text);
+        assert_eq!(
+            text.lines().nth(1),
+            Some("kernel programs: rss_stat=raw, sched_process_exit=legacy, mark_victim=none")
+        );
+        let json = serde_json::to_value(&snapshot).unwrap();
+        assert_eq!(
+            json["kernel_programs"]["sched_process_exit"],
+            "legacy (forced by WATCHDOG_FORCE_LEGACY_EXIT=1)"
+        );
+        snapshot.kernel_programs = None;
+        snapshot.sensor = "procfs".into();
+        let text = render(&snapshot, false);
+        assert!(!text.contains("kernel programs"), "{text}");
+        let json = serde_json::to_value(&snapshot).unwrap();
+        assert!(json.get("kernel_programs").is_none(), "{json}");
+        let back: Snapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(back.kernel_programs, None);
     }
 }

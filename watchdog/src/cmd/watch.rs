@@ -122,7 +122,11 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
     };
     let mut sink = output_sink(args.output.as_deref())?;
     args.sensor.check().map_err(CliError::Usage)?;
-    let mut sensor = args.sensor.open().context("cannot watch memory")?;
+    let mut sensor = match args.sensor.open() {
+        Ok(sensor) => sensor,
+        Err(e @ SensorError::PidNamespace) => return Err(CliError::Usage(e.to_string())),
+        Err(e) => return Err(anyhow::Error::new(e).context("cannot watch memory").into()),
+    };
     let source = sensor.source();
     let limits = Limits {
         limit,

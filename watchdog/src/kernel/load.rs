@@ -20,6 +20,7 @@ use tokio::io::unix::AsyncFd;
 use super::{
     Charge, KernelEvent, Probes,
     btf::{Btf, BtfError},
+    forms::{ExitForm, Forms, RssStatForm, VictimForm, verifier_reason},
     groups::Groups,
     offsets::KernelLayout,
     ring::{decode, wait_readable},
@@ -232,31 +233,61 @@ impl Probes {
             take_map(&mut ebpf, "GROUP_STATE", Array::try_from)?,
         );
 
-        let exit = if layout.exit_has_group_dead && !force_legacy_exit() {
-            "sched_process_exit"
+        let (exit, exit_form, exit_reason) = if !layout.exit_has_group_dead {
+            (
+                "sched_process_exit_legacy",
+                ExitForm::Legacy,
+                Some("no group_dead argument before 6.16".to_owned()),
+            )
+        } else if force_legacy_exit() {
+            (
+                "sched_process_exit_legacy",
+                ExitForm::Legacy,
+                Some("forced by WATCHDOG_FORCE_LEGACY_EXIT=1".to_owned()),
+            )
         } else {
-            "sched_process_exit_legacy"
+            ("sched_process_exit", ExitForm::GroupDead, None)
         };
         attach_raw(&mut ebpf, "sched_process_fork", "sched_process_fork")?;
         attach_raw(&mut ebpf, exit, "sched_process_exit")?;
         attach_raw(&mut ebpf, "sched_process_exec", "sched_process_exec")?;
         // Typed (BTF) tracepoint where the kernel allows it: the counters
         // are then plain loads on every page fault of a watched process.
-        match attach_btf(&mut ebpf, "rss_stat_btf", "rss_stat") {
-            Ok(()) => tracing::debug!("rss_stat attached as a BTF tracepoint"),
-            Err(e) => {
-                tracing::debug!(error = %e, "rss_stat as a raw tracepoint instead");
+        let (rss_stat, rss_stat_reason) = match attach_btf(&mut ebpf, "rss_stat_btf", "rss_stat") {
+            Ok(()) => (RssStatForm::Btf, None),
+            Err(reason) => {
                 attach_raw(&mut ebpf, "rss_stat", "rss_stat")?;
+                (RssStatForm::Raw, Some(reason))
             }
-        }
-        match layout.oom_victim_is_task {
-            Some(true) => attach_raw(&mut ebpf, "mark_victim", "mark_victim")?,
-            Some(false) => attach_raw(&mut ebpf, "mark_victim_pid", "mark_victim")?,
-            None => tracing::warn!(
-                "this kernel has no mark_victim tracepoint: OOM kills are told apart by the \
-                 cgroup's memory.events only"
-            ),
-        }
+        };
+        let (mark_victim, mark_victim_reason) = match layout.oom_victim_is_task {
+            Some(true) => {
+                attach_raw(&mut ebpf, "mark_victim", "mark_victim")?;
+                (Some(VictimForm::Task), None)
+            }
+            Some(false) => {
+                attach_raw(&mut ebpf, "mark_victim_pid", "mark_victim")?;
+                (
+                    Some(VictimForm::Pid),
+                    Some("the tracepoint passes only a pid before 6.8".to_owned()),
+                )
+            }
+            None => {
+                tracing::warn!(
+                    "this kernel has no mark_victim tracepoint: OOM kills are told apart by \
+                     the cgroup's memory.events only"
+                );
+                (None, Some("no mark_victim tracepoint".to_owned()))
+            }
+        };
+        let forms = Forms {
+            rss_stat,
+            rss_stat_reason,
+            exit: exit_form,
+            exit_reason,
+            mark_victim,
+            mark_victim_reason,
+        };
 
         // SAFETY: the RingBuf owns its map descriptor for its whole life and
         // always reports the same one; the AsyncFd owns the RingBuf.
@@ -275,9 +306,11 @@ impl Probes {
             drained: false,
             read_since_empty: false,
             page_size,
+            forms,
         };
         probes.self_check()?;
         release_freed_memory();
+        tracing::info!("kernel programs attached: {}", probes.forms);
         Ok(probes)
     }
 
@@ -552,13 +585,32 @@ fn take_map<M, E: std::error::Error + 'static>(
     convert(map).map_err(|e| LoadError::kernel("open a map of the kernel programs", e))
 }
 
-fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), LoadError> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::kernel("read kernel BTF", e))?;
-    let prog: &mut aya::programs::BtfTracePoint = find_program(ebpf, program)?;
-    prog.load(tracepoint, &btf)
-        .map_err(|e| LoadError::kernel("load a kernel program", e))?;
-    prog.attach()
-        .map_err(|e| LoadError::kernel("attach to a BTF tracepoint", e))?;
+/// Loads and attaches a typed (BTF) tracepoint program; when it cannot,
+/// one line that says why (the full error at the debug level).
+fn attach_btf(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
+    let refused = |what: &str, err: &dyn std::error::Error| {
+        tracing::debug!(program, error = %error_chain(err), "the BTF form failed to {what}");
+        format!("BTF form failed to {what}: {err}")
+    };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| refused("read the kernel's BTF", &e))?;
+    let prog: &mut aya::programs::BtfTracePoint =
+        find_program(ebpf, program).map_err(|e| refused("open", &e))?;
+    match prog.load(tracepoint, &btf) {
+        Ok(()) => {}
+        Err(aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            let log = verifier_log.to_string();
+            tracing::debug!(program, error = %io_error, log = %log, "the verifier refused the BTF form");
+            return Err(match verifier_reason(&log) {
+                Some(line) => format!("BTF form refused by the verifier: {line}"),
+                None => format!("BTF form refused by the verifier: {io_error}"),
+            });
+        }
+        Err(e) => return Err(refused("load", &e)),
+    }
+    prog.attach().map_err(|e| refused("attach", &e))?;
     Ok(())
 }
 

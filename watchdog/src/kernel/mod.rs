@@ -3,6 +3,8 @@
 //! - `load`: resolve struct offsets from the kernel's BTF, load and attach
 //!   the programs that fit this kernel, and prove them right with a
 //!   self-check before anything is reported ([`Probes::load`]);
+//! - `forms`: which form of each program this kernel took, and why for
+//!   each fallback ([`Probes::forms`]);
 //! - `table`: the watch table, which processes are watched and what each is
 //!   charged ([`Probes::watch`], [`Probes::watch_tree`]);
 //! - `groups`: group slots, their limits, running totals and triggers;
@@ -10,6 +12,7 @@
 //!   loss counters.
 
 pub mod btf;
+mod forms;
 mod groups;
 mod load;
 pub mod offsets;
@@ -25,6 +28,7 @@ use aya::{
 use tokio::io::unix::AsyncFd;
 use watchdog_common::Watch;
 
+pub use forms::{ExitForm, Forms, RssStatForm, VictimForm};
 pub use load::{LoadError, ProbeOptions, built_in};
 pub use ring::{GroupSignal, KernelEvent, Losses};
 pub use table::Charge;
@@ -46,4 +50,13 @@ pub struct Probes {
     /// Whether a record was read since the ring was last found empty.
     read_since_empty: bool,
     page_size: u64,
+    /// The form each program was attached in.
+    forms: Forms,
+}
+
+impl Probes {
+    /// The form each program was attached in, and why for each fallback.
+    pub fn forms(&self) -> &Forms {
+        &self.forms
+    }
 }

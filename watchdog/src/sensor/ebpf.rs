@@ -92,6 +92,10 @@ impl EbpfSensor {
         })
     }
 
+    pub fn forms(&self) -> &crate::kernel::Forms {
+        self.probes.forms()
+    }
+
     pub fn watch_tree(&mut self, root: u32, limits: Limits) -> Result<GroupId, SensorError> {
         if !crate::procs::exists(root) {
             return Err(SensorError::NoProcess(root));

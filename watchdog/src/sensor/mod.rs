@@ -210,6 +210,11 @@ pub enum SensorError {
     UnknownGroup(GroupId),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error(
+        "the kernel programs cannot work in a pid namespace of its own (a container without \
+         hostPID): they report host pids. Run with hostPID, or use --sensor sampling"
+    )]
+    PidNamespace,
 }
 
 /// The sensor in use.
@@ -222,7 +227,22 @@ pub enum Sensor {
 impl Sensor {
     /// Opens the chosen sensor. `Auto` falls back to sampling with one
     /// warning that says why. Must be called inside a tokio runtime.
+    /// In a pid namespace of its own (a container without hostPID), where
+    /// the kernel programs' host pids mean nothing, `Auto` samples with
+    /// one warning that says so and `Ebpf` is refused.
     pub fn open(choice: SensorChoice, sampling: SamplingOptions) -> Result<Self, SensorError> {
+        if choice != SensorChoice::Sampling && crate::procs::in_child_pid_namespace() {
+            if choice == SensorChoice::Ebpf {
+                return Err(SensorError::PidNamespace);
+            }
+            tracing::warn!(
+                interval = ?sampling.interval,
+                "running in a pid namespace of its own (a container without hostPID): memory \
+                 is sampled, since the kernel programs report host pids; run with hostPID to \
+                 use them"
+            );
+            return Ok(Self::Sampler(Box::new(sampler::Sampler::new(sampling))));
+        }
         match choice {
             SensorChoice::Sampling => Ok(Self::Sampler(Box::new(sampler::Sampler::new(sampling)))),
             SensorChoice::Ebpf => Self::open_ebpf(),
@@ -256,6 +276,16 @@ impl Sensor {
             #[cfg(target_os = "linux")]
             Self::Ebpf(_) => Source::Ebpf,
             Self::Sampler(_) => sampler::SOURCE,
+        }
+    }
+
+    /// The form each kernel program was attached in, by program name (see
+    /// [`crate::kernel::Forms`]); `None` when sampling.
+    pub fn kernel_programs(&self) -> Option<std::collections::BTreeMap<String, String>> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Self::Ebpf(s) => Some(s.forms().to_map()),
+            Self::Sampler(_) => None,
         }
     }
 

@@ -873,6 +873,7 @@ impl Platform for Host {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             sensor: self.source.to_string(),
+            kernel_programs: self.sensor.kernel_programs(),
             lost_events: lost,
             unconfirmed_crossings: stats.unconfirmed_crossings,
             audit_lines_lost: self.audit.lost(),
