@@ -69,7 +69,17 @@ pub fn bench(project: &Project) -> Result<()> {
     let sampling_idle = b.idle(&idle, Some(Duration::from_secs(1)))?;
     drop(idle);
 
+    // Which form of each kernel program the figures were measured with.
+    let forms = Command::new(&b.watchdog)
+        .args(["version", "--verbose"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("kernel programs: ").map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
     let report = Report {
+        forms,
         reaction,
         ebpf,
         s100,
@@ -575,6 +585,8 @@ fn raise_nofile() {
 }
 
 struct Report {
+    /// `rss_stat=btf, sched_process_exit=group_dead, ...`.
+    forms: String,
     reaction: Reaction,
     ebpf: Latency,
     s100: Latency,
@@ -624,8 +636,11 @@ impl Report {
         let _ = writeln!(
             out,
             "Measured by `cargo xtask bench` on {date}: Linux {}, {cpu} ({cpus} CPUs). \
-             Every figure is compared with a baseline measured in the same run.\n",
-            kernel.trim()
+             Every figure is compared with a baseline measured in the same run. The eBPF \
+             figures were measured with the kernel programs in the forms this kernel takes \
+             (`{}`, as the daemon's start-up line says).\n",
+            kernel.trim(),
+            self.forms
         );
         let _ = writeln!(
             out,
