@@ -159,7 +159,10 @@ impl Probes {
             take_map(&mut ebpf, "GROUP_STATE", Array::try_from)?,
         );
 
-        let exit = if layout.exit_has_group_dead && !force_legacy_exit() {
+        // Read (and logged) on every kernel, so that a forced run says so
+        // even where the legacy program is the only one.
+        let forced = force_legacy_exit();
+        let exit = if layout.exit_has_group_dead && !forced {
             "sched_process_exit"
         } else {
             "sched_process_exit_legacy"
