@@ -73,7 +73,8 @@ enum Task {
     Test {
         /// Debian kernels to run the privileged integration tests on, in
         /// QEMU guests, after the host's suite: e.g. `6.1,6.12`, or `none`.
-        /// Default: 6.1,6.12 under CI=true, none otherwise.
+        /// Default: 6.1 under CI=true (see kernels::CI_KERNELS), none
+        /// otherwise.
         #[arg(long, value_name = "LIST")]
         kernels: Option<String>,
     },
@@ -81,7 +82,7 @@ enum Task {
     /// integration tests in QEMU guests on each of `--kernels`.
     TestKernels {
         /// Debian kernels, e.g. `6.1,6.12` (the default).
-        #[arg(long, value_name = "LIST", default_value = kernels::CI_KERNELS)]
+        #[arg(long, value_name = "LIST", default_value = kernels::ALL_KERNELS)]
         kernels: String,
     },
     /// Measure detection latency, page-fault overhead, idle CPU and memory
@@ -502,28 +503,34 @@ impl Project {
         Ok(outcomes)
     }
 
-    /// The integration test executables cargo built for the host's run
-    /// (no rebuild: same profile, same environment).
+    /// The integration test executables cargo built for the host's run:
+    /// the same command and environment, so nothing is rebuilt (a build
+    /// of the package alone would unify features differently).
     fn test_executables(&self, object: &Path) -> Result<Vec<(String, PathBuf)>> {
         let out = capture(
             Command::new("cargo")
                 .current_dir(&self.root)
                 .env("WATCHDOG_EBPF_OBJECT", object)
+                .env("WATCHDOG_BIN", self.binary())
                 .args([
                     "test",
                     "--release",
-                    "--package",
-                    "watchdog-tests",
+                    "--workspace",
                     "--no-run",
                     "--message-format=json",
                 ]),
         )?;
+        let manifest = self.root.join("tests/Cargo.toml").display().to_string();
         let mut tests = Vec::new();
         for line in out.lines() {
             let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
             };
-            if message["reason"] != "compiler-artifact" || message["profile"]["test"] != true {
+            if message["reason"] != "compiler-artifact"
+                || message["profile"]["test"] != true
+                || message["manifest_path"].as_str() != Some(&*manifest)
+                || message["target"]["kind"][0] != "test"
+            {
                 continue;
             }
             let (Some(name), Some(exe)) = (
