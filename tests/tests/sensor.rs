@@ -339,10 +339,17 @@ fn bytes(line: &Value) -> u64 {
 fn a_prefork_tree_is_charged_each_page_once() {
     for mode in tree_modes("a_prefork_tree_is_charged_each_page_once") {
         let steps = ["prefork", "100", "4", "wait-stdin"];
-        let s = Scenario::start(mode, &steps, "200MiB", &["--step", "16MiB"]);
+        // A step well under the 4 MiB between 96 MiB and the tree's
+        // 100: a total is reported once it moved a step from the last one
+        // reported, so the last line is within a step of the total however
+        // the samples fall while the parent touches its pages (slowly,
+        // under emulation, when samples catch it half way).
+        let s = Scenario::start(mode, &steps, "200MiB", &["--step", "1MiB"]);
         // Until the parent's 100 MiB is seen (its children are forked
-        // right after), then as long again as a sampler needs.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // right after), then as long again as a sampler needs. The bound
+        // is generous: under emulation touching 100 MiB alone takes
+        // seconds.
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = 0;
         while seen < 96 * MIB {
             let line = s

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod kernels;
 use clap::{Parser, Subcommand};
 
 /// LLVM major version of the pinned nightly, which bpf-linker must match.
@@ -67,8 +68,23 @@ enum Task {
         args: Vec<OsString>,
     },
     /// Set up if needed, build, then fmt, clippy, unit and integration
-    /// tests (privileged ones included when root), and the macOS check.
-    Test,
+    /// tests (privileged ones included when root), and the macOS check;
+    /// then the privileged tests again on each of `--kernels`, in QEMU.
+    Test {
+        /// Debian kernels to run the privileged integration tests on, in
+        /// QEMU guests, after the host's suite: e.g. `6.1,6.12`, or `none`.
+        /// Default: 6.1 under CI=true (see kernels::CI_KERNELS), none
+        /// otherwise.
+        #[arg(long, value_name = "LIST")]
+        kernels: Option<String>,
+    },
+    /// Build, then run only the kernel matrix of `test`: the privileged
+    /// integration tests in QEMU guests on each of `--kernels`.
+    TestKernels {
+        /// Debian kernels, e.g. `6.1,6.12` (the default).
+        #[arg(long, value_name = "LIST", default_value = kernels::ALL_KERNELS)]
+        kernels: String,
+    },
     /// Measure detection latency, page-fault overhead, idle CPU and memory
     /// against same-run baselines; write BENCHMARKS.md. Needs root.
     Bench,
@@ -82,7 +98,8 @@ fn main() -> Result<()> {
         Task::BuildEbpf => project.build_ebpf().map(drop),
         Task::Build => project.build().map(drop),
         Task::Run { args } => project.run(args),
-        Task::Test => project.test(),
+        Task::Test { kernels } => project.test(kernels.as_deref()),
+        Task::TestKernels { kernels } => project.test_kernels(&kernels),
         Task::Bench => bench::bench(&project),
     }
 }
@@ -303,9 +320,19 @@ impl Project {
 
     // ---- test --------------------------------------------------------
 
-    fn test(&self) -> Result<()> {
+    fn test(&self, kernels: Option<&str>) -> Result<()> {
         let started = Instant::now();
         self.setup()?;
+        // The kernel matrix's tools and images first: a missing one fails
+        // now, not after the host's suite.
+        let kernels = kernels::requested(kernels);
+        let mut images = Vec::new();
+        if !kernels.is_empty() {
+            kernels::setup()?;
+            for version in &kernels {
+                images.push(kernels::prepare(&self.root, version)?);
+            }
+        }
         let binary = self.build()?;
         let object = self.ebpf_object();
 
@@ -370,6 +397,12 @@ impl Project {
                 "warnings",
             ]))?;
         }
+        let outcomes = if images.is_empty() {
+            Vec::new()
+        } else {
+            self.kernel_matrix(&images, &binary)?
+        };
+
         let elapsed = started.elapsed().as_secs();
         println!("\nxtask test: every step passed in {elapsed} s");
         // The closing line, in the plain form log readers look for.
@@ -381,7 +414,138 @@ impl Project {
             "tests: {} passed, {} failed{skipped}",
             tally.passed, tally.failed
         );
+        if !outcomes.is_empty() {
+            let each: Vec<String> = outcomes
+                .iter()
+                .map(|o| format!("{} {} passed", o.release, o.tally.passed))
+                .collect();
+            println!("kernels: {}", each.join(", "));
+        }
         Ok(())
+    }
+
+    fn test_kernels(&self, kernels: &str) -> Result<()> {
+        let started = Instant::now();
+        self.setup()?;
+        kernels::setup()?;
+        let images = kernels::requested(Some(kernels))
+            .iter()
+            .map(|version| kernels::prepare(&self.root, version))
+            .collect::<Result<Vec<_>>>()?;
+        let binary = self.build()?;
+        let outcomes = self.kernel_matrix(&images, &binary)?;
+        let each: Vec<String> = outcomes
+            .iter()
+            .map(|o| format!("{} {} passed", o.release, o.tally.passed))
+            .collect();
+        println!(
+            "\nxtask test-kernels: passed in {} s\nkernels: {}",
+            started.elapsed().as_secs(),
+            each.join(", ")
+        );
+        Ok(())
+    }
+
+    /// The privileged integration tests again, on each kernel in a QEMU
+    /// guest: the same release binary and the same test executables.
+    fn kernel_matrix(
+        &self,
+        images: &[kernels::Kernel],
+        binary: &Path,
+    ) -> Result<Vec<kernels::Outcome>> {
+        let object = self.ebpf_object();
+        step("privileged integration tests on other kernels (QEMU)");
+        let tests = self.test_executables(&object)?;
+        let names: Vec<&str> = tests.iter().map(|(n, _)| n.as_str()).collect();
+        println!("kernels: test executables: {}", names.join(", "));
+        let suite = kernels::Suite {
+            root: &self.root,
+            tests: &tests,
+            cwd: self.root.join("tests"),
+            env: vec![
+                ("WATCHDOG_BIN".into(), binary.display().to_string()),
+                ("WATCHDOG_EBPF_OBJECT".into(), object.display().to_string()),
+                ("RUST_BACKTRACE".into(), "1".into()),
+            ],
+        };
+        let mut outcomes = Vec::new();
+        let mut failures = Vec::new();
+        for kernel in images {
+            let outcome = match kernels::run_guest(kernel, &suite) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // Already names the kernel; the next one still runs.
+                    println!("{e:#}");
+                    failures.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            println!(
+                "kernel {}: {} passed, {} failed ({} s)",
+                outcome.release, outcome.tally.passed, outcome.tally.failed, outcome.seconds
+            );
+            failures.extend(outcome.failures.iter().cloned());
+            outcomes.push(outcome);
+        }
+        println!();
+        for outcome in &outcomes {
+            println!(
+                "kernel {}: {} passed, {} failed ({} s)",
+                outcome.release, outcome.tally.passed, outcome.tally.failed, outcome.seconds
+            );
+        }
+        if !failures.is_empty() {
+            for line in &failures {
+                println!("{line}");
+            }
+            bail!("{}", failures.join("; "));
+        }
+        Ok(outcomes)
+    }
+
+    /// The integration test executables cargo built for the host's run:
+    /// the same command and environment, so nothing is rebuilt (a build
+    /// of the package alone would unify features differently).
+    fn test_executables(&self, object: &Path) -> Result<Vec<(String, PathBuf)>> {
+        let out = capture(
+            Command::new("cargo")
+                .current_dir(&self.root)
+                .env("WATCHDOG_EBPF_OBJECT", object)
+                .env("WATCHDOG_BIN", self.binary())
+                .args([
+                    "test",
+                    "--release",
+                    "--workspace",
+                    "--no-run",
+                    "--message-format=json",
+                ]),
+        )?;
+        let manifest = self.root.join("tests/Cargo.toml").display().to_string();
+        let mut tests = Vec::new();
+        for line in out.lines() {
+            let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if message["reason"] != "compiler-artifact"
+                || message["profile"]["test"] != true
+                || message["manifest_path"].as_str() != Some(&*manifest)
+                || message["target"]["kind"][0] != "test"
+            {
+                continue;
+            }
+            let (Some(name), Some(exe)) = (
+                message["target"]["name"].as_str(),
+                message["executable"].as_str(),
+            ) else {
+                continue;
+            };
+            tests.push((name.to_owned(), PathBuf::from(exe)));
+        }
+        if tests.is_empty() {
+            bail!("cargo test --no-run listed no test executables for watchdog-tests");
+        }
+        tests.sort();
+        Ok(tests)
     }
 }
 
@@ -596,6 +760,28 @@ struct Tally {
     ignored: u64,
 }
 
+impl Tally {
+    /// Counts a `test result:` line; other lines are ignored.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let n: u64 = n.parse().unwrap_or(0);
+            match label {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Runs `cargo test`, passing its output through, and adds up the
 /// `test result:` lines of every test binary.
 fn run_tests(cmd: &mut Command) -> Result<Tally> {
@@ -609,21 +795,7 @@ fn run_tests(cmd: &mut Command) -> Result<Tally> {
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(label), Some(n)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let n: u64 = n.parse().unwrap_or(0);
-                match label {
-                    "passed" => tally.passed += n,
-                    "failed" => tally.failed += n,
-                    "ignored" => tally.ignored += n,
-                    _ => {}
-                }
-            }
-        }
+        tally.add(&line);
     }
     let status = child.wait()?;
     if !status.success() {

@@ -233,13 +233,16 @@ impl Probes {
             take_map(&mut ebpf, "GROUP_STATE", Array::try_from)?,
         );
 
+        // Read (and logged) on every kernel, so that a forced run says so
+        // even where the legacy program is the only one.
+        let forced = force_legacy_exit();
         let (exit, exit_form, exit_reason) = if !layout.exit_has_group_dead {
             (
                 "sched_process_exit_legacy",
                 ExitForm::Legacy,
                 Some("no group_dead argument before 6.16".to_owned()),
             )
-        } else if force_legacy_exit() {
+        } else if forced {
             (
                 "sched_process_exit_legacy",
                 ExitForm::Legacy,
