@@ -1094,7 +1094,7 @@ fn kernel_program_failures_are_counted_and_logged_at_debug() {
         } else {
             "info"
         };
-        let mut child = Command::new(watchdog_bin())
+        let child = Command::new(watchdog_bin())
             .args(["supervise", "--sensor", "ebpf", "--max-rss", "512MiB"])
             .arg("--audit-log")
             .arg(&log)
@@ -1107,6 +1107,13 @@ fn kernel_program_failures_are_counted_and_logged_at_debug() {
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
             .unwrap();
+        // Killed however the test ends.
+        let mut sv = Supervisor {
+            child,
+            log: log.clone(),
+            tag: String::new(),
+            _dir: dir,
+        };
         let read_failed = || {
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
@@ -1121,9 +1128,7 @@ fn kernel_program_failures_are_counted_and_logged_at_debug() {
         );
         let line = read_failed().unwrap();
         assert!(line["count"].as_u64() >= Some(1), "{line}");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let _ = child.wait();
+        assert!(sv.stop().success());
         let stderr = std::fs::read_to_string(&err).unwrap();
         let message = "kernel program: sched_process_exec: reading the new mm of";
         assert_eq!(
