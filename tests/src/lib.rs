@@ -70,6 +70,25 @@ pub fn privileged(test: &str) -> bool {
     }
 }
 
+/// Whether `unshare` (util-linux) can put a test in a pid namespace of its
+/// own: on top of [`privileged`]; missing, the test skips with a reason,
+/// except under CI=true, where it fails.
+pub fn pid_namespaces(test: &str) -> bool {
+    if !privileged(test) {
+        return false;
+    }
+    if Command::new("unshare").arg("--version").output().is_ok() {
+        return true;
+    }
+    let reason = "no unshare (util-linux)";
+    assert!(
+        !in_ci(),
+        "{test}: cannot run ({reason}), and CI=true requires it"
+    );
+    eprintln!("skipped {test}: {reason}");
+    false
+}
+
 /// The sensors a test runs with: the kernel programs where privileged
 /// tests run (see [`privileged`]), and sampling always.
 pub fn sensors(test: &str) -> Vec<&'static str> {

@@ -1150,11 +1150,7 @@ fn in_a_pid_namespace(
     args: &[&str],
     steps: &[&str],
 ) -> Option<(Child, std::path::PathBuf)> {
-    if !privileged(test) {
-        return None;
-    }
-    if Command::new("unshare").arg("--version").output().is_err() {
-        eprintln!("skipped {test}: no unshare (util-linux)");
+    if !watchdog_tests::pid_namespaces(test) {
         return None;
     }
     let stderr = dir.path().join("stderr.log");

@@ -86,11 +86,7 @@ fn rescan_without_match_is_refused() {
 #[test]
 fn in_a_pid_namespace_watch_samples_and_ebpf_is_refused() {
     let test = "in_a_pid_namespace_watch_samples_and_ebpf_is_refused";
-    if !privileged(test) {
-        return;
-    }
-    if Command::new("unshare").arg("--version").output().is_err() {
-        eprintln!("skipped {test}: no unshare (util-linux)");
+    if !watchdog_tests::pid_namespaces(test) {
         return;
     }
     let in_namespace = |args: &str| {

@@ -163,13 +163,6 @@ pub struct ServiceStatus {
     pub members: Vec<u32>,
 }
 
-impl ServiceStatus {
-    /// Restarts of every cause.
-    pub fn restarts_total(&self) -> u64 {
-        self.restarts.values().sum()
-    }
-}
-
 /// The memory of the host, or of the daemon's container when its cgroup
 /// has a limit: what the memory monitor last measured.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -260,17 +260,9 @@ mod linux {
         /// losses belong in the stream whose gaps they explain, not only on
         /// standard error. `false` when the reader of standard output left.
         fn report_losses(&mut self, now: Losses) -> bool {
-            let counters = [
-                ("ringbuf_full", self.losses.ringbuf_full, now.ringbuf_full),
-                (
-                    "watch_table_full",
-                    self.losses.watch_table_full,
-                    now.watch_table_full,
-                ),
-                ("read_failed", self.losses.read_failed, now.read_failed),
-            ];
+            let before = self.losses.named();
             self.losses = now;
-            for (counter, before, total) in counters {
+            for ((counter, total), (_, before)) in now.named().into_iter().zip(before) {
                 if total <= before {
                     continue;
                 }

@@ -14,7 +14,6 @@ pub mod metrics;
 mod socket;
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
@@ -378,11 +377,6 @@ fn serve(
     // A reading stuck on a process in uninterruptible sleep must not hold
     // the daemon's exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
-}
-
-/// Kernel loss counters as the snapshot reports them.
-pub fn losses(lost: &[(&'static str, u64)]) -> BTreeMap<String, u64> {
-    lost.iter().map(|&(k, v)| (k.to_owned(), v)).collect()
 }
 
 /// The state directory's status socket.
