@@ -353,3 +353,15 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The charged memory (RssAnon + RssShmem) of `pid`, in bytes; 0 once it
+/// is gone.
+pub fn charged(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ["RssAnon:", "RssShmem:"]
+        .iter()
+        .filter_map(|f| status.lines().find(|l| l.starts_with(f)))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        * 1024
+}

@@ -667,17 +667,6 @@ fn a_vanished_program_is_a_crash() {
     );
 }
 
-/// The charged memory (RssAnon + RssShmem) of `pid`, in bytes.
-fn charged(pid: u64) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    ["RssAnon:", "RssShmem:"]
-        .iter()
-        .filter_map(|f| status.lines().find(|l| l.starts_with(f)))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum::<u64>()
-        * 1024
-}
-
 fn first_pid(lines: &[Value]) -> u64 {
     lines
         .iter()
@@ -732,7 +721,7 @@ fn sigterm_while_deferred_kills_after_grace() {
         );
         let pid = first_pid(&sv.wait_for(&["started"], Duration::from_secs(20)));
         wait_until("the run over its limit", Duration::from_secs(10), || {
-            charged(pid) > 40 << 20
+            watchdog_tests::charged(pid as u32) > 40 << 20
         });
         // Time for the sensor to hear the crossing and defer it.
         std::thread::sleep(Duration::from_millis(300));

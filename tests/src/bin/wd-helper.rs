@@ -128,6 +128,14 @@ fn main() {
             }
             "sleep" => thread::sleep(Duration::from_millis(number("milliseconds") as u64)),
             "alloc" => kept.push(Block::touch(number("mebibytes") as usize)),
+            "alloc-pages" => {
+                let pages = number("pages") as usize;
+                let block = Block::map(pages * 4096);
+                for page in 0..pages {
+                    block.touch_page(page);
+                }
+                kept.push(block);
+            }
             "free" => kept.clear(),
             "free-last" => drop(kept.pop()),
             "thread-alloc" => {

@@ -309,6 +309,7 @@ impl Probes {
             drained: false,
             read_since_empty: false,
             page_size,
+            counter_lag: counter_lag_pages(layout.offsets.rss_stride) * page_size,
             forms,
         };
         probes.self_check()?;
@@ -567,8 +568,42 @@ fn release_freed_memory() {
     }
 }
 
+/// How many pages one resident-page counter of an mm can be behind the
+/// truth. From 6.2 each counter is a `percpu_counter` whose per-CPU parts
+/// are folded in once they reach the batch, `max(32, 2 * online CPUs)`
+/// (mm/percpu_counter.c, compute_batch_value): each CPU may hold up to a
+/// batch. Before, an `atomic_long_t` that each thread's cached updates
+/// reach every 64 events (TASK_RSS_EVENTS_THRESH): up to 64 pages per
+/// thread, counted here once per CPU that can run one at a time.
+fn counter_lag_pages(rss_stride: u32) -> u64 {
+    let cpus = online_cpus();
+    if rss_stride == 8 {
+        64 * cpus
+    } else {
+        (2 * cpus).max(32) * cpus
+    }
+}
+
+/// The number of online CPUs (/sys/devices/system/cpu/online, "0-3,6"),
+/// 1 when unreadable.
+fn online_cpus() -> u64 {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .map(|s| {
+            s.trim()
+                .split(',')
+                .filter_map(|range| {
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    let (a, b) = (a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?);
+                    (b + 1).checked_sub(a)
+                })
+                .sum::<u64>()
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// The number of pids the kernel can hand out (/proc/sys/kernel/pid_max),
-/// which sizes the watch filter: one byte each.
+/// which sizes the watch filter: one bit each.
 fn pid_max() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/pid_max")
         .ok()

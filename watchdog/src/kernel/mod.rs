@@ -50,11 +50,21 @@ pub struct Probes {
     /// Whether a record was read since the ring was last found empty.
     read_since_empty: bool,
     page_size: u64,
+    /// How far below a process's true anon or shmem count the kernel's
+    /// counter (and so the programs' view) can be, in bytes.
+    counter_lag: u64,
     /// The form each program was attached in.
     forms: Forms,
 }
 
 impl Probes {
+    /// How many bytes of one process's memory the kernel programs may not
+    /// see yet: each of its two charged counters lags its true value by up
+    /// to this much, plus the programs' own update granule.
+    pub fn lag_per_process(&self) -> u64 {
+        2 * (self.counter_lag + watchdog_common::GRANULE_PAGES as u64 * self.page_size)
+    }
+
     /// The form each program was attached in, and why for each fallback.
     pub fn forms(&self) -> &Forms {
         &self.forms

@@ -33,9 +33,22 @@ const LOSS_POLL: Duration = Duration::from_secs(5);
 /// measure that counts each page once, for as long as it has such members.
 const SHARED_CHECK: Duration = Duration::from_secs(1);
 
+/// The first exact reading of a group whose kernel total came within the
+/// counters' lag of its limit; each further one waits twice as long, up to
+/// [`RECHECK_MAX`], for as long as it stays that close. The kernel's
+/// counters can be behind the truth (see `Probes::lag_per_process`): a
+/// process that stops just past its limit may never move them past it, so
+/// the kernel fires first at the limit less that lag, and from then on at
+/// the limit itself while such a group is also read from here.
+const NEAR_FIRST: Duration = Duration::from_millis(100);
+
 struct Group {
     limits: Limits,
     members: HashSet<u32>,
+    /// Polled because it is within the counters' lag of its limit.
+    near: Option<Poll>,
+    /// The member count the kernel's lowered limit was computed for.
+    lag_members: usize,
     recheck: Option<Recheck>,
     /// When to read the group exactly next, while its members share pages.
     shared_check: Option<Instant>,
@@ -50,8 +63,58 @@ struct Group {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Wake {
     Recheck(GroupId),
+    Near(GroupId),
     SharedCheck(GroupId),
     Losses,
+}
+
+/// The next of a series of exact readings that back off.
+#[derive(Clone, Copy)]
+struct Poll {
+    at: Instant,
+    /// The wait before `at`: the next one is twice as long.
+    backoff: Duration,
+}
+
+impl Poll {
+    fn first() -> Self {
+        Self {
+            at: Instant::now() + NEAR_FIRST,
+            backoff: NEAR_FIRST,
+        }
+    }
+
+    fn next(self) -> Self {
+        let backoff = (self.backoff * 2).min(RECHECK_MAX);
+        Self {
+            at: Instant::now() + backoff,
+            backoff,
+        }
+    }
+}
+
+/// The level at which the kernel fires for a group that is not yet near
+/// its limit: the limit less what the counters may hide. 0 when that lag
+/// is the whole limit (the group is then always read from here too).
+fn far_limit(limit: u64, lag: u64) -> u64 {
+    limit.saturating_sub(lag)
+}
+
+/// What the kernel programs are given for a group: its own limits while
+/// it is near them, else the same lowered to `far` (a re-arm level above
+/// it comes down with it).
+fn kernel_limits(limits: Limits, far: Option<u64>) -> Limits {
+    match far {
+        Some(far) if far > 0 && far < limits.limit => {
+            let rearm = limits.rearm_below().min(far);
+            Limits {
+                limit: far,
+                hysteresis: far - rearm,
+                step: limits.step,
+            }
+        }
+        _ => limits,
+    }
 }
 
 /// A kernel crossing that exact readings did not confirm yet.
@@ -113,7 +176,12 @@ impl EbpfSensor {
         };
         let mut start: HashMap<u32, Charge> = pids.iter().map(|&pid| (pid, read(pid))).collect();
         let initial: u64 = start.values().map(|c| c.total()).sum();
-        let id = self.probes.create_group(limits, initial)?;
+        let lag = self.probes.lag_per_process() * pids.len() as u64;
+        let far = far_limit(limits.limit, lag);
+        let near = limits.limit > 0 && initial >= far;
+        let id = self
+            .probes
+            .create_group(kernel_limits(limits, (!near).then_some(far)), initial)?;
         let members = match self.probes.watch_tree(root, Some(id), |pid| {
             start.remove(&pid).unwrap_or_else(|| Charge::shared(pid))
         }) {
@@ -128,6 +196,8 @@ impl EbpfSensor {
             id,
             Group {
                 limits,
+                near: near.then(Poll::first),
+                lag_members: pids.len(),
                 members,
                 recheck: None,
                 shared_check,
@@ -163,6 +233,7 @@ impl EbpfSensor {
     }
 
     pub fn arm_at(&mut self, group: GroupId, limit_bytes: u64) -> Result<(), SensorError> {
+        let lag = self.probes.lag_per_process();
         let g = self
             .groups
             .get_mut(&group)
@@ -173,14 +244,91 @@ impl EbpfSensor {
         // Disarmed while the limit changes, so that the programs do not
         // fire against a half-written one.
         self.probes.set_trigger(group, Trigger::Disarmed)?;
-        self.probes.set_limits(group, g.limits)?;
+        let reading = read_against(&g.members, g.limits.limit);
+        let far = far_limit(g.limits.limit, lag * g.members.len().max(1) as u64);
+        let near = g.limits.limit > 0 && reading.charged_bytes >= far;
+        g.near = near.then(Poll::first);
+        g.lag_members = g.members.len();
+        self.probes
+            .set_limits(group, kernel_limits(g.limits, (!near).then_some(far)))?;
         // The kernel fires on an update, and a group that is already over
         // may not grow again: look now.
-        match self.confirm(group, None, now_ns()) {
-            Some(event) => self.queue.push_back(event),
-            None => self.probes.set_trigger(group, Trigger::Armed)?,
+        if g.limits.limit > 0 && reading.charged_bytes >= g.limits.limit {
+            let event = crossing(group, g, None, now_ns(), &reading);
+            self.queue.push_back(event);
+        } else {
+            self.probes.set_trigger(group, Trigger::Armed)?;
         }
         Ok(())
+    }
+
+    /// Starts or stops reading a group from here because it is within the
+    /// counters' lag of its limit, and gives the kernel the limit that goes
+    /// with it: its own while near, else the lowered one. A group whose
+    /// lowered limit would be nothing stays near.
+    fn set_near(&mut self, group: GroupId, near: bool) -> Result<(), SensorError> {
+        let lag = self.probes.lag_per_process();
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        let far = far_limit(g.limits.limit, lag * g.members.len().max(1) as u64);
+        let near = near || (g.limits.limit > 0 && far == 0);
+        g.lag_members = g.members.len();
+        match (near, g.near) {
+            (true, Some(_)) => {}
+            (true, None) => g.near = Some(Poll::first()),
+            (false, _) => g.near = None,
+        }
+        self.probes
+            .set_limits(group, kernel_limits(g.limits, (!near).then_some(far)))?;
+        Ok(())
+    }
+
+    /// After the kernel fired at a group's lowered limit and an exact
+    /// reading found it under its own: near from now on, the kernel armed
+    /// at the limit itself, unless its total is already past that (a
+    /// crossing the exact readings do not confirm, rechecked as such).
+    fn became_near(&mut self, group: GroupId, sensed_ns: u64) -> Result<(), SensorError> {
+        self.set_near(group, true)?;
+        let limit = self.groups.get(&group).map_or(0, |g| g.limits.limit);
+        if self.probes.group_total(group) >= i64::try_from(limit).unwrap_or(i64::MAX) {
+            self.stats.unconfirmed_crossings += 1;
+            self.schedule_recheck(group, sensed_ns);
+        } else {
+            self.probes.set_trigger(group, Trigger::Armed)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a group that is near its limit: the crossing its counters
+    /// may not show yet, or back to the kernel alone once both the exact
+    /// reading and the kernel's total are under the lowered limit.
+    fn near_check(&mut self, group: GroupId) -> Result<Option<SensorEvent>, SensorError> {
+        let lag = self.probes.lag_per_process();
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(None);
+        };
+        let Some(poll) = g.near else {
+            return Ok(None);
+        };
+        self.stats.near_checks += 1;
+        g.near = Some(poll.next());
+        let limit = g.limits.limit;
+        let reading = read_against(&g.members, limit);
+        if limit > 0
+            && reading.charged_bytes >= limit
+            && g.recheck.is_none()
+            && self.probes.trigger(group) == Some(Trigger::Armed)
+        {
+            self.probes.set_trigger(group, Trigger::Disarmed)?;
+            return Ok(Some(crossing(group, g, None, now_ns(), &reading)));
+        }
+        let far = far_limit(limit, lag * g.members.len().max(1) as u64);
+        let total = u64::try_from(self.probes.group_total(group)).unwrap_or(0);
+        if far > 0 && reading.charged_bytes < far && total < far {
+            self.set_near(group, false)?;
+        }
+        Ok(None)
     }
 
     pub fn read(&self, group: GroupId) -> Result<GroupReading, SensorError> {
@@ -249,8 +397,9 @@ impl EbpfSensor {
                 .iter()
                 .flat_map(|(&id, g)| {
                     let recheck = g.recheck.map(|r| (r.at, Wake::Recheck(id)));
+                    let near = g.near.map(|p| (p.at, Wake::Near(id)));
                     let shared = g.shared_check.map(|at| (at, Wake::SharedCheck(id)));
-                    recheck.into_iter().chain(shared)
+                    recheck.into_iter().chain(near).chain(shared)
                 })
                 // Failures inside the programs may come with no event at
                 // all: the counters are also looked at now and then.
@@ -267,6 +416,7 @@ impl EbpfSensor {
                         () = tokio::time::sleep_until(at.into()) => {
                             let event = match what {
                                 Wake::Recheck(id) => self.recheck(id)?,
+                                Wake::Near(id) => self.near_check(id)?,
                                 Wake::SharedCheck(id) => self.shared_check(id)?,
                                 Wake::Losses => {
                                     self.check_losses()?;
@@ -365,6 +515,10 @@ impl EbpfSensor {
                 }
                 _ => {}
             }
+            let lag = self.probes.lag_per_process() * g.members.len().max(1) as u64;
+            if g.near.is_none() && reading.charged_bytes >= far_limit(limits.limit, lag) {
+                self.set_near(id, true)?;
+            }
         }
         Ok(())
     }
@@ -373,11 +527,16 @@ impl EbpfSensor {
         Ok(match event {
             KernelEvent::Fork(fork) => {
                 let group = self.group_of(fork.group);
-                if let Some(g) = group.and_then(|id| self.groups.get_mut(&id)) {
+                if let Some((id, g)) = group.and_then(|id| Some((id, self.groups.get_mut(&id)?))) {
                     g.members.insert(fork.child);
                     // The child shares its parent's pages until it execs.
                     g.shared_check
                         .get_or_insert_with(|| Instant::now() + SHARED_CHECK);
+                    // Each member's counters lag on their own: the lowered
+                    // limit comes down as the group doubles.
+                    if g.near.is_none() && g.members.len() >= 2 * g.lag_members.max(1) {
+                        self.set_near(id, false)?;
+                    }
                 }
                 Some(SensorEvent::Fork { group, fork })
             }
@@ -393,7 +552,11 @@ impl EbpfSensor {
                     return Ok(None);
                 };
                 let event = self.confirm(group, Some(signal.pid), signal.monotonic_ns);
-                if event.is_none() {
+                if event.is_none() && self.groups.get(&group).is_some_and(|g| g.near.is_none()) {
+                    // The lowered limit: not over, but close enough that
+                    // the counters could hide a crossing.
+                    self.became_near(group, signal.monotonic_ns)?;
+                } else if event.is_none() {
                     self.stats.unconfirmed_crossings += 1;
                     tracing::debug!(
                         group = group.0,
@@ -542,4 +705,38 @@ fn crossing(
         members: reading.members.len(),
         metric: reading.metric.unwrap_or(mem::Charged::AnonShmem),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn far_limits_sit_the_lag_below_the_limit() {
+        let limits = Limits {
+            limit: 100 << 20,
+            hysteresis: 5 << 20,
+            step: 7,
+        };
+        assert_eq!(far_limit(limits.limit, 1 << 20), 99 << 20);
+        let far = kernel_limits(limits, Some(99 << 20));
+        assert_eq!(far.limit, 99 << 20);
+        assert_eq!(far.rearm_below(), 95 << 20, "the re-arm level is kept");
+        assert_eq!(far.step, 7);
+        let wide = kernel_limits(limits, Some(90 << 20));
+        assert_eq!(
+            (wide.limit, wide.rearm_below()),
+            (90 << 20, 90 << 20),
+            "a re-arm level above the lowered limit comes down with it"
+        );
+        assert_eq!(kernel_limits(limits, None), limits, "near: its own");
+    }
+
+    #[test]
+    fn a_lag_as_large_as_the_limit_leaves_no_far_level() {
+        assert_eq!(far_limit(64 << 10, 640 << 10), 0);
+        let limits = Limits::new(64 << 10);
+        assert_eq!(kernel_limits(limits, Some(0)), limits);
+        assert_eq!(kernel_limits(Limits::new(0), Some(0)), Limits::new(0));
+    }
 }

@@ -190,6 +190,9 @@ pub struct SensorStats {
     /// Exact readings of groups whose processes share pages copy-on-write
     /// (kernel programs; see `sensor::ebpf`).
     pub shared_checks: u64,
+    /// Exact readings of groups within the kernel counters' lag of their
+    /// limit (kernel programs; see `sensor::ebpf`).
+    pub near_checks: u64,
     /// Events the kernel could not deliver (ring buffer full).
     pub lost_events: u64,
     /// Samples taken (sampling sensors).
