@@ -104,6 +104,12 @@ pub fn apply(protection: &Protection) -> Vec<Applied> {
     ]
 }
 
+/// Only the event loop's priority (nice, on the calling thread): for the
+/// foreground commands, which report what they sense but protect nothing.
+pub fn priority(nice: i32) -> Applied {
+    sys::nice(nice)
+}
+
 /// What a service's process does between fork and exec so that it does
 /// not inherit the daemon's protection: its own oom_score_adj (0, or the
 /// service's configured value), nice 0, and the normal scheduling policy.

@@ -85,9 +85,15 @@ enum Task {
         #[arg(long, value_name = "LIST", default_value = kernels::ALL_KERNELS)]
         kernels: String,
     },
-    /// Measure detection latency, page-fault overhead, idle CPU and memory
+    /// Measure the kernel programs' cost to the host (interleaved pairs),
+    /// detection latency, overshoot, exit storms, idle CPU and memory
     /// against same-run baselines; write BENCHMARKS.md. Needs root.
-    Bench,
+    Bench {
+        /// A reduced set (fewer pairs, runs and shorter windows), for
+        /// development: under 2 minutes. Writes target/BENCHMARKS.quick.md.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -100,7 +106,7 @@ fn main() -> Result<()> {
         Task::Run { args } => project.run(args),
         Task::Test { kernels } => project.test(kernels.as_deref()),
         Task::TestKernels { kernels } => project.test_kernels(&kernels),
-        Task::Bench => bench::bench(&project),
+        Task::Bench { quick } => bench::bench(&project, quick),
     }
 }
 
@@ -470,20 +476,32 @@ impl Project {
         };
         let mut outcomes = Vec::new();
         let mut failures = Vec::new();
-        for kernel in images {
-            let outcome = match kernels::run_guest(kernel, &suite) {
+        // The guests side by side: each emulates its vCPUs on one host
+        // thread, so together they keep this machine's CPUs busy.
+        let results: Vec<Result<kernels::Outcome>> = std::thread::scope(|scope| {
+            let guests: Vec<_> = images
+                .iter()
+                .map(|kernel| scope.spawn(|| kernels::run_guest(kernel, &suite)))
+                .collect();
+            guests
+                .into_iter()
+                .map(|guest| {
+                    guest
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a guest's thread panicked")))
+                })
+                .collect()
+        });
+        for result in results {
+            let outcome = match result {
                 Ok(outcome) => outcome,
                 Err(e) => {
-                    // Already names the kernel; the next one still runs.
+                    // Already names the kernel; the others still count.
                     println!("{e:#}");
                     failures.push(format!("{e:#}"));
                     continue;
                 }
             };
-            println!(
-                "kernel {}: {} passed, {} failed ({} s)",
-                outcome.release, outcome.tally.passed, outcome.tally.failed, outcome.seconds
-            );
             failures.extend(outcome.failures.iter().cloned());
             outcomes.push(outcome);
         }

@@ -325,6 +325,91 @@ fn main() {
                     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
                 }
             }
+            "spin" => {
+                // Burns a CPU for this long.
+                let until = monotonic_ns() + number("milliseconds") as u64 * 1_000_000;
+                let mut n = 0u64;
+                while monotonic_ns() < until {
+                    for _ in 0..10_000 {
+                        n = std::hint::black_box(n.wrapping_add(1));
+                    }
+                }
+            }
+            "fork-for" => {
+                // Forks children that exit at once, for this long; prints
+                // how many.
+                let forks = fork_for(number("milliseconds") as u64);
+                println!("forks {forks}");
+            }
+            "fork-for-all" => {
+                // As fork-for, in this many processes at once, each adding
+                // a "forks N" line to FILE.
+                let ms = number("milliseconds") as u64;
+                let procs = number("a process count").max(1);
+                let path = steps
+                    .next()
+                    .unwrap_or_else(|| usage("fork-for-all needs a file"));
+                let file = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(path)
+                    .expect("open the fork count file");
+                let mut children = Vec::new();
+                for _ in 0..procs {
+                    // SAFETY: the child runs the loop, writes and exits.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        let line = format!("forks {}\n", fork_for(ms));
+                        // One write: appended whole.
+                        let _ = std::io::Write::write(&mut &file, line.as_bytes());
+                        unsafe { libc::_exit(0) };
+                    }
+                    assert!(pid > 0, "fork failed");
+                    children.push(pid);
+                }
+                for pid in children {
+                    // SAFETY: our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
+            }
+            "lifecycle-bench" => {
+                // fork + execve(/bin/true) + wait, this many times: the
+                // mean cost of one, in ns.
+                let n = number("a count").max(1) as u64;
+                let path = c"/bin/true";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                let envp = [std::ptr::null()];
+                let start = monotonic_ns();
+                for _ in 0..n {
+                    // SAFETY: single-threaded; the child execs or exits.
+                    let pid = unsafe { libc::fork() };
+                    if pid == 0 {
+                        // SAFETY: valid NUL-terminated arrays.
+                        unsafe {
+                            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                            libc::_exit(127);
+                        }
+                    }
+                    assert!(pid > 0, "fork failed");
+                    // SAFETY: our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                }
+                println!(
+                    "lifecycle ns={:.1}",
+                    (monotonic_ns() - start) as f64 / n as f64
+                );
+            }
+            "race" => {
+                // Touches fresh pages as fast as it can, up to this many
+                // MiB, then waits. Its progress is in DIR/<pid> (see
+                // `RACE`), so that it can be read after a SIGKILL;
+                // SIGTERM records where it was and exits.
+                let mib = number("mebibytes") as usize;
+                let dir = steps
+                    .next()
+                    .unwrap_or_else(|| usage("race needs a directory"));
+                race(mib, &format!("{dir}/{}", process::id()));
+            }
             "exit" => process::exit(number("an exit code") as i32),
             "prefork" | "prefork-write" => {
                 let mib = number("mebibytes") as usize;
@@ -463,6 +548,83 @@ fn main() {
             other => usage(&format!("unknown step {other:?}")),
         }
     }
+}
+
+/// The progress a `race` worker shares through its file: its charged
+/// bytes before it started, the bytes it touched since, and the latter
+/// when SIGTERM arrived (0 until then), each a native-endian u64.
+static RACE: std::sync::atomic::AtomicPtr<u64> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn race_term(_: libc::c_int) {
+    let words = RACE.load(std::sync::atomic::Ordering::SeqCst);
+    if !words.is_null() {
+        // SAFETY: the shared mapping set up by `race`, three words long.
+        unsafe {
+            let touched = std::ptr::read_volatile(words.add(1));
+            std::ptr::write_volatile(words.add(2), touched.max(1));
+        }
+    }
+    // SAFETY: async-signal-safe.
+    unsafe { libc::_exit(0) };
+}
+
+fn race(mib: usize, path: &str) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("open the race file");
+    file.set_len(4096).expect("size the race file");
+    // SAFETY: a shared mapping of a file we sized; kept for the process's life.
+    let words = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    assert_ne!(words, libc::MAP_FAILED, "mmap the race file");
+    let words = words.cast::<u64>();
+    let block = Block::map(mib << 20);
+    // SAFETY: three words inside the mapping.
+    unsafe { std::ptr::write_volatile(words, charged()) };
+    RACE.store(words, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: a handler that only touches the mapping and exits.
+    unsafe { libc::signal(libc::SIGTERM, race_term as *const () as libc::sighandler_t) };
+    for page in 0..block.len / 4096 {
+        // SAFETY: inside the mapping.
+        unsafe {
+            std::ptr::write_bytes((block.addr as *mut u8).add(page * 4096), 1, 4096);
+            std::ptr::write_volatile(words.add(1), (page as u64 + 1) * 4096);
+        }
+    }
+    loop {
+        thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Forks children that exit at once, one at a time, for `ms`: how many.
+fn fork_for(ms: u64) -> u64 {
+    let until = monotonic_ns() + ms * 1_000_000;
+    let mut forks = 0u64;
+    while monotonic_ns() < until {
+        // SAFETY: the child only calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        assert!(pid > 0, "fork failed");
+        // SAFETY: our own child, no status wanted.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        forks += 1;
+    }
+    forks
 }
 
 fn monotonic_ns() -> u64 {

@@ -127,6 +127,14 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
         Err(e @ SensorError::PidNamespace) => return Err(CliError::Usage(e.to_string())),
         Err(e) => return Err(anyhow::Error::new(e).context("cannot watch memory").into()),
     };
+    // The daemon's event-loop priority: a crossing is reported on time
+    // while every CPU is busy (refused without CAP_SYS_NICE, and said so).
+    match crate::protect::priority(crate::protect::Protection::default().nice) {
+        crate::protect::Applied::Done(done) => {
+            tracing::debug!(priority = %done, "event loop priority")
+        }
+        other => tracing::info!(priority = %other, "event loop priority left as it is"),
+    }
     let source = sensor.source();
     let limits = Limits {
         limit,
