@@ -525,6 +525,14 @@ pub fn rss_stat_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// A program that does nothing, on rss_stat. The daemon never loads it:
+/// `cargo xtask bench` attaches it alone, to measure what the tracepoint's
+/// dispatch to any program costs a page fault.
+#[btf_tracepoint(function = "rss_stat")]
+pub fn rss_stat_null(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 /// sched_process_exec: `(struct task_struct *p, pid_t old_pid, struct
 /// linux_binprm *bprm)`, after the new mm is in place: the process's
 /// contribution becomes that of its new address space.

@@ -1501,7 +1501,9 @@ mod tests {
     fn escaping_tree(cgroup: &ServiceCgroup) -> (std::process::Child, u32) {
         let fd = cgroup.procs_fd();
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "setsid sleep 100 & sleep 100"]);
+        // The shell becomes the second sleep: no foreground child to appear
+        // after the members are read.
+        cmd.args(["-c", "setsid sleep 100 & exec sleep 100"]);
         // SAFETY: join is async-signal-safe.
         unsafe { cmd.pre_exec(move || ServiceCgroup::join(fd)) };
         let child = cmd.spawn().unwrap();

@@ -119,6 +119,7 @@ pub fn bench(project: &Project, quick: bool) -> Result<()> {
     let b = Bench {
         watchdog,
         helper: project.root.join("target/release/wd-helper"),
+        object: project.ebpf_object(),
         settings,
         ids: Cell::new(0),
     };
@@ -252,6 +253,8 @@ impl Drop for PidMax {
 pub struct Bench {
     watchdog: PathBuf,
     helper: PathBuf,
+    /// The kernel object, for the empty program the host-cost pairs attach.
+    object: PathBuf,
     settings: Settings,
     ids: Cell<u32>,
 }

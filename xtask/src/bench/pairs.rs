@@ -71,6 +71,10 @@ impl Pairs {
 
 /// What the interleaved pairs measured.
 pub struct HostCost {
+    /// ns per page fault with only a program that returns at once on
+    /// rss_stat: the tracepoint's own dispatch, the floor under any
+    /// program there.
+    pub fault_floor: Pairs,
     /// ns per page fault: a process the daemon does not watch (while it
     /// watches 1,000 others).
     pub fault_unwatched: Pairs,
@@ -100,6 +104,7 @@ impl ProgramCost {
 /// The daemon's programs, by the names the kernel keeps (15 characters).
 const PROGRAMS: &[&str] = &[
     "rss_stat",
+    "rss_stat_null",
     "rss_stat_btf",
     "sched_process_e",
     "sched_process_f",
@@ -169,6 +174,7 @@ impl Bench {
 
     pub fn host_cost(&self, idle: &[u32]) -> Result<HostCost> {
         let mut cost = HostCost {
+            fault_floor: Pairs::default(),
             fault_unwatched: Pairs::default(),
             fault_watched: Pairs::default(),
             lifecycle: Pairs::default(),
@@ -176,11 +182,15 @@ impl Bench {
             faults_per_run: FAULT_MIB * 256,
         };
         for pair in 0..self.settings.pairs {
-            // A B, then B A: each side goes first half the time.
-            let a_first = pair % 2 == 0;
+            // A (baseline), B (the daemon), C (the empty program), in
+            // that order in even pairs and reversed in odd ones.
+            let forward = pair % 2 == 0;
             let mut a = None;
-            if a_first {
+            let mut c = None;
+            if forward {
                 a = Some((self.fault_run(None)?, self.lifecycle_run()?));
+            } else {
+                c = Some(self.floor_run()?);
             }
             let mut worker = self.held_worker()?;
             let mut pids = idle.to_vec();
@@ -190,16 +200,22 @@ impl Bench {
             let watched = self.fault_run(Some(&mut worker))?;
             let life = self.lifecycle_run()?;
             daemon.stop()?;
+            let floor = match c {
+                Some(c) => c,
+                None => self.floor_run()?,
+            };
             let (base_fault, base_life) = match a {
                 Some(a) => a,
                 None => (self.fault_run(None)?, self.lifecycle_run()?),
             };
+            cost.fault_floor.push(base_fault, floor);
             cost.fault_unwatched.push(base_fault, unwatched);
             cost.fault_watched.push(base_fault, watched);
             cost.lifecycle.push(base_life, life);
             println!(
                 "bench: pair {}/{}: fault {base_fault:.0} ns -> {unwatched:.0} ns unwatched, \
-                 {watched:.0} ns watched; lifecycle {:.0} us -> {:.0} us",
+                 {watched:.0} ns watched, {floor:.0} ns with an empty program; lifecycle \
+                 {:.0} us -> {:.0} us",
                 pair + 1,
                 self.settings.pairs,
                 base_life / 1000.0,
@@ -223,39 +239,85 @@ impl Bench {
             .context("failed to turn on the kernel's BPF run-time statistics")?;
         let mut phases = Vec::new();
         let mut last = snapshot()?;
-        let mut phase = |name: &'static str, last: &mut BTreeMap<u32, (String, u64, u64)>| {
-            let now = snapshot()?;
-            for (id, (program, count, ns)) in &now {
-                let (c0, n0) = last.get(id).map_or((0, 0), |&(_, c, n)| (c, n));
-                if count > &c0 {
-                    phases.push(ProgramCost {
-                        program: program.clone(),
-                        phase: name,
-                        count: count - c0,
-                        ns: ns.saturating_sub(n0),
-                    });
-                }
-            }
-            *last = now;
-            anyhow::Ok(())
-        };
         self.fault_run(None)?;
-        phase("page faults, unwatched process", &mut last)?;
+        record(&mut phases, "page faults, unwatched process", &mut last)?;
         self.fault_run(Some(&mut worker))?;
-        phase("page faults, watched process", &mut last)?;
+        record(&mut phases, "page faults, watched process", &mut last)?;
         self.lifecycle_run()?;
-        phase("fork + exec + exit, unwatched process", &mut last)?;
-        drop(stats);
+        record(
+            &mut phases,
+            "fork + exec + exit, unwatched process",
+            &mut last,
+        )?;
         daemon.stop()?;
+        let floor = Floor::attach(&self.object)?;
+        let mut last = snapshot()?;
+        self.fault_run(None)?;
+        record(
+            &mut phases,
+            "page faults, the empty program alone",
+            &mut last,
+        )?;
+        drop(floor);
+        drop(stats);
         Ok(phases)
+    }
+
+    /// ns per page fault with only the empty program attached.
+    fn floor_run(&self) -> Result<f64> {
+        let _floor = Floor::attach(&self.object)?;
+        self.fault_run(None)
+    }
+}
+
+/// The kernel object's `rss_stat_null`, attached alone; detached on drop.
+struct Floor {
+    _ebpf: aya::Ebpf,
+}
+
+impl Floor {
+    fn attach(object: &std::path::Path) -> Result<Self> {
+        let mut ebpf = aya::Ebpf::load_file(object)
+            .with_context(|| format!("failed to load {}", object.display()))?;
+        let btf = aya::Btf::from_sys_fs().context("failed to read the kernel's BTF")?;
+        let program: &mut aya::programs::BtfTracePoint = ebpf
+            .program_mut("rss_stat_null")
+            .context("the kernel object has no rss_stat_null program")?
+            .try_into()
+            .context("rss_stat_null is not a BTF tracepoint")?;
+        program
+            .load("rss_stat", &btf)
+            .context("failed to load rss_stat_null")?;
+        program.attach().context("failed to attach rss_stat_null")?;
+        Ok(Self { _ebpf: ebpf })
     }
 }
 
 /// 64 MiB per round: 16,384 faults.
 const FAULT_MIB: u64 = 64;
 
+type Snapshot = BTreeMap<u32, (String, u64, u64)>;
+
+/// Adds what each program did since `last` as `phase`, and moves `last`.
+fn record(phases: &mut Vec<ProgramCost>, phase: &'static str, last: &mut Snapshot) -> Result<()> {
+    let now = snapshot()?;
+    for (id, (program, count, ns)) in &now {
+        let (c0, n0) = last.get(id).map_or((0, 0), |&(_, c, n)| (c, n));
+        if *count > c0 {
+            phases.push(ProgramCost {
+                program: program.clone(),
+                phase,
+                count: count - c0,
+                ns: ns.saturating_sub(n0),
+            });
+        }
+    }
+    *last = now;
+    Ok(())
+}
+
 /// The daemon's programs now loaded: id -> (name, runs, ns).
-fn snapshot() -> Result<BTreeMap<u32, (String, u64, u64)>> {
+fn snapshot() -> Result<Snapshot> {
     let mut out = BTreeMap::new();
     for info in aya::programs::loaded_programs() {
         let info = info.context("failed to list the loaded BPF programs")?;
