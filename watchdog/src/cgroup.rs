@@ -1498,6 +1498,21 @@ mod tests {
     /// Starts, inside `cgroup`, a shell whose background child calls
     /// setsid (leaving the shell's session and process group) and waits
     /// until both are members; returns the shell and the session leader.
+    /// Kills a test's tree if the test fails before it does: stopped or
+    /// sleeping leftovers would hold the test runner's output open.
+    struct KillOnPanic(Vec<u32>);
+
+    impl Drop for KillOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                for &pid in &self.0 {
+                    // SAFETY: kill has no memory preconditions.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+
     fn escaping_tree(cgroup: &ServiceCgroup) -> (std::process::Child, u32) {
         let fd = cgroup.procs_fd();
         let mut cmd = Command::new("sh");
@@ -1553,6 +1568,7 @@ mod tests {
         assert!(cgroup.path().is_dir());
         assert!(!cgroup.populated());
         let (mut child, leader) = escaping_tree(&cgroup);
+        let _kill_cgroup = KillOnPanic(vec![child.id(), leader]);
         let members = cgroup.members();
         assert!(cgroup.populated());
         let rel = of_pid(child.id()).unwrap();
@@ -1600,6 +1616,7 @@ mod tests {
         let containment = containment("fallback");
         let cgroup = containment.create("web").unwrap();
         let (mut child, leader) = escaping_tree(&cgroup);
+        let _kill_cgroup = KillOnPanic(vec![child.id(), leader]);
         cgroup.kill_by_signal().unwrap();
         assert!(!cgroup.populated());
         assert!(gone(leader));
@@ -1622,6 +1639,7 @@ mod tests {
         let containment = containment("leftover");
         let first = containment.create("web").unwrap();
         let (mut child, leader) = escaping_tree(&first);
+        let _kill_first = KillOnPanic(vec![child.id(), leader]);
         drop(first);
         let again = containment.create("web").unwrap();
         assert!(again.members().is_empty());
@@ -1630,6 +1648,7 @@ mod tests {
 
         let other = containment.create("worker").unwrap();
         let (mut child, leader) = escaping_tree(&other);
+        let _kill_other = KillOnPanic(vec![child.id(), leader]);
         let base = containment.base().to_owned();
         containment.remove();
         assert!(!base.exists());
@@ -1648,6 +1667,7 @@ mod tests {
         let containment = containment("sweep");
         let cgroup = containment.create("web").unwrap();
         let (mut child, leader) = escaping_tree(&cgroup);
+        let _kill_cgroup = KillOnPanic(vec![child.id(), leader]);
         let base = containment.base().to_owned();
         let pids = kill_recorded(&base).unwrap();
         assert!(

@@ -802,20 +802,57 @@ impl Tally {
 
 /// Runs `cargo test`, passing its output through, and adds up the
 /// `test result:` lines of every test binary.
+/// A process a test left behind can hold the output open after cargo
+/// exits: its end is not waited for longer than this.
+const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn run_tests(cmd: &mut Command) -> Result<Tally> {
-    use std::io::{BufRead, BufReader};
+    use std::{
+        io::{BufRead, BufReader},
+        sync::mpsc,
+        time::{Duration, Instant},
+    };
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("failed to start {cmd:?}"))?;
     let mut tally = Tally::default();
     let stdout = child.stdout.take().context("piped stdout")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        tally.add(&line);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut exited = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                println!("{line}");
+                tally.add(&line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if exited.is_none() {
+            exited = child.try_wait()?.map(|status| (status, Instant::now()));
+        }
+        if exited.is_some_and(|(_, at)| at.elapsed() > LEFTOVER_WAIT) {
+            println!(
+                "xtask: cargo exited {} s ago but processes the tests left behind still hold \
+                 its output; not waiting for them",
+                LEFTOVER_WAIT.as_secs()
+            );
+            break;
+        }
     }
-    let status = child.wait()?;
+    let status = match exited {
+        Some((status, _)) => status,
+        None => child.wait()?,
+    };
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
