@@ -226,6 +226,11 @@ fn a_few_pages_past_the_limit_are_reported() {
             charged >= line["limit_bytes"].as_u64().unwrap(),
             "{mode:?}: {line}"
         );
+        // Once: it stays over, and is read again and again (past the
+        // slowest exact reading's interval) without being reported again.
+        if let Some(again) = s.next_memory(Duration::from_secs(3)) {
+            panic!("{mode:?}: a second memory event while still over: {again}");
+        }
         s.finish();
     }
 }

@@ -247,23 +247,23 @@ mod sys {
 
     /// sched_attr (include/uapi/linux/sched/types.h), up to sched_period.
     #[repr(C)]
-    struct SchedAttr {
-        size: u32,
-        policy: u32,
-        flags: u64,
-        nice: i32,
-        priority: u32,
-        runtime: u64,
-        deadline: u64,
-        period: u64,
+    pub(super) struct SchedAttr {
+        pub(super) size: u32,
+        pub(super) policy: u32,
+        pub(super) flags: u64,
+        pub(super) nice: i32,
+        pub(super) priority: u32,
+        pub(super) runtime: u64,
+        pub(super) deadline: u64,
+        pub(super) period: u64,
     }
 
     /// From Linux 6.12 a fair task's sched_runtime is its slice: a thread
     /// with a short one that wakes preempts the running task at once
     /// (EEVDF), rather than when that task's slice ends, which on a busy
     /// CPU is up to a few milliseconds. Earlier kernels take the call and
-    /// ignore the runtime. Children do not keep it: their reset
-    /// (`reset_child`) sets the policy again, with the default slice.
+    /// ignore the runtime. Services do not keep it (`reset_child` gives the
+    /// default back); threads the event loop starts later do.
     fn short_slice(tid: libc::pid_t, nice: i32) -> String {
         let attr = SchedAttr {
             size: std::mem::size_of::<SchedAttr>() as u32,
@@ -349,6 +349,21 @@ mod sys {
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // The slice too: sched_setscheduler keeps a custom one (6.12+),
+        // sched_setattr with no runtime gives the default back. Kernels
+        // without custom slices have nothing to undo, whatever it returns.
+        let attr = SchedAttr {
+            size: std::mem::size_of::<SchedAttr>() as u32,
+            policy: libc::SCHED_OTHER as u32,
+            flags: 0,
+            nice: 0,
+            priority: 0,
+            runtime: 0,
+            deadline: 0,
+            period: 0,
+        };
+        // SAFETY: a valid sched_attr of the size it declares, for ourselves.
+        unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
         // SAFETY: setpriority on ourselves.
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } != 0 {
             let err = io::Error::last_os_error();
@@ -696,6 +711,67 @@ mod tests {
                 "(oom_score_adj, nice, policy) of a child with reset {target:?}"
             );
         }
+    }
+
+    /// The slice (sched_runtime) of `pid`, as sched_getattr reports it.
+    fn slice_of(pid: u32) -> u64 {
+        let mut attr = sys::SchedAttr {
+            size: 0,
+            policy: 0,
+            flags: 0,
+            nice: 0,
+            priority: 0,
+            runtime: 0,
+            deadline: 0,
+            period: 0,
+        };
+        // SAFETY: a buffer of the size given.
+        let got = unsafe {
+            libc::syscall(
+                libc::SYS_sched_getattr,
+                pid,
+                &mut attr as *mut sys::SchedAttr,
+                std::mem::size_of::<sys::SchedAttr>() as u32,
+                0u32,
+            )
+        };
+        assert_eq!(got, 0, "sched_getattr({pid})");
+        attr.runtime
+    }
+
+    /// The event loop's short slice stays with it: a service, reset
+    /// between fork and exec, runs with the default one.
+    #[test]
+    fn services_do_not_keep_the_short_slice() {
+        if !root_or_skip("scheduling slices") {
+            return;
+        }
+        let _turn = process_wide();
+        std::thread::spawn(|| {
+            let applied = priority(-5);
+            if !applied.message().contains("slice 100 us") {
+                eprintln!("custom slices not available here: {applied}");
+                return;
+            }
+            let spawn = |reset: bool| {
+                let mut sleeper = Command::new("sleep");
+                sleeper.arg("10");
+                if reset {
+                    let reset = ChildReset::new(0);
+                    // SAFETY: ChildReset::apply is async-signal-safe.
+                    unsafe { sleeper.pre_exec(move || reset.apply()) };
+                }
+                let mut child = sleeper.spawn().unwrap();
+                let slice = slice_of(child.id());
+                child.kill().unwrap();
+                child.wait().unwrap();
+                slice
+            };
+            assert_eq!(spawn(false), 100_000, "inherited without the reset");
+            assert_ne!(spawn(true), 100_000, "kept across the reset");
+        })
+        .join()
+        .unwrap();
     }
 
     /// Spawns a sleeping child, with a [`ChildReset`] to `target` in its

@@ -341,25 +341,35 @@ pub struct Suite<'a> {
 
 /// Lines of a guest's console that say its kernel is broken: it is
 /// killed at once rather than left to the timeout.
-const BROKEN: &[&str] = &[
+const BROKEN: &[&str] = &["Oops: ", "Kernel panic", "general protection fault"];
+
+/// Lines that say a CPU has made no progress for 20 s or more: a guest
+/// only starved of its host's CPU for a while can print one, so it is
+/// killed once they repeat.
+const STUCK: &[&str] = &[
     "BUG: soft lockup",
     "self-detected stall on CPU",
     "detected stalls on CPUs",
-    "Oops: ",
-    "Kernel panic",
-    "general protection fault",
 ];
+
+/// How many [`STUCK`] lines make a guest broken.
+const STUCK_LINES: usize = 3;
 
 /// Why a guest ended early.
 #[derive(Debug)]
 struct Broken {
-    /// The first console line that told.
+    release: String,
+    /// The console line that told.
     line: String,
 }
 
 impl std::fmt::Display for Broken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the guest kernel broke: {}", self.line)
+        write!(
+            f,
+            "kernel {}: the guest kernel broke: {}",
+            self.release, self.line
+        )
     }
 }
 
@@ -388,9 +398,8 @@ pub fn run_guest(kernel: &Kernel, suite: &Suite) -> Result<Outcome> {
             let saved = results.join("console-broken.log");
             fs::rename(&console, &saved)?;
             println!(
-                "kernel {}: {e:#} (console kept in {}); booting it once more for the \
-                 test executables that had not finished",
-                kernel.release,
+                "{e:#} (console kept in {}); booting it once more for the test executables \
+                 that had not finished",
                 saved.display()
             );
             run_guest_once(kernel, suite, &results)
@@ -471,13 +480,17 @@ fn run_guest_once(kernel: &Kernel, suite: &Suite, results: &Path) -> Result<Outc
     let broken = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
     let told = broken.clone();
     let reader = thread::spawn(move || {
+        let mut stuck = 0;
         for line in BufReader::new(stdout).split(b'\n') {
             let Ok(line) = line else { break };
             let line = String::from_utf8_lossy(&line);
             let line = line.trim_end_matches('\r');
             let _ = writeln!(log, "{line}");
             println!("[{label}] {line}");
-            if BROKEN.iter().any(|b| line.contains(b)) {
+            if STUCK.iter().any(|b| line.contains(b)) {
+                stuck += 1;
+            }
+            if BROKEN.iter().any(|b| line.contains(b)) || stuck >= STUCK_LINES {
                 told.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(|| line.trim().to_owned());
@@ -510,7 +523,11 @@ fn run_guest_once(kernel: &Kernel, suite: &Suite, results: &Path) -> Result<Outc
     let qemu_errors = errors.join().unwrap_or_default();
     let seconds = started.elapsed().as_secs();
     if let Some(line) = broke() {
-        return Err(Broken { line }.into());
+        return Err(Broken {
+            release: kernel.release.clone(),
+            line,
+        }
+        .into());
     }
     let Some(status) = status else {
         bail!(

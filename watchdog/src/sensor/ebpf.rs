@@ -49,6 +49,10 @@ struct Group {
     near: Option<Poll>,
     /// The member count the kernel's lowered limit was computed for.
     lag_members: usize,
+    /// When a crossing was last reported from an exact reading here: a
+    /// kernel crossing from before then (it fired as that reading was
+    /// made) is the same one.
+    reported_ns: u64,
     recheck: Option<Recheck>,
     /// When to read the group exactly next, while its members share pages.
     shared_check: Option<Instant>,
@@ -198,6 +202,7 @@ impl EbpfSensor {
                 limits,
                 near: near.then(Poll::first),
                 lag_members: pids.len(),
+                reported_ns: 0,
                 members,
                 recheck: None,
                 shared_check,
@@ -217,10 +222,18 @@ impl EbpfSensor {
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
         g.recheck = None;
-        if g.shared_check.is_none() {
+        if g.limits.limit == 0 {
             self.probes.rearm(group, &g.limits)?;
             return Ok(());
         }
+        if g.shared_check.is_none() && g.near.is_none() {
+            // Just over its limit, so near it: the kernel's lagging total
+            // cannot tell when it is back under; exact readings do.
+            self.set_near(group, true)?;
+        }
+        let Some(g) = self.groups.get_mut(&group) else {
+            return Ok(());
+        };
         let charged = read_members(&g.members).charged_bytes;
         g.wait_below = Trigger::after_crossing(charged, &g.limits) == Trigger::WaitBelow;
         let trigger = if g.wait_below {
@@ -255,6 +268,7 @@ impl EbpfSensor {
         // may not grow again: look now.
         if g.limits.limit > 0 && reading.charged_bytes >= g.limits.limit {
             let event = crossing(group, g, None, now_ns(), &reading);
+            g.reported_ns = now_ns();
             self.queue.push_back(event);
         } else {
             self.probes.set_trigger(group, Trigger::Armed)?;
@@ -272,7 +286,10 @@ impl EbpfSensor {
             return Ok(());
         };
         let far = far_limit(g.limits.limit, lag * g.members.len().max(1) as u64);
-        let near = near || (g.limits.limit > 0 && far == 0);
+        let total = u64::try_from(self.probes.group_total(group)).unwrap_or(0);
+        // Without a limit there is nothing to be near; with one, a group
+        // whose kernel total is past the lowered limit is near already.
+        let near = g.limits.limit > 0 && (near || far == 0 || total >= far);
         g.lag_members = g.members.len();
         match (near, g.near) {
             (true, Some(_)) => {}
@@ -286,18 +303,30 @@ impl EbpfSensor {
 
     /// After the kernel fired at a group's lowered limit and an exact
     /// reading found it under its own: near from now on, the kernel armed
-    /// at the limit itself, unless its total is already past that (a
-    /// crossing the exact readings do not confirm, rechecked as such).
-    fn became_near(&mut self, group: GroupId, sensed_ns: u64) -> Result<(), SensorError> {
+    /// at the limit itself. Unless its total went past that meanwhile (a
+    /// process faulting fast covers the lag in well under a millisecond):
+    /// then it is read again at once, and reported if over, or rechecked
+    /// as a crossing the exact readings do not confirm.
+    fn became_near(
+        &mut self,
+        group: GroupId,
+        pid: u32,
+        sensed_ns: u64,
+    ) -> Result<Option<SensorEvent>, SensorError> {
         self.set_near(group, true)?;
         let limit = self.groups.get(&group).map_or(0, |g| g.limits.limit);
-        if self.probes.group_total(group) >= i64::try_from(limit).unwrap_or(i64::MAX) {
-            self.stats.unconfirmed_crossings += 1;
-            self.schedule_recheck(group, sensed_ns);
-        } else {
+        if self.probes.group_total(group) < i64::try_from(limit).unwrap_or(i64::MAX) {
+            // A crossing between that read and this is seen by the next
+            // update, or by the first near check.
             self.probes.set_trigger(group, Trigger::Armed)?;
+            return Ok(None);
         }
-        Ok(())
+        if let Some(event) = self.confirm(group, Some(pid), sensed_ns) {
+            return Ok(Some(event));
+        }
+        self.stats.unconfirmed_crossings += 1;
+        self.schedule_recheck(group, sensed_ns);
+        Ok(None)
     }
 
     /// Reads a group that is near its limit: the crossing its counters
@@ -315,17 +344,33 @@ impl EbpfSensor {
         g.near = Some(poll.next());
         let limit = g.limits.limit;
         let reading = read_against(&g.members, limit);
+        if g.wait_below && reading.charged_bytes < g.limits.rearm_below() {
+            g.wait_below = false;
+            self.probes.set_trigger(group, Trigger::Armed)?;
+            return Ok(Some(SensorEvent::Rearmed {
+                group,
+                charged_bytes: reading.charged_bytes,
+            }));
+        }
         if limit > 0
             && reading.charged_bytes >= limit
             && g.recheck.is_none()
+            && !g.wait_below
             && self.probes.trigger(group) == Some(Trigger::Armed)
         {
             self.probes.set_trigger(group, Trigger::Disarmed)?;
-            return Ok(Some(crossing(group, g, None, now_ns(), &reading)));
+            let event = crossing(group, g, None, now_ns(), &reading);
+            g.reported_ns = now_ns();
+            return Ok(Some(event));
         }
         let far = far_limit(limit, lag * g.members.len().max(1) as u64);
         let total = u64::try_from(self.probes.group_total(group)).unwrap_or(0);
         if far > 0 && reading.charged_bytes < far && total < far {
+            if g.shared_check.is_none() && std::mem::take(&mut g.wait_below) {
+                // Under the lowered limit but not yet its re-arm level:
+                // the kernel takes over the wait.
+                self.probes.set_trigger(group, Trigger::WaitBelow)?;
+            }
             self.set_near(group, false)?;
         }
         Ok(None)
@@ -504,6 +549,7 @@ impl EbpfSensor {
                 {
                     self.probes.set_trigger(id, Trigger::Disarmed)?;
                     let event = crossing(id, g, None, now_ns(), &reading);
+                    g.reported_ns = now_ns();
                     self.queue.push_back(event);
                 }
                 Some(Trigger::WaitBelow) if reading.charged_bytes < limits.rearm_below() => {
@@ -516,7 +562,10 @@ impl EbpfSensor {
                 _ => {}
             }
             let lag = self.probes.lag_per_process() * g.members.len().max(1) as u64;
-            if g.near.is_none() && reading.charged_bytes >= far_limit(limits.limit, lag) {
+            if limits.limit > 0
+                && g.near.is_none()
+                && reading.charged_bytes >= far_limit(limits.limit, lag)
+            {
                 self.set_near(id, true)?;
             }
         }
@@ -551,11 +600,14 @@ impl EbpfSensor {
                 let Some(group) = self.group_of(signal.group.0) else {
                     return Ok(None);
                 };
+                if self.groups[&group].reported_ns >= signal.monotonic_ns {
+                    return Ok(None);
+                }
                 let event = self.confirm(group, Some(signal.pid), signal.monotonic_ns);
                 if event.is_none() && self.groups.get(&group).is_some_and(|g| g.near.is_none()) {
                     // The lowered limit: not over, but close enough that
                     // the counters could hide a crossing.
-                    self.became_near(group, signal.monotonic_ns)?;
+                    return self.became_near(group, signal.pid, signal.monotonic_ns);
                 } else if event.is_none() {
                     self.stats.unconfirmed_crossings += 1;
                     tracing::debug!(
@@ -615,7 +667,7 @@ impl EbpfSensor {
         };
         if !self.probes.shares_pages(group, g.members.iter().copied()) {
             g.shared_check = None;
-            if std::mem::take(&mut g.wait_below) {
+            if g.near.is_none() && std::mem::take(&mut g.wait_below) {
                 // The running total is whole again: the kernel takes over.
                 self.probes.set_trigger(group, Trigger::WaitBelow)?;
             }
@@ -644,6 +696,7 @@ impl EbpfSensor {
             return Ok(None);
         }
         self.probes.set_trigger(group, Trigger::Disarmed)?;
+        g.reported_ns = now_ns();
         Ok(Some(crossing(group, g, None, now_ns(), &reading)))
     }
 

@@ -227,10 +227,60 @@ struct PidMax {
 
 const PID_MAX_PATH: &str = "/proc/sys/kernel/pid_max";
 
+/// The value to restore, for the signal handler.
+static SAVED_TEXT: [std::sync::atomic::AtomicU8; 24] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; 24];
+static SAVED_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// SIGINT or SIGTERM during the run: pid_max back first (atomic loads,
+/// open, write and close are async-signal-safe), then the signal's
+/// default action.
+extern "C" fn restore_and_die(signal: libc::c_int) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let len = SAVED_LEN.load(SeqCst).min(SAVED_TEXT.len());
+    let mut text = [0u8; 24];
+    for (byte, saved) in text.iter_mut().zip(&SAVED_TEXT).take(len) {
+        *byte = saved.load(SeqCst);
+    }
+    if len > 0 {
+        // SAFETY: a NUL-terminated path and a buffer of `len` bytes.
+        unsafe {
+            let fd = libc::open(c"/proc/sys/kernel/pid_max".as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, text.as_ptr().cast(), len);
+                libc::close(fd);
+            }
+        }
+    }
+    // SAFETY: resetting and raising a signal.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        libc::raise(signal);
+    }
+}
+
 impl PidMax {
     fn set(value: u64) -> Result<Self> {
         let was = fs::read_to_string(PID_MAX_PATH)
             .with_context(|| format!("failed to read {PID_MAX_PATH}"))?;
+        let text = was.trim().as_bytes();
+        if text.len() <= SAVED_TEXT.len() {
+            for (saved, &byte) in SAVED_TEXT.iter().zip(text) {
+                saved.store(byte, std::sync::atomic::Ordering::SeqCst);
+            }
+            SAVED_LEN.store(text.len(), std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: installing a handler that only does the above.
+            unsafe {
+                libc::signal(
+                    libc::SIGINT,
+                    restore_and_die as *const () as libc::sighandler_t,
+                );
+                libc::signal(
+                    libc::SIGTERM,
+                    restore_and_die as *const () as libc::sighandler_t,
+                );
+            }
+        }
         fs::write(PID_MAX_PATH, value.to_string())
             .with_context(|| format!("failed to set {PID_MAX_PATH} to {value}"))?;
         println!("bench: pid_max {} -> {value} for the run", was.trim());
@@ -310,7 +360,7 @@ impl Bench {
         thread::sleep(Duration::from_secs(2));
         let before = cpu_ns(daemon.pid())?;
         thread::sleep(self.settings.idle_window);
-        let cpu = cpu_ns(daemon.pid())? - before;
+        let cpu = cpu_ns(daemon.pid())?.saturating_sub(before);
         let (rss_anon, vm_rss) = memory(daemon.pid())?;
         daemon.stop()?;
         Ok(IdleCost {

@@ -301,7 +301,8 @@ impl Report<'_> {
             rows.push(Row {
                 measure: format!(
                     "exit storm, {:.0} s at the highest rate this machine made ({:.0} exits/s), \
-                     {what}; daemon CPU {:.0}% of one CPU",
+                     {what}; the daemon's CPU time, storm and catching up, {:.0}% of the storm's \
+                     length",
                     storm.seconds,
                     storm.rate(),
                     storm.cpu_ns as f64 / (storm.seconds * 1e9) * 100.0
@@ -423,6 +424,11 @@ impl Report<'_> {
             self.settings.fault_rounds as u64 * self.host.faults_per_run,
             self.settings.lifecycle_iterations
         );
+        let _ = writeln!(
+            out,
+            "Programs are named as the kernel keeps them, cut to 15 characters: \
+             `sched_process_e` is the exec program and the exit program (one line each).\n"
+        );
         let _ = writeln!(out, "| phase | program | invocations | ns per invocation |");
         let _ = writeln!(out, "|---|---|---|---|");
         for c in &self.host.programs {
@@ -543,8 +549,8 @@ impl Report<'_> {
                 .fold((0, 0), |(c, n), (c2, n2)| (c + c2, n + n2));
             let runs = self.settings.lifecycle_iterations.max(1) as f64;
             notes.push(format!(
-                "process lifecycle: the fork and exit programs ran {:.1} times per iteration at \
-                 {:.0} ns each: {:.0} ns of the {:.0} us an iteration takes.",
+                "process lifecycle: the fork, exec and exit programs ran {:.1} times per \
+                 iteration at {:.0} ns each: {:.0} ns of the {:.0} us an iteration takes.",
                 count as f64 / runs,
                 ns as f64 / count.max(1) as f64,
                 ns as f64 / runs,

@@ -84,7 +84,7 @@ impl Bench {
         let seconds = started.elapsed().as_secs_f64();
         // What was sent is read and written by now, or lost.
         thread::sleep(Duration::from_millis(1500));
-        let cpu = cpu_ns(daemon.pid())? - before;
+        let cpu = cpu_ns(daemon.pid())?.saturating_sub(before);
         let lines = daemon.stop()?;
         let written = lines
             .iter()
@@ -148,7 +148,7 @@ impl Bench {
         let status = loop {
             // Its CPU time up to its end, as last seen.
             if let Ok(now) = cpu_ns(supervisor) {
-                cpu = now - before;
+                cpu = now.saturating_sub(before);
             }
             if let Some(status) = child.try_wait()? {
                 break status;

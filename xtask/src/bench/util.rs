@@ -145,7 +145,8 @@ pub fn lines(source: impl std::io::Read + Send + 'static) -> mpsc::Receiver<Stri
     rx
 }
 
-/// CPU time of every thread of `pid`, in ns (schedstat: exact, not ticks).
+/// CPU time of every live thread of `pid`, in ns (schedstat: exact, not
+/// ticks; a thread that ended takes its time with it).
 pub fn cpu_ns(pid: u32) -> Result<u64> {
     let mut total = 0;
     for task in fs::read_dir(format!("/proc/{pid}/task"))? {
