@@ -222,13 +222,19 @@ impl EbpfSensor {
             .get_mut(&group)
             .ok_or(SensorError::UnknownGroup(group))?;
         g.recheck = None;
-        if g.limits.limit == 0 {
+        let lag = self.probes.lag_per_process() * g.members.len().max(1) as u64;
+        if g.limits.limit == 0 || (g.shared_check.is_none() && g.limits.hysteresis >= lag) {
+            // A re-arm level at least the counters' lag under the limit:
+            // the kernel's total cannot fall under it while the group is
+            // still over its limit, so the kernel waits for the fall
+            // itself, and re-arms as soon as it comes.
             self.probes.rearm(group, &g.limits)?;
             return Ok(());
         }
         if g.shared_check.is_none() && g.near.is_none() {
-            // Just over its limit, so near it: the kernel's lagging total
-            // cannot tell when it is back under; exact readings do.
+            // A narrower band: the kernel's lagging total could be under
+            // the re-arm level already, and re-arm a group still over its
+            // limit. It waits here instead, on exact readings.
             self.set_near(group, true)?;
         }
         let Some(g) = self.groups.get_mut(&group) else {
