@@ -110,6 +110,11 @@ pub fn priority(nice: i32) -> Applied {
     sys::nice(nice)
 }
 
+/// Only SCHED_FIFO for the calling thread (see [`Protection::realtime`]).
+pub fn realtime() -> Applied {
+    sys::realtime()
+}
+
 /// What a service's process does between fork and exec so that it does
 /// not inherit the daemon's protection: its own oom_score_adj (0, or the
 /// service's configured value), nice 0, and the normal scheduling policy.

@@ -55,6 +55,12 @@ pub struct WatchArgs {
     /// output.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Run the event loop SCHED_FIFO (priority 1), above every normal
+    /// task, as the daemon's `realtime = true` does: reports stay on time
+    /// while every CPU is busy. Needs CAP_SYS_NICE; refused, it says so and
+    /// runs at nice -10.
+    #[arg(long)]
+    pub realtime: bool,
 }
 
 /// How often `--match` looks for new processes: soon enough for a process
@@ -134,6 +140,14 @@ pub async fn run(args: WatchArgs) -> Result<ExitCode, CliError> {
             tracing::debug!(priority = %done, "event loop priority")
         }
         other => tracing::info!(priority = %other, "event loop priority left as it is"),
+    }
+    if args.realtime {
+        match crate::protect::realtime() {
+            crate::protect::Applied::Done(done) => {
+                tracing::info!(priority = %done, "event loop priority")
+            }
+            other => tracing::warn!(priority = %other, "--realtime refused"),
+        }
     }
     let source = sensor.source();
     let limits = Limits {

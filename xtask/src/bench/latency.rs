@@ -26,6 +26,16 @@ pub struct Latency {
     pub from_kernel: Vec<f64>,
 }
 
+/// What runs beside the worker and the daemon.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Load {
+    Idle,
+    /// A CPU hog on every CPU; the daemon at its default priority.
+    Busy,
+    /// The same, the daemon's event loop SCHED_FIFO (`--realtime`).
+    BusyRealtime,
+}
+
 /// A busy loop on every CPU, at the default priority; killed on drop.
 struct Hogs(Vec<Child>);
 
@@ -60,7 +70,8 @@ impl Drop for Hogs {
 impl Bench {
     /// `cycles` crossings of a worker's limit, each reported by the
     /// daemon; with `busy`, a CPU hog on every CPU meanwhile.
-    pub fn latency(&self, sensor: Sensor, cycles: usize, busy: bool) -> Result<Latency> {
+    pub fn latency(&self, sensor: Sensor, cycles: usize, load: Load) -> Result<Latency> {
+        let busy = load != Load::Idle;
         let (hold, rest) = match sensor {
             Sensor::Ebpf => (30, 20),
             Sensor::Sampling(every) => {
@@ -81,7 +92,12 @@ impl Bench {
             .spawn()
             .context("failed to start the worker")?;
         let limit = format!("{LATENCY_LIMIT_MIB}MiB");
-        let mut daemon = self.watch(sensor, &[worker.id()], &limit, "32MiB")?;
+        let extra: &[&str] = if load == Load::BusyRealtime {
+            &["--realtime"]
+        } else {
+            &[]
+        };
+        let mut daemon = self.watch_with(sensor, &[worker.id()], &limit, "32MiB", extra)?;
         let hogs = if busy {
             Some(Hogs::start(&self.helper)?)
         } else {

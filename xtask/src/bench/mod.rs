@@ -36,6 +36,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{Project, is_root, run};
+use latency::Load;
 use util::{Daemon, Idle, cpu_ns, memory, raise_nofile};
 
 const IDLE_PROCESSES: usize = 1000;
@@ -83,8 +84,8 @@ impl Settings {
         } else {
             Self {
                 quick,
-                pairs: 20,
-                fault_rounds: 8,
+                pairs: 30,
+                fault_rounds: 16,
                 lifecycle_iterations: 400,
                 ebpf_crossings: 200,
                 sampling_crossings: 50,
@@ -140,21 +141,23 @@ pub fn bench(project: &Project, quick: bool) -> Result<()> {
     drop(idle);
 
     println!("bench: detection latency (eBPF)");
-    let ebpf = b.latency(Sensor::Ebpf, s.ebpf_crossings, false)?;
+    let ebpf = b.latency(Sensor::Ebpf, s.ebpf_crossings, Load::Idle)?;
     println!("bench: detection latency (eBPF, every CPU busy)");
-    let busy = b.latency(Sensor::Ebpf, s.ebpf_crossings, true)?;
+    let busy = b.latency(Sensor::Ebpf, s.ebpf_crossings, Load::Busy)?;
+    println!("bench: detection latency (eBPF, every CPU busy, --realtime)");
+    let busy_rt = b.latency(Sensor::Ebpf, s.ebpf_crossings, Load::BusyRealtime)?;
     println!("bench: detection latency (sampling every 100 ms)");
     let s100 = b.latency(
         Sensor::Sampling(Duration::from_millis(100)),
         s.sampling_crossings,
-        false,
+        Load::Idle,
     )?;
     let s1 = if s.slow_sampling_crossings > 0 {
         println!("bench: detection latency (sampling every 1 s)");
         Some(b.latency(
             Sensor::Sampling(Duration::from_secs(1)),
             s.slow_sampling_crossings,
-            false,
+            Load::Idle,
         )?)
     } else {
         None
@@ -180,6 +183,7 @@ pub fn bench(project: &Project, quick: bool) -> Result<()> {
         host,
         ebpf,
         busy,
+        busy_rt,
         s100,
         s1,
         reaction,
@@ -331,8 +335,20 @@ impl Bench {
     }
 
     fn watch(&self, sensor: Sensor, pids: &[u32], limit: &str, hysteresis: &str) -> Result<Daemon> {
+        self.watch_with(sensor, pids, limit, hysteresis, &[])
+    }
+
+    fn watch_with(
+        &self,
+        sensor: Sensor,
+        pids: &[u32],
+        limit: &str,
+        hysteresis: &str,
+        extra: &[&str],
+    ) -> Result<Daemon> {
         let mut cmd = Command::new(&self.watchdog);
         cmd.args(["watch", "--limit", limit, "--hysteresis", hysteresis]);
+        cmd.args(extra);
         match sensor {
             Sensor::Ebpf => cmd.args(["--sensor", "ebpf"]),
             Sensor::Sampling(every) => {
