@@ -250,6 +250,23 @@ mod sys {
     /// The slice asked for the event loop thread (the kernel's minimum).
     const SLICE_NS: u64 = 100_000;
 
+    impl SchedAttr {
+        /// SCHED_OTHER at `nice`, with `runtime` as the slice (0: the
+        /// default one).
+        pub(super) const fn fair(nice: i32, runtime: u64) -> Self {
+            Self {
+                size: std::mem::size_of::<Self>() as u32,
+                policy: libc::SCHED_OTHER as u32,
+                flags: 0,
+                nice,
+                priority: 0,
+                runtime,
+                deadline: 0,
+                period: 0,
+            }
+        }
+    }
+
     /// sched_attr (include/uapi/linux/sched/types.h), up to sched_period.
     #[repr(C)]
     pub(super) struct SchedAttr {
@@ -270,16 +287,7 @@ mod sys {
     /// ignore the runtime. Services do not keep it (`reset_child` gives the
     /// default back); threads the event loop starts later do.
     fn short_slice(tid: libc::pid_t, nice: i32) -> String {
-        let attr = SchedAttr {
-            size: std::mem::size_of::<SchedAttr>() as u32,
-            policy: libc::SCHED_OTHER as u32,
-            flags: 0,
-            nice,
-            priority: 0,
-            runtime: SLICE_NS,
-            deadline: 0,
-            period: 0,
-        };
+        let attr = SchedAttr::fair(nice, SLICE_NS);
         // SAFETY: a valid sched_attr of the size it declares, for our own
         // thread.
         let set = unsafe {
@@ -357,16 +365,7 @@ mod sys {
         // The slice too: sched_setscheduler keeps a custom one (6.12+),
         // sched_setattr with no runtime gives the default back. Kernels
         // without custom slices have nothing to undo, whatever it returns.
-        let attr = SchedAttr {
-            size: std::mem::size_of::<SchedAttr>() as u32,
-            policy: libc::SCHED_OTHER as u32,
-            flags: 0,
-            nice: 0,
-            priority: 0,
-            runtime: 0,
-            deadline: 0,
-            period: 0,
-        };
+        let attr = SchedAttr::fair(0, 0);
         // SAFETY: a valid sched_attr of the size it declares, for ourselves.
         unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) };
         // SAFETY: setpriority on ourselves.
@@ -720,16 +719,7 @@ mod tests {
 
     /// The slice (sched_runtime) of `pid`, as sched_getattr reports it.
     fn slice_of(pid: u32) -> u64 {
-        let mut attr = sys::SchedAttr {
-            size: 0,
-            policy: 0,
-            flags: 0,
-            nice: 0,
-            priority: 0,
-            runtime: 0,
-            deadline: 0,
-            period: 0,
-        };
+        let mut attr = sys::SchedAttr::fair(0, 0);
         // SAFETY: a buffer of the size given.
         let got = unsafe {
             libc::syscall(

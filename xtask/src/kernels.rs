@@ -91,7 +91,8 @@ pub fn setup() -> Result<()> {
         .map(|(package, _)| *package)
         .collect();
     if missing.is_empty() {
-        println!("kernels: qemu, busybox-static, kmod, cpio, xz: ok");
+        let names: Vec<&str> = PACKAGES.iter().map(|(package, _)| *package).collect();
+        println!("kernels: {}: ok", names.join(", "));
         return Ok(());
     }
     let install = format!(

@@ -319,6 +319,29 @@ pub enum Sensor {
     Sampling(Duration),
 }
 
+impl Sensor {
+    /// The options that select it (sampling at a fixed interval, no
+    /// adaptive shortening).
+    fn args(self) -> Vec<String> {
+        match self {
+            Sensor::Ebpf => vec!["--sensor".into(), "ebpf".into()],
+            Sensor::Sampling(every) => {
+                let every = format!("{}ms", every.as_millis());
+                [
+                    "--sensor",
+                    "sampling",
+                    "--interval",
+                    &every,
+                    "--min-interval",
+                    &every,
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            }
+        }
+    }
+}
+
 /// Daemon CPU and memory over a window with the idle processes watched.
 pub struct IdleCost {
     pub cpu_ns: u64,
@@ -349,20 +372,7 @@ impl Bench {
         let mut cmd = Command::new(&self.watchdog);
         cmd.args(["watch", "--limit", limit, "--hysteresis", hysteresis]);
         cmd.args(extra);
-        match sensor {
-            Sensor::Ebpf => cmd.args(["--sensor", "ebpf"]),
-            Sensor::Sampling(every) => {
-                let every = format!("{}ms", every.as_millis());
-                cmd.args([
-                    "--sensor",
-                    "sampling",
-                    "--interval",
-                    &every,
-                    "--min-interval",
-                    &every,
-                ])
-            }
-        };
+        cmd.args(sensor.args());
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }

@@ -55,20 +55,7 @@ impl Bench {
         fs::create_dir_all(&progress)?;
         let mut cmd = Command::new(&self.watchdog);
         cmd.arg("supervise");
-        match sensor {
-            Sensor::Ebpf => cmd.args(["--sensor", "ebpf"]),
-            Sensor::Sampling(every) => {
-                let every = format!("{}ms", every.as_millis());
-                cmd.args([
-                    "--sensor",
-                    "sampling",
-                    "--interval",
-                    &every,
-                    "--min-interval",
-                    &every,
-                ])
-            }
-        };
+        cmd.args(sensor.args());
         match limit {
             Limit::Soft => cmd.args(["--max-rss", &format!("{LIMIT_MIB}MiB")]),
             Limit::Hard => cmd.args([
