@@ -510,12 +510,15 @@ fn orphans_of_a_killed_daemon_are_terminated() {
     wait_until("the grandchild gone", Duration::from_secs(5), || {
         !alive(grandchild)
     });
-    let lines = daemon.lines();
-    assert!(
-        lines.iter().any(|l| l["event"] == "orphan_terminated"
-            && l["service"] == "ghost"
-            && l["reason"] == "pid_reused"),
-        "no pid_reused line"
+    // Its own line, in whatever order the records were swept.
+    let lines = daemon.wait_for(
+        "the ghost's pid_reused line",
+        Duration::from_secs(15),
+        |l| {
+            l["event"] == "orphan_terminated"
+                && l["service"] == "ghost"
+                && l["reason"] == "pid_reused"
+        },
     );
     assert!(
         alive(bystander.id()),
@@ -745,11 +748,22 @@ fn a_killed_daemon_can_be_started_again_at_once() {
         std::thread::sleep(Duration::from_millis(100 * round));
         let _ = daemon.child.kill();
         let _ = daemon.child.wait();
+        let before = daemon.lines().len();
         daemon.child = Daemon::spawn(&daemon.config, &[("WATCHDOG_LOG", "warn")]);
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(
-            matches!(daemon.child.try_wait(), Ok(None)),
-            "round {round}: the second start was refused"
+        // Running: it starts the services again (a start still under way
+        // could meet SIGTERM before its handler is in place).
+        wait_until(
+            &format!("round {round}: the second instance running its services"),
+            Duration::from_secs(20),
+            || {
+                assert!(
+                    matches!(daemon.child.try_wait(), Ok(None)),
+                    "round {round}: the second start was refused"
+                );
+                daemon.lines()[before.min(daemon.lines().len())..]
+                    .iter()
+                    .any(|l| l["event"] == "started")
+            },
         );
         assert!(daemon.stop().success());
         // Nothing of either instance is left.

@@ -208,13 +208,21 @@ fn crossing_fires_once_with_exact_bytes() {
 /// of pages per CPU (per thread before 6.2): a process that stops a few
 /// pages past its limit may never move them past it. It is reported all
 /// the same, by the exact readings a group that near its limit gets.
+/// Before 6.2 /proc's RssAnon is that same lagging count (a thread's
+/// cached updates reach it every 64 faults), so nothing reads fewer pages
+/// than that there: the helper then touches enough to pass it.
 #[test]
 fn a_few_pages_past_the_limit_are_reported() {
+    let pages = if watchdog_tests::kernel_at_least(6, 2) {
+        "12"
+    } else {
+        "80"
+    };
     for mode in modes("a_few_pages_past_the_limit_are_reported") {
         let s = Scenario::start_limited(
             mode,
-            &["alloc-pages", "12", "wait-stdin"],
-            // 4 pages above what it has while held, 8 under what it ends with.
+            &["alloc-pages", pages, "wait-stdin"],
+            // 4 pages above what it has while held (as /proc says).
             |pid| (watchdog_tests::charged(pid) + 4 * 4096).to_string(),
             &[],
             &[],
