@@ -511,7 +511,7 @@ fn orphans_of_a_killed_daemon_are_terminated() {
         !alive(grandchild)
     });
     // Its own line, in whatever order the records were swept.
-    let lines = daemon.wait_for(
+    daemon.wait_for(
         "the ghost's pid_reused line",
         Duration::from_secs(15),
         |l| {
