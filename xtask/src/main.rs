@@ -472,6 +472,10 @@ impl Project {
                 ("WATCHDOG_BIN".into(), binary.display().to_string()),
                 ("WATCHDOG_EBPF_OBJECT".into(), object.display().to_string()),
                 ("RUST_BACKTRACE".into(), "1".into()),
+                // One test at a time: an emulated guest is several times
+                // slower than the host, and tests that wait on daemons
+                // racing each other for its two vCPUs only lose margin.
+                ("RUST_TEST_THREADS".into(), "1".into()),
             ],
         };
         let mut outcomes = Vec::new();
