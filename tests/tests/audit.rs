@@ -435,7 +435,8 @@ fn full_disk_never_tears_or_glues_a_line() {
         return;
     }
     use std::io::Write;
-    let fs = Tmpfs::mount("64k");
+    // Room for the file's first 64 KiB reserved ahead and for the filler.
+    let fs = Tmpfs::mount("1m");
     let path = fs.mnt.join("exits.jsonl");
     let mut helper = Command::new(HELPER)
         .args([
@@ -444,7 +445,8 @@ fn full_disk_never_tears_or_glues_a_line() {
             "5",
             "wait-stdin",
             "fork-storm",
-            "100",
+            // More exit lines than the 64 KiB reserved ahead holds.
+            "600",
         ])
         .args(["wait-stdin", "fork-storm", "5", "exit", "0"])
         .stdin(Stdio::piped())
@@ -467,8 +469,9 @@ fn full_disk_never_tears_or_glues_a_line() {
 
     let filler = fs.fill();
     stdin.write_all(b"\n").unwrap();
-    // The rest of the file's last page takes a few lines; one is cut short
-    // by the full disk, and the others are lost.
+    // The room reserved ahead for the file takes a few hundred lines; then
+    // the full disk refuses one whole (never a part of it), and the others
+    // are lost.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !wd.log().contains("output failed") {
         assert!(Instant::now() < deadline, "no write failed:\n{}", wd.log());
@@ -476,7 +479,7 @@ fn full_disk_never_tears_or_glues_a_line() {
     }
     let while_full = jsonl_lines(&path);
     assert!(
-        exited(&while_full) < 105,
+        exited(&while_full) < 605,
         "the disk was full: {while_full:?}"
     );
 
@@ -500,7 +503,7 @@ fn full_disk_never_tears_or_glues_a_line() {
     assert!(lost > 0, "{report}");
     assert_eq!(
         exited(&lines) as u64 + lost,
-        5 + 100 + 5 + 1,
+        5 + 600 + 5 + 1,
         "every exit is written or counted lost"
     );
     for field in ["ts", "since"] {

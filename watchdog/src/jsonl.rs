@@ -358,21 +358,83 @@ trait Output: Send {
     /// Cuts the file at `len` and puts the offset there.
     fn truncate(&mut self, len: u64) -> io::Result<()>;
     fn sync(&mut self) -> io::Result<()>;
+    /// Makes sure the next `len` bytes have room on the disk before they
+    /// are written, so that a full disk refuses a line instead of taking
+    /// part of it (which a reader tailing the file would see before it is
+    /// cut away again). Where that cannot be known (a pipe, a file system
+    /// without fallocate), Ok: the write finds out.
+    fn reserve(&mut self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 struct FileOutput {
     file: File,
+    /// Up to where blocks are allocated past the end of the file
+    /// (fallocate, keeping its size), as far as this descriptor knows.
+    #[cfg(target_os = "linux")]
+    reserved: u64,
+    /// fallocate is not supported here: writes find out on their own.
+    #[cfg(target_os = "linux")]
+    no_fallocate: bool,
 }
 
 impl FileOutput {
     fn new(file: File) -> Self {
-        Self { file }
+        Self {
+            file,
+            #[cfg(target_os = "linux")]
+            reserved: 0,
+            #[cfg(target_os = "linux")]
+            no_fallocate: false,
+        }
     }
 }
+
+/// Room is reserved ahead in steps this large, so that most lines cost no
+/// extra fallocate.
+#[cfg(target_os = "linux")]
+const RESERVE_STEP: u64 = 64 << 10;
 
 impl Output for FileOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.file.write(buf)
+    }
+    #[cfg(target_os = "linux")]
+    fn reserve(&mut self, len: u64) -> io::Result<()> {
+        if self.no_fallocate {
+            return Ok(());
+        }
+        // Appends go to the end, wherever this descriptor's offset is.
+        let end = self.file.metadata()?.len();
+        if end + len <= self.reserved {
+            return Ok(());
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        // A step ahead if there is room for it, else just this line.
+        for want in [RESERVE_STEP.max(len), len] {
+            let (Ok(at), Ok(n)) = (libc::off_t::try_from(end), libc::off_t::try_from(want)) else {
+                return Ok(());
+            };
+            // SAFETY: fallocate on our own descriptor; KEEP_SIZE leaves
+            // the file's length (and so its content) as it is.
+            if unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, at, n) } == 0 {
+                self.reserved = end + want;
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENOSPC) => continue,
+                Some(
+                    libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV | libc::ESPIPE,
+                ) => {
+                    self.no_fallocate = true;
+                    return Ok(());
+                }
+                _ => return Err(err),
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
     }
     fn position(&mut self) -> io::Result<u64> {
         // With O_APPEND the offset is the end of what this descriptor just
@@ -380,6 +442,11 @@ impl Output for FileOutput {
         self.file.stream_position()
     }
     fn truncate(&mut self, len: u64) -> io::Result<()> {
+        // Cutting the file frees what was reserved past it too.
+        #[cfg(target_os = "linux")]
+        {
+            self.reserved = 0;
+        }
         self.file.set_len(len)?;
         // Without O_APPEND (standard output redirected to a file), the next
         // write goes to the offset: put it back, or it leaves a hole.
@@ -403,6 +470,7 @@ fn write_whole(out: &mut dyn Output, torn: &mut Option<u64>, line: &[u8]) -> io:
         out.truncate(at)?;
         *torn = None;
     }
+    out.reserve(line.len() as u64)?;
     let mut done = 0;
     let failure = loop {
         if done == line.len() {
