@@ -285,7 +285,10 @@ fn main() {
                     .map(|(k, v)| format!("{k}={v}\n"))
                     .collect();
                 vars.sort();
-                std::fs::write(path, vars.concat()).expect("write-env");
+                // Whole or not at all, for a test waiting on the file.
+                let tmp = format!("{path}.tmp");
+                std::fs::write(&tmp, vars.concat()).expect("write-env");
+                std::fs::rename(&tmp, path).expect("write-env");
             }
             "ignore-term" => {
                 // SAFETY: setting a signal disposition.
