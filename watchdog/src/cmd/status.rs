@@ -322,7 +322,7 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
     if !services.is_empty() {
         lines.push(row_header("SERVICE", "RESTARTS"));
         for service in services {
-            lines.push(row(service, restarts(service), paint));
+            lines.extend(row(service, &restarts(service), paint));
         }
     }
     if !watches.is_empty() {
@@ -332,7 +332,7 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
         lines.push(row_header("WATCH", "MARKER"));
         for watch in watches {
             let marker = if watch.marker { "written" } else { "-" };
-            lines.push(row(watch, marker.to_owned(), paint));
+            lines.extend(row(watch, &[marker.to_owned()], paint));
         }
     }
     let mut out = String::new();
@@ -343,28 +343,33 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
 }
 
 // The table's columns: name, pid (right-aligned), state, memory / limit, bar,
-// and a last column (restarts, or a watch's marker) fitted to what is left.
-const NAME: usize = 16;
+// the last exit's cause, and a last column (restarts by cause, or a watch's
+// marker) in what is left, continued on lines of its own when it is longer.
+const NAME: usize = 14;
 const PID: usize = 7;
-const STATE: usize = 15;
+const STATE: usize = 14;
 const MEMORY: usize = 11;
-/// `[######]` and the over-limit mark `+`.
-const BAR: usize = 9;
-const CELLS: usize = 6;
+/// `[####]` and the over-limit mark `+`.
+const BAR: usize = 7;
+const CELLS: usize = 4;
+/// The last exit's cause in a word (`drain`, `crash`, `clean`, ...).
+const EXIT: usize = 5;
 /// Where the last column starts.
-const LAST: usize = NAME + 1 + PID + 2 + STATE + 1 + MEMORY + 1 + BAR + 1;
+const LAST: usize = NAME + 1 + PID + 1 + STATE + 1 + MEMORY + 1 + BAR + 1 + EXIT + 1;
 
 fn row_header(title: &str, last: &str) -> String {
     format!(
-        "{title:<NAME$} {:>PID$}  {:<STATE$} {:<width$} {last}",
+        "{title:<NAME$} {:>PID$} {:<STATE$} {:<width$} {:<EXIT$} {last}",
         "PID",
         "STATE",
         "MEMORY/LIMIT",
+        "EXIT",
         width = MEMORY + 1 + BAR
     )
 }
 
-fn row(service: &ServiceStatus, last: String, paint: Painter) -> String {
+/// A service's row, and the lines its last column continues on.
+fn row(service: &ServiceStatus, last: &[String], paint: Painter) -> Vec<String> {
     let name = fit(&clean(&service.name), NAME);
     let pid = service
         .pid
@@ -372,21 +377,34 @@ fn row(service: &ServiceStatus, last: String, paint: Painter) -> String {
     let state = fit(&state_text(service), STATE);
     let state = pad_painted(&state, STATE, paint, state_style(service.state));
     let (memory, bar) = memory_cells(service, paint);
+    let exit = service
+        .last_exit_cause
+        .as_deref()
+        .map_or_else(|| "-".to_owned(), short_cause);
+    let exit = fit(&exit, EXIT);
     // A pid wider than its column (not on Linux) takes from the last one.
-    let last = fit(&last, WIDTH - LAST - pid.len().saturating_sub(PID).min(8));
-    format!("{name:<NAME$} {pid:>PID$}  {state} {memory:<MEMORY$} {bar} {last}")
+    let first = WIDTH - LAST - pid.len().saturating_sub(PID).min(8);
+    let mut last = wrap_items(last, WIDTH - LAST).into_iter();
+    let head = last.next().unwrap_or_default();
+    let head = if head.chars().count() > first {
+        // Only a pid wider than its column gets here: keep the row whole.
+        fit(&head, first)
+    } else {
+        head
+    };
+    let mut lines = vec![format!(
+        "{name:<NAME$} {pid:>PID$} {state} {memory:<MEMORY$} {bar} {exit:<EXIT$} {head}"
+    )];
+    lines.extend(last.map(|more| format!("{:LAST$}{more}", "")));
+    lines
 }
 
-/// The state, with how long it has lasted, or what ended it.
+/// The state, with how long it has lasted (or is left, in backoff).
 fn state_text(service: &ServiceStatus) -> String {
     let state = service.state.as_str();
-    let cause = service.last_exit_cause.as_deref().map(short_cause);
-    match (service.state, service.uptime_ms, service.backoff_ms, cause) {
-        (State::Running | State::Draining, Some(up), _, _) => format!("{state} {}", human_ms(up)),
-        (State::Backoff, _, Some(left), _) => format!("{state} {}", human_ms(left)),
-        (State::Stopped | State::Failed | State::GaveUp, _, _, Some(cause)) => {
-            format!("{state} ({cause})")
-        }
+    match (service.state, service.uptime_ms, service.backoff_ms) {
+        (State::Running | State::Draining, Some(up), _) => format!("{state} {}", human_ms(up)),
+        (State::Backoff, _, Some(left)) => format!("{state} {}", human_ms(left)),
         _ => state.to_owned(),
     }
 }
@@ -440,19 +458,18 @@ fn bar(used: u64, limit: u64) -> (String, f64) {
     (bar, ratio)
 }
 
-/// Restarts by cause, the most frequent first: `3 drain, 1 crash`.
-fn restarts(service: &ServiceStatus) -> String {
+/// Restarts by cause, the most frequent first: `3 drain`, `1 crash`.
+fn restarts(service: &ServiceStatus) -> Vec<String> {
     let mut counts: Vec<(&String, &u64)> =
         service.restarts.iter().filter(|&(_, &n)| n > 0).collect();
     if counts.is_empty() {
-        return "-".to_owned();
+        return vec!["-".to_owned()];
     }
     counts.sort_by(|a, b| b.1.cmp(a.1));
     counts
         .iter()
         .map(|(cause, n)| format!("{n} {}", short_cause(cause)))
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect()
 }
 
 /// An exit cause (the audit log's name) in a word.
@@ -462,6 +479,7 @@ fn short_cause(cause: &str) -> String {
         "memory_drain" => "drain".to_owned(),
         "memory_kill" => "kill".to_owned(),
         "oom_kill" => "oom".to_owned(),
+        "shutdown" => "stop".to_owned(),
         other => clean(other),
     }
 }
@@ -646,6 +664,32 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
+/// `items` joined by `, ` in lines of at most `width` characters, an item
+/// never split across lines (one longer than a line is cut).
+fn wrap_items(items: &[String], width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for (i, item) in items.iter().enumerate() {
+        let item = if i + 1 < items.len() {
+            format!("{},", clean(item))
+        } else {
+            clean(item)
+        };
+        let used = line.chars().count();
+        if used > 0 && used + 1 + item.chars().count() <= width {
+            line.push(' ');
+            line.push_str(&item);
+            continue;
+        }
+        if used > 0 {
+            lines.push(std::mem::take(&mut line));
+        }
+        line = fit(&item, width);
+    }
+    lines.push(line);
+    lines
+}
+
 const RED_BOLD: &str = "1;31";
 const YELLOW: &str = "33";
 const GREEN: &str = "32";
@@ -712,7 +756,7 @@ mod tests {
         backoff.backoff_ms = Some(1_200);
         backoff.restarts = BTreeMap::from([("crash".into(), 2)]);
         backoff.last_exit_cause = Some("crash".into());
-        let mut gave_up = service("sixteen-chars-ok", State::GaveUp);
+        let mut gave_up = service("fourteen-chars", State::GaveUp);
         gave_up.restarts = BTreeMap::from([("crash".into(), 5)]);
         gave_up.last_exit_cause = Some("crash".into());
         let mut unlimited = service("nolimit", State::Running);
@@ -804,42 +848,30 @@ mod tests {
             text.contains("host memory 5.2 GiB / 7.8 GiB (67%)"),
             "{text}"
         );
-        assert!(text.contains("\nSERVICE "), "{text}");
-        assert!(text.contains("\nWATCH "), "{text}");
-        let leaky = line_of(&text, "leaky ");
-        assert!(leaky.contains(" 41237 "), "{leaky}");
-        assert!(leaky.contains("running 3s"), "{leaky}");
-        assert!(leaky.contains("48.0M/64.0M [#####.]"), "{leaky}");
-        assert!(leaky.ends_with("3 drain, 1 crash"), "{leaky}");
-        let steady = line_of(&text, "steady ");
-        assert!(steady.contains("running 1m 20s"), "{steady}");
-        assert!(steady.contains("12.3M/256M  [......]"), "{steady}");
-        assert!(steady.ends_with(" -"), "{steady}");
-        let long = line_of(&text, "a-rather-long-s…");
-        assert!(long.contains("4194303  draining 1.5s"), "{long}");
-        assert!(long.contains("[######]+"), "{long}");
-        assert!(long.ends_with("12 drain, 7 cra…"), "{long}");
-        let crashy = line_of(&text, "crashy ");
-        assert!(crashy.contains("      -  backoff 1.2s"), "{crashy}");
-        assert!(crashy.ends_with("2 crash"), "{crashy}");
-        let gave_up = line_of(&text, "sixteen-chars-ok ");
-        assert!(gave_up.contains("gave_up (crash)"), "{gave_up}");
-        let unlimited = line_of(&text, "nolimit ");
-        assert!(unlimited.contains("running 2d 3h"), "{unlimited}");
-        assert!(unlimited.contains("1.5G "), "{unlimited}");
-        assert!(!unlimited.contains('['), "{unlimited}");
-        assert!(line_of(&text, "oneshot ").contains("stopped (clean)"));
-        // Watch targets come after the services, with their marker.
-        let watch_at = text.find("\nWATCH ").unwrap_or(0);
-        assert!(text.find("\nsession ").unwrap_or(0) > watch_at);
-        let session = line_of(&text, "session ");
-        assert!(session.contains("running 2h 3m"), "{session}");
-        assert!(session.contains("7.0G/8.0G"), "{session}");
-        assert!(session.ends_with("written"), "{session}");
-        let editor = line_of(&text, "editor ");
-        assert!(editor.contains("waiting"), "{editor}");
-        assert!(editor.contains("-/2.0G"), "{editor}");
-        assert!(editor.ends_with(" -"), "{editor}");
+        // Each row in its columns; the restarts of the long one go on in the
+        // last column's lines.
+        let table: Vec<&str> = text
+            .split_once("\n\n")
+            .map_or("", |(_, t)| t)
+            .lines()
+            .collect();
+        let expected = [
+            "SERVICE            PID STATE          MEMORY/LIMIT        EXIT  RESTARTS",
+            "leaky            41237 running 3s     48.0M/64.0M [###.]  drain 3 drain, 1 crash",
+            "steady           41201 running 1m 20s 12.3M/256M  [....]  -     -",
+            "a-rather-long… 4194303 draining 1.5s  70.0M/64.0M [####]+ -     12 drain,",
+            "                                                                7 crash, 2 oom,",
+            "                                                                1 kill",
+            "crashy               - backoff 1.2s   -                   crash 2 crash",
+            "fourteen-chars       - gave_up        -                   crash 5 crash",
+            "nolimit              5 running 2d 3h  1.5G                -     -",
+            "oneshot              - stopped        -                   clean -",
+            "",
+            "WATCH              PID STATE          MEMORY/LIMIT        EXIT  MARKER",
+            "session          40012 running 2h 3m  7.0G/8.0G   [####]  -     written",
+            "editor               - waiting        -/2.0G              -     -",
+        ];
+        assert_eq!(table, expected, "{text}");
     }
 
     #[test]
@@ -847,10 +879,10 @@ mod tests {
         let plain = render(&sample(), false);
         assert!(!plain.contains('\x1b'));
         let coloured = render(&sample(), true);
-        assert!(coloured.contains("\x1b[1;31mgave_up (crash)"), "{coloured}");
+        assert!(coloured.contains("\x1b[1;31mgave_up"), "{coloured}");
         assert!(coloured.contains("\x1b[33mdraining"), "{coloured}");
         // The bar of a service over 90% of its limit is red.
-        assert!(coloured.contains("\x1b[1;31m[######]+"), "{coloured}");
+        assert!(coloured.contains("\x1b[1;31m[####]+"), "{coloured}");
         // Colour changes no column: without the escapes it is the same.
         let stripped = coloured
             .split('\x1b')
@@ -868,14 +900,14 @@ mod tests {
 
     #[test]
     fn bars() {
-        assert_eq!(bar(0, 100).0, "[......]");
-        assert_eq!(bar(50, 100).0, "[###...]");
-        assert_eq!(bar(100, 100).0, "[######]");
-        assert_eq!(bar(101, 100).0, "[######]+");
-        assert_eq!(bar(1000, 100).0, "[######]+");
-        assert_eq!(bar(0, 0).0, "[......]");
-        assert_eq!(bar(1, 0).0, "[######]+");
-        assert_eq!(bar(u64::MAX, 1).0, "[######]+");
+        assert_eq!(bar(0, 100).0, "[....]");
+        assert_eq!(bar(50, 100).0, "[##..]");
+        assert_eq!(bar(100, 100).0, "[####]");
+        assert_eq!(bar(101, 100).0, "[####]+");
+        assert_eq!(bar(1000, 100).0, "[####]+");
+        assert_eq!(bar(0, 0).0, "[....]");
+        assert_eq!(bar(1, 0).0, "[####]+");
+        assert_eq!(bar(u64::MAX, 1).0, "[####]+");
     }
 
     #[test]
