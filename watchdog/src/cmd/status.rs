@@ -824,12 +824,6 @@ mod tests {
         }
     }
 
-    fn line_of<'a>(text: &'a str, name: &str) -> &'a str {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no line for {name} in\n{text}"))
-    }
-
     #[test]
     fn renders_services_and_watch_targets_in_80_columns() {
         let text = render(&sample(), false);
