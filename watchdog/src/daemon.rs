@@ -122,10 +122,17 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         Some(state) => Some(state.lock().map_err(|e| CliError::Failed(e.into()))?),
         None => None,
     };
-    // The status socket and the HTTP listener answer from here on (a
-    // heartbeat older than health-timeout makes /healthz fail, start-up
-    // included).
-    let (telemetry, queries) = crate::observe::Telemetry::new(daemon.health_timeout);
+    // The status socket and the HTTP listener answer from here on: start-up
+    // (its orphan sweep waits up to orphan-grace) is healthy for
+    // health-timeout plus orphan-grace, then a heartbeat older than
+    // health-timeout makes /healthz fail.
+    let (telemetry, queries) = crate::observe::Telemetry::new(
+        daemon.health_timeout,
+        daemon
+            .health_timeout
+            .saturating_add(daemon.orphan_grace)
+            .saturating_add(std::time::Duration::from_secs(1)),
+    );
     let _observers = crate::observe::start(
         telemetry.clone(),
         &crate::observe::Endpoints {

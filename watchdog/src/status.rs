@@ -53,6 +53,11 @@ pub struct Snapshot {
 pub struct Health {
     /// The heartbeat is fresh and the sensor works.
     pub ok: bool,
+    /// The daemon is starting: its service loop has not begun (healthy
+    /// until start-up has taken longer than health-timeout plus
+    /// orphan-grace).
+    #[serde(default)]
+    pub starting: bool,
     /// Why not, when not (`null` when healthy).
     #[serde(default)]
     pub problem: Option<String>,

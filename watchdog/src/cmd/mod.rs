@@ -188,7 +188,13 @@ pub fn main() -> ExitCode {
         Command::Run(args) => match run::load(args) {
             Ok(config) => Some(config),
             Err(e) => {
-                init_logging(cli.log_format.unwrap_or(LogFormat::Text));
+                // The file's own choice, when it can be made out, covers
+                // why the file was refused too.
+                init_logging(
+                    cli.log_format
+                        .or_else(|| run::log_format_of(args))
+                        .unwrap_or(LogFormat::Text),
+                );
                 return report(Err(e));
             }
         },
@@ -206,8 +212,9 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("watchdog: error: failed to start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return report(Err(CliError::Failed(anyhow::anyhow!(
+                "failed to start the async runtime: {e}"
+            ))));
         }
     };
     let result = runtime.block_on(async {

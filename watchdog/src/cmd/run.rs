@@ -54,6 +54,19 @@ pub fn load(args: &RunArgs) -> Result<DaemonConfig, CliError> {
     daemon::load(&args.config, &args.overrides()).map_err(|e| CliError::Usage(e.to_string()))
 }
 
+/// The log format a configuration file asks for, made out of the file
+/// alone (`[daemon] log-format`), for telling why it was refused as a
+/// whole; `None` when it cannot be.
+pub fn log_format_of(args: &RunArgs) -> Option<super::LogFormat> {
+    let text = std::fs::read_to_string(&args.config).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    match table.get("daemon")?.get("log-format")?.as_str()? {
+        "json" => Some(super::LogFormat::Json),
+        "text" => Some(super::LogFormat::Text),
+        _ => None,
+    }
+}
+
 pub async fn run(args: RunArgs, config: DaemonConfig) -> Result<ExitCode, CliError> {
     let mode = Mode::Daemon {
         file: args.config.clone(),

@@ -249,7 +249,11 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
             lines.push(paint.paint(&line, RED_BOLD));
         }
     }
-    let verdict = if health.ok { "healthy" } else { "unhealthy" };
+    let verdict = match (health.ok, health.starting) {
+        (false, _) => "unhealthy",
+        (true, true) => "starting",
+        (true, false) => "healthy",
+    };
     let header = format!(
         "watchdog {}, pid {}, up {}, sensor {}, loop lag {}: {verdict}",
         clean(&snapshot.version),
@@ -370,7 +374,7 @@ fn row_header(title: &str, last: &str) -> String {
 
 /// A service's row, and the lines its last column continues on.
 fn row(service: &ServiceStatus, last: &[String], paint: Painter) -> Vec<String> {
-    let name = fit(&clean(&service.name), NAME);
+    let name = fit_middle(&clean(&service.name), NAME);
     let pid = service
         .pid
         .map_or_else(|| "-".to_owned(), |p| p.to_string());
@@ -627,6 +631,21 @@ fn fit(text: &str, width: usize) -> String {
     cut
 }
 
+/// `text` cut in the middle to `width` characters, so that names that
+/// differ at their end (`worker-eu-1`, `worker-eu-2`) stay apart.
+fn fit_middle(text: &str, width: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= width || width < 3 {
+        return fit(text, width);
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    let mut cut: String = chars[..head].iter().collect();
+    cut.push('…');
+    cut.extend(&chars[chars.len() - tail..]);
+    cut
+}
+
 /// `text` painted, then padded with spaces to `width` characters.
 fn pad_painted(text: &str, width: usize, paint: Painter, style: &str) -> String {
     let count = text.chars().count();
@@ -789,6 +808,7 @@ mod tests {
             uptime_ms: 2 * 3_600_000 + 3 * 60_000,
             health: Health {
                 ok: true,
+                starting: false,
                 problem: None,
                 heartbeat_age_ms: 100,
                 loop_lag_us: 120,
@@ -853,7 +873,7 @@ mod tests {
             "SERVICE            PID STATE          MEMORY/LIMIT        EXIT  RESTARTS",
             "leaky            41237 running 3s     48.0M/64.0M [###.]  drain 3 drain, 1 crash",
             "steady           41201 running 1m 20s 12.3M/256M  [....]  -     -",
-            "a-rather-long… 4194303 draining 1.5s  70.0M/64.0M [####]+ -     12 drain,",
+            "a-rath…ce-name 4194303 draining 1.5s  70.0M/64.0M [####]+ -     12 drain,",
             "                                                                7 crash, 2 oom,",
             "                                                                1 kill",
             "crashy               - backoff 1.2s   -                   crash 2 crash",
@@ -890,6 +910,17 @@ mod tests {
             })
             .collect::<String>();
         assert_eq!(stripped, plain);
+    }
+
+    #[test]
+    fn long_names_keep_their_ends() {
+        let a = fit_middle("payments-worker-eu-1", NAME);
+        let b = fit_middle("payments-worker-eu-2", NAME);
+        assert_eq!(a, "paymen…er-eu-1");
+        assert_ne!(a, b);
+        assert_eq!(a.chars().count(), NAME);
+        assert_eq!(fit_middle("short", NAME), "short");
+        assert_eq!(fit_middle("fourteen-chars", NAME), "fourteen-chars");
     }
 
     #[test]

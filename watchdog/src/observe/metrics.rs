@@ -7,12 +7,25 @@ use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
 
 use super::Telemetry;
-use crate::status::{Snapshot, State};
+use crate::{
+    policy::Cause,
+    status::{Snapshot, State},
+};
+
+/// The causes of an exit a restart can follow, each a series of
+/// `watchdog_service_restarts_total` from the start.
+const RESTART_CAUSES: [Cause; 5] = [
+    Cause::CleanExit,
+    Cause::Crash,
+    Cause::MemoryDrain,
+    Cause::MemoryKill,
+    Cause::OomKill,
+];
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -101,23 +114,26 @@ fn clamp(v: u64) -> i64 {
 pub fn encode(snapshot: &Snapshot, telemetry: &Telemetry) -> String {
     let mut r = Registry::default();
 
-    let build: Family<VersionLabels, Gauge> =
-        family(&mut r, "watchdog_build_info", "The daemon's version");
-    build
-        .get_or_create(&VersionLabels {
+    r.register(
+        "watchdog_build",
+        "The daemon's version",
+        Info::new(VersionLabels {
             version: env!("CARGO_PKG_VERSION"),
-        })
-        .set(1);
+        }),
+    );
     let sensor: Family<ModeLabels, Gauge> = family(
         &mut r,
         "watchdog_sensor",
         "Where memory readings come from (ebpf: the kernel programs; procfs, macos: sampling)",
     );
-    sensor
-        .get_or_create(&ModeLabels {
-            mode: snapshot.sensor.clone(),
-        })
-        .set(1);
+    // None chosen yet while the daemon starts.
+    if !snapshot.sensor.is_empty() {
+        sensor
+            .get_or_create(&ModeLabels {
+                mode: snapshot.sensor.clone(),
+            })
+            .set(1);
+    }
     let health = &snapshot.health;
     gauge(
         &mut r,
@@ -283,14 +299,28 @@ fn services(r: &mut Registry, snapshot: &Snapshot) {
         if let Some(bytes) = s.hard_limit_bytes {
             hard.get_or_create(&labels).set(clamp(bytes));
         }
-        for (cause, &n) in &s.restarts {
+        // Every cause from the start, at 0 until it happens, so that a
+        // rate over the first restart sees it.
+        for cause in RESTART_CAUSES {
+            let n = s.restarts.get(cause.as_str()).copied().unwrap_or(0);
             restarts
                 .get_or_create(&CauseLabels {
                     service: s.name.clone(),
                     kind,
-                    cause: cause.clone(),
+                    cause: cause.as_str().to_owned(),
                 })
                 .inc_by(n);
+        }
+        for (cause, &n) in &s.restarts {
+            if !RESTART_CAUSES.iter().any(|c| c.as_str() == cause) {
+                restarts
+                    .get_or_create(&CauseLabels {
+                        service: s.name.clone(),
+                        kind,
+                        cause: cause.clone(),
+                    })
+                    .inc_by(n);
+            }
         }
         crashes.get_or_create(&labels).set(i64::from(s.crash_count));
         backoff

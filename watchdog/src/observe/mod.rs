@@ -31,6 +31,19 @@ use crate::status::{Health, HostMemory, Snapshot};
 /// How long a request waits for the loop before the last snapshot is used.
 const LOOP_ANSWER: Duration = Duration::from_secs(1);
 
+/// Requests within this time of a built snapshot share it: scrapers and
+/// `watchdog status` callers, however many, ask the loop and read /proc
+/// at most about four times a second.
+const SHARED_FOR: Duration = Duration::from_millis(250);
+
+/// How long the services' memory is read for before a snapshot goes out
+/// without it (a process in uninterruptible sleep holds its /proc files).
+const MEMORY_READ: Duration = Duration::from_secs(2);
+
+/// Requests waiting in the loop's queue at most; more are answered from
+/// the last snapshot (the loop is behind).
+const QUERY_QUEUE: usize = 8;
+
 /// The environment variable that lets a test block the loop through the
 /// status socket (`stall MS`). Never set in production.
 pub const STALL_ENV: &str = "WATCHDOG_TEST_STALL_LOOP";
@@ -57,6 +70,9 @@ pub struct Telemetry {
     heartbeat_ns: AtomicU64,
     lag_us: AtomicU64,
     lag_max_us: AtomicU64,
+    /// How long start-up may take before the first heartbeat (the orphan
+    /// sweep's grace included) without being unhealthy.
+    startup: Duration,
     /// Why the sensor stopped working, once it has.
     sensor_failure: Mutex<Option<String>>,
     /// The loop's last published snapshot (health and memory filled in
@@ -67,35 +83,52 @@ pub struct Telemetry {
     pub detection: Histogram,
     /// Kernel crossing -> drain (or memory) signal sent.
     pub crossing_to_signal: Histogram,
-    queries: mpsc::UnboundedSender<Query>,
+    queries: mpsc::Sender<Query>,
+    /// The last snapshot built for a request, and when; held while one is
+    /// built, so that one is built at a time.
+    built: tokio::sync::Mutex<Option<(tokio::time::Instant, Snapshot)>>,
+    /// A memory reading has not come back (stuck on a process in
+    /// uninterruptible sleep): no other is started meanwhile.
+    reading: Arc<AtomicBool>,
     /// Whether `stall` requests are honoured.
     stall_allowed: bool,
     stopping: AtomicBool,
 }
 
-/// Buckets of the latency histograms, in seconds: 50 µs to 10 s.
-const LATENCY_BUCKETS: [f64; 17] = [
+/// Buckets of the latency histograms, in seconds: 50 µs (a kernel
+/// crossing confirmed) to 10 minutes (a drain after a long `over-for` or
+/// `startup-grace`).
+const LATENCY_BUCKETS: [f64; 22] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
 impl Telemetry {
     /// Telemetry for a daemon whose heartbeat must be younger than
-    /// `threshold`; the receiver is the loop's end of the query channel.
-    pub fn new(threshold: Duration) -> (Arc<Self>, mpsc::UnboundedReceiver<Query>) {
-        let (queries, rx) = mpsc::unbounded_channel();
+    /// `threshold` once its loop runs, and which may take `startup` to get
+    /// there; the receiver is the loop's end of the query channel.
+    pub fn new(threshold: Duration, startup: Duration) -> (Arc<Self>, mpsc::Receiver<Query>) {
+        let (queries, rx) = mpsc::channel(QUERY_QUEUE);
         let telemetry = Self {
             started: Instant::now(),
             threshold,
+            startup: startup.max(threshold),
             heartbeat_ns: AtomicU64::new(u64::MAX),
             lag_us: AtomicU64::new(0),
             lag_max_us: AtomicU64::new(0),
             sensor_failure: Mutex::new(None),
-            published: Mutex::new(Snapshot::default()),
+            // Until the loop publishes its own: who is starting.
+            published: Mutex::new(Snapshot {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                ..Snapshot::default()
+            }),
             memory: Mutex::new(None),
             detection: Histogram::new(LATENCY_BUCKETS),
             crossing_to_signal: Histogram::new(LATENCY_BUCKETS),
             queries,
+            built: tokio::sync::Mutex::new(None),
+            reading: Arc::new(AtomicBool::new(false)),
             stall_allowed: std::env::var_os(STALL_ENV).is_some_and(|v| v == "1"),
             stopping: AtomicBool::new(false),
         };
@@ -128,11 +161,17 @@ impl Telemetry {
         *lock(&self.memory) = Some(memory);
     }
 
+    /// Whether the loop has not stamped its first heartbeat yet.
+    fn starting(&self) -> bool {
+        self.heartbeat_ns.load(Ordering::Acquire) == u64::MAX
+    }
+
     /// The loop's health now.
     pub fn health(&self) -> Health {
         let beat = self.heartbeat_ns.load(Ordering::Acquire);
         let now = self.started.elapsed();
-        let age = if beat == u64::MAX {
+        let starting = beat == u64::MAX;
+        let age = if starting {
             now
         } else {
             now.saturating_sub(Duration::from_nanos(beat))
@@ -140,6 +179,15 @@ impl Telemetry {
         let sensor = lock(&self.sensor_failure).clone();
         let problem = if let Some(reason) = sensor {
             Some(format!("the sensor failed: {reason}"))
+        } else if starting {
+            (age > self.startup).then(|| {
+                format!(
+                    "start-up has taken {} and the service loop has not begun (allowed: {}, \
+                     health-timeout plus orphan-grace)",
+                    humantime::format_duration(Duration::from_millis(millis(age))),
+                    humantime::format_duration(self.startup)
+                )
+            })
         } else if age > self.threshold {
             Some(format!(
                 "the service loop has not turned for {} (more than health-timeout {})",
@@ -151,6 +199,7 @@ impl Telemetry {
         };
         Health {
             ok: problem.is_none(),
+            starting,
             problem,
             heartbeat_age_ms: millis(age),
             loop_lag_us: self.lag_us.load(Ordering::Relaxed),
@@ -163,7 +212,7 @@ impl Telemetry {
     /// (charged memory as of its publication: not read again).
     pub fn last(&self) -> Snapshot {
         let mut snapshot = Snapshot {
-            stale: true,
+            stale: !self.starting(),
             ..lock(&self.published).clone()
         };
         self.complete(&mut snapshot);
@@ -179,11 +228,31 @@ impl Telemetry {
 
     /// The current state: asked of the loop, whose answer is completed
     /// with each tree's memory read now (off the loop); the last snapshot
-    /// when the loop does not answer in time.
+    /// when the loop does not answer in time. Requests close together
+    /// share one snapshot, built by one of them.
     pub async fn current(&self) -> Snapshot {
+        let mut built = self.built.lock().await;
+        let mut snapshot = match &*built {
+            Some((at, snapshot)) if at.elapsed() < SHARED_FOR => snapshot.clone(),
+            _ => {
+                let snapshot = self.build().await;
+                *built = Some((tokio::time::Instant::now(), snapshot.clone()));
+                snapshot
+            }
+        };
+        drop(built);
+        self.complete(&mut snapshot);
+        snapshot
+    }
+
+    async fn build(&self) -> Snapshot {
+        if self.starting() {
+            // No loop to ask yet: who is starting, and nothing more.
+            return lock(&self.published).clone();
+        }
         let (tx, rx) = oneshot::channel();
         let asked = !self.stopping.load(Ordering::Relaxed)
-            && self.queries.send(Query::Snapshot(tx)).is_ok();
+            && self.queries.try_send(Query::Snapshot(tx)).is_ok();
         let answer = if asked {
             tokio::time::timeout(LOOP_ANSWER, rx)
                 .await
@@ -192,30 +261,54 @@ impl Telemetry {
         } else {
             None
         };
-        // The loop is late: its last snapshot, with memory read now all
-        // the same.
-        let mut snapshot = answer.unwrap_or_else(|| Snapshot {
-            stale: true,
-            ..lock(&self.published).clone()
-        });
-        let read = tokio::task::spawn_blocking(move || {
-            read_memory(&mut snapshot);
-            snapshot
-        })
-        .await;
-        match read {
-            Ok(mut snapshot) => {
-                self.complete(&mut snapshot);
-                snapshot
-            }
-            Err(_) => self.last(),
+        let mut snapshot = match answer {
+            Some(snapshot) => snapshot,
+            // The loop is late: its last snapshot, with memory read now all
+            // the same (of the processes that were there when it was
+            // taken).
+            None => Snapshot {
+                stale: true,
+                ..lock(&self.published).clone()
+            },
+        };
+        let taken_ago = snapshot.stale.then(|| self.health().heartbeat_age_ms);
+        let members: Vec<Vec<u32>> = snapshot
+            .services
+            .iter()
+            .map(|s| s.members.clone())
+            .collect();
+        if self.reading.swap(true, Ordering::AcqRel) {
+            tracing::debug!(
+                "the services' memory is not read: an earlier reading has not come back"
+            );
+            return snapshot;
         }
+        let reading = self.reading.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let charged = read_memory(&members, taken_ago.map(Duration::from_millis));
+            reading.store(false, Ordering::Release);
+            charged
+        });
+        match tokio::time::timeout(MEMORY_READ, read).await {
+            Ok(Ok(charged)) => {
+                for (service, charged) in snapshot.services.iter_mut().zip(charged) {
+                    service.charged_bytes = charged;
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => tracing::warn!(
+                "reading the services' memory took more than {} (a process in uninterruptible \
+                 sleep?): the status goes out without it",
+                humantime::format_duration(MEMORY_READ)
+            ),
+        }
+        snapshot
     }
 
     fn stall(&self, duration: Duration) -> bool {
         self.stall_allowed
             && duration <= STALL_MAX
-            && self.queries.send(Query::Stall(duration)).is_ok()
+            && self.queries.try_send(Query::Stall(duration)).is_ok()
     }
 
     /// Whether the test-only stall switch is on (said at start-up).
@@ -224,18 +317,32 @@ impl Telemetry {
     }
 }
 
-/// Reads each run's charged memory (the same measure as the sensor's
-/// confirmations).
-fn read_memory(snapshot: &mut Snapshot) {
-    for service in &mut snapshot.services {
-        if service.members.is_empty() {
-            continue;
-        }
-        let reading = crate::mem::read_tree(&service.members);
-        if !reading.members.is_empty() {
-            service.charged_bytes = Some(reading.charged_bytes);
-        }
-    }
+/// Each run's charged memory (the same measure as the sensor's
+/// confirmations), by the members listed for it. With `taken_ago` (a
+/// snapshot that old), a member younger than that is another process that
+/// got a listed pid since, and is left out.
+fn read_memory(members: &[Vec<u32>], taken_ago: Option<Duration>) -> Vec<Option<u64>> {
+    members
+        .iter()
+        .map(|pids| {
+            let pids: Vec<u32> = match taken_ago {
+                None => pids.clone(),
+                Some(ago) => pids
+                    .iter()
+                    .copied()
+                    .filter(|&pid| {
+                        crate::procs::stat(pid)
+                            .is_some_and(|s| crate::state::age(s.start_time) >= ago)
+                    })
+                    .collect(),
+            };
+            if pids.is_empty() {
+                return None;
+            }
+            let reading = crate::mem::read_tree(&pids);
+            (!reading.members.is_empty()).then_some(reading.charged_bytes)
+        })
+        .collect()
 }
 
 fn millis(d: Duration) -> u64 {
@@ -356,21 +463,21 @@ fn serve(
         }
     };
     runtime.block_on(async move {
+        // One that cannot go on (it says why) leaves the other serving.
         let http = async {
-            match listener {
-                Some(listener) => http::serve(telemetry.clone(), listener).await,
-                None => std::future::pending().await,
+            if let Some(listener) = listener {
+                http::serve(telemetry.clone(), listener).await;
             }
+            std::future::pending::<()>().await;
         };
         let status = async {
-            match socket {
-                Some(socket) => socket::serve(telemetry.clone(), socket).await,
-                None => std::future::pending().await,
+            if let Some(socket) = socket {
+                socket::serve(telemetry.clone(), socket).await;
             }
+            std::future::pending::<()>().await;
         };
         tokio::select! {
-            () = http => {}
-            () = status => {}
+            () = async { tokio::join!(http, status); } => {}
             _ = stopped => {}
         }
     });
@@ -392,7 +499,8 @@ mod tests {
     /// remembers the worst lag.
     #[test]
     fn health_follows_the_heartbeat() {
-        let (telemetry, _queries) = Telemetry::new(Duration::from_millis(200));
+        let (telemetry, _queries) =
+            Telemetry::new(Duration::from_millis(200), Duration::from_millis(200));
         assert!(
             telemetry.health().ok,
             "start-up is healthy until the threshold"
@@ -422,10 +530,108 @@ mod tests {
         assert!(health.problem.unwrap().contains("ring buffer is gone"));
     }
 
+    /// Before the loop's first heartbeat: starting and healthy for the
+    /// start-up allowance, then unhealthy; who is starting is told at once.
+    #[tokio::test]
+    async fn start_up_is_healthy_for_its_allowance() {
+        let (telemetry, _queries) =
+            Telemetry::new(Duration::from_millis(50), Duration::from_millis(300));
+        let health = telemetry.health();
+        assert!(health.ok && health.starting, "{health:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            telemetry.health().ok,
+            "past health-timeout, within start-up"
+        );
+        let started = Instant::now();
+        let snapshot = telemetry.current().await;
+        assert!(started.elapsed() < LOOP_ANSWER, "no loop to wait for yet");
+        assert_eq!(snapshot.pid, std::process::id());
+        assert_eq!(snapshot.version, env!("CARGO_PKG_VERSION"));
+        assert!(!snapshot.stale && snapshot.health.starting);
+        std::thread::sleep(Duration::from_millis(250));
+        let health = telemetry.health();
+        assert!(!health.ok, "{health:?}");
+        assert!(
+            health
+                .problem
+                .unwrap_or_default()
+                .contains("start-up has taken"),
+            "{:?}",
+            telemetry.health()
+        );
+        telemetry.beat(Duration::ZERO, Snapshot::default());
+        let health = telemetry.health();
+        assert!(health.ok && !health.starting, "{health:?}");
+    }
+
+    /// Many requests at once ask the loop once and share its answer.
+    #[tokio::test(start_paused = true)]
+    async fn requests_share_one_snapshot() {
+        let (telemetry, mut queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
+        telemetry.beat(Duration::ZERO, Snapshot::default());
+        let asked = Arc::new(AtomicU64::new(0));
+        let loop_side = {
+            let asked = asked.clone();
+            tokio::spawn(async move {
+                while let Some(query) = queries.recv().await {
+                    if let Query::Snapshot(reply) = query {
+                        asked.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = reply.send(Snapshot {
+                            sensor: "procfs".into(),
+                            ..Snapshot::default()
+                        });
+                    }
+                }
+            })
+        };
+        let requests: Vec<_> = (0..50)
+            .map(|_| {
+                let telemetry = telemetry.clone();
+                tokio::spawn(async move { telemetry.current().await })
+            })
+            .collect();
+        for request in requests {
+            let snapshot = request.await.unwrap_or_default();
+            assert_eq!(snapshot.sensor, "procfs");
+            assert!(!snapshot.stale);
+        }
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        tokio::time::sleep(SHARED_FOR).await;
+        let _ = telemetry.current().await;
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            2,
+            "asked again once it is old"
+        );
+        loop_side.abort();
+    }
+
+    /// A stuck loop's queue does not grow with the requests: past its
+    /// bound they are answered from the last snapshot at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_loop_queue_is_bounded() {
+        let (telemetry, queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
+        telemetry.beat(Duration::ZERO, Snapshot::default());
+        for _ in 0..(QUERY_QUEUE * 3) {
+            let snapshot = telemetry.current().await;
+            assert!(snapshot.stale);
+            tokio::time::sleep(SHARED_FOR).await;
+        }
+        assert_eq!(queries.len(), QUERY_QUEUE);
+        let started = tokio::time::Instant::now();
+        let _ = telemetry.current().await;
+        assert!(
+            started.elapsed() < LOOP_ANSWER,
+            "a full queue is not waited on"
+        );
+    }
+
     /// A loop that does not answer: the last snapshot, after a second.
     #[tokio::test(start_paused = true)]
     async fn a_silent_loop_gets_the_last_snapshot() {
-        let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30));
+        let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
         let published = Snapshot {
             sensor: "procfs".into(),
             ..Snapshot::default()

@@ -20,6 +20,8 @@ use super::{ObserveError, Telemetry};
 
 /// A client that sends no request this long is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest a request is worked on before the client gets an error.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clients served at once; more are closed at once.
 const CLIENTS: usize = 128;
 /// The longest request line.
@@ -60,12 +62,16 @@ pub(super) fn bind(
     // Made in the private runs/ directory (mode 0700), so that nobody can
     // connect before its mode is 0600, whatever the umask.
     let private = state_dir.join("runs");
-    let temporary = if private.is_dir() {
-        private
-    } else {
-        state_dir.to_owned()
+    match std::fs::symlink_metadata(&private) {
+        Ok(meta) if meta.is_dir() && meta.permissions().mode() & 0o077 == 0 => {}
+        _ => {
+            return Err(fail(format!(
+                "{} is not a private directory (mode 0700) to create it in",
+                private.display()
+            )));
+        }
     }
-    .join(format!(".status.sock.{}", std::process::id()));
+    let temporary = private.join(format!(".status.sock.{}", std::process::id()));
     let _ = std::fs::remove_file(&temporary);
     let listener = std::os::unix::net::UnixListener::bind(&temporary)
         .map_err(|e| fail(format!("cannot bind it: {e}")))?;
@@ -117,7 +123,9 @@ async fn answer(telemetry: &Telemetry, stream: UnixStream) {
     let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, REQUEST_MAX));
     let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
     let reply = match request {
-        Ok(Ok(_)) => respond(telemetry, line.trim()).await,
+        Ok(Ok(_)) => tokio::time::timeout(ANSWER_TIMEOUT, respond(telemetry, line.trim()))
+            .await
+            .unwrap_or_else(|_| error("no answer within 10 s")),
         Ok(Err(e)) => error(&format!("cannot read the request: {e}")),
         Err(_) => error("no whole request line within 2 s"),
     };

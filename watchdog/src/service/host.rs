@@ -94,7 +94,7 @@ pub struct Host {
     adopting: HashMap<usize, RunRecord>,
     /// Where the loop's health and latencies are reported.
     telemetry: Option<Arc<Telemetry>>,
-    queries: Option<mpsc::UnboundedReceiver<Query>>,
+    queries: Option<mpsc::Receiver<Query>>,
     /// Crossings not yet answered by a signal: group -> when the kernel
     /// sensed them (CLOCK_MONOTONIC ns).
     crossings: HashMap<GroupId, u64>,
@@ -151,11 +151,7 @@ impl Host {
 
     /// Reports the loop's health, latencies and state to `telemetry`, and
     /// answers its `queries`.
-    pub fn set_telemetry(
-        &mut self,
-        telemetry: Arc<Telemetry>,
-        queries: mpsc::UnboundedReceiver<Query>,
-    ) {
+    pub fn set_telemetry(&mut self, telemetry: Arc<Telemetry>, queries: mpsc::Receiver<Query>) {
         self.telemetry = Some(telemetry);
         self.queries = Some(queries);
     }
