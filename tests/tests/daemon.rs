@@ -848,9 +848,10 @@ fn healthz_fails_while_the_loop_is_blocked() {
     assert_eq!(body["services"][0]["name"], "steady", "{body}");
     assert_eq!(body["services"][0]["state"], "running", "{body}");
 
-    // Idle clients (a hung script, a slow scraper) do not hold up the
-    // others: well past the old limits of 64 and 16 connections.
-    let idle_tcp: Vec<std::net::TcpStream> = (0..100)
+    // Idle clients (a hung script, a slow scraper, or a user holding
+    // connections open on purpose) do not hold up the others: more than
+    // the 512 connections the listener keeps open at once.
+    let idle_tcp: Vec<std::net::TcpStream> = (0..600)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     let idle_unix: Vec<std::os::unix::net::UnixStream> = (0..40)
@@ -915,8 +916,80 @@ fn healthz_fails_while_the_loop_is_blocked() {
     assert!(daemon.stop().success());
 }
 
+/// A process killed and reaped however the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The metric families an OpenMetrics exposition declares, by name, with
+/// their type; panics on what the format does not allow: a sample of no
+/// declared family, a sample name its type does not have (a counter's
+/// `_total`, a histogram's `_bucket`/`_sum`/`_count`, an info's `_info`),
+/// a family declared twice, or no `# EOF` at the end.
+fn openmetrics_families(text: &str) -> std::collections::HashMap<String, String> {
+    let mut families = std::collections::HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "no # EOF at the end:\n{text}");
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect(line);
+            assert!(
+                families.insert(name.to_owned(), kind.to_owned()).is_none(),
+                "{name} declared twice"
+            );
+            continue;
+        }
+        if line.starts_with('#') {
+            assert!(
+                line.starts_with("# HELP ") || line.starts_with("# UNIT "),
+                "{line}"
+            );
+            continue;
+        }
+        let name = line
+            .split(['{', ' '])
+            .next()
+            .unwrap_or_default();
+        let suffixes: &[&str] = match families
+            .iter()
+            .filter(|(family, _)| name.starts_with(family.as_str()))
+            .max_by_key(|(family, _)| family.len())
+            .map(|(family, kind)| (name.strip_prefix(family.as_str()).unwrap(), kind.as_str()))
+        {
+            Some((suffix, "counter")) => {
+                assert!(matches!(suffix, "_total" | "_created"), "{line}");
+                continue;
+            }
+            Some((suffix, "histogram")) => {
+                assert!(
+                    matches!(suffix, "_bucket" | "_sum" | "_count" | "_created"),
+                    "{line}"
+                );
+                continue;
+            }
+            Some((suffix, "info")) => {
+                assert_eq!(suffix, "_info", "{line}");
+                continue;
+            }
+            Some((suffix, _)) => {
+                assert_eq!(suffix, "", "{line}");
+                continue;
+            }
+            None => &[],
+        };
+        panic!("{line:?}: a sample of no declared family {suffixes:?}");
+    }
+    families
+}
+
 /// After a drain, /metrics (read by an independent Prometheus text
-/// parser) has the services' series with their labels and values, the
+/// parser, and checked against the OpenMetrics rules) has the services'
+/// and the watch target's series with their labels, types and values, the
 /// restart counted by its cause, the latency histograms and the loss
 /// counters; `watchdog status --json` matches the daemon's state and the
 /// table renders without a terminal.
@@ -925,6 +998,18 @@ fn metrics_and_status_after_a_drain() {
     for sensor in sensors("metrics_and_status_after_a_drain") {
         let port = free_port();
         let dir = TempDir::new("metrics");
+        let word = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let target = Reaped(
+            Command::new(HELPER)
+                .args(["tag", &word, "alloc", "40", "sleep", "60000"])
+                .spawn()
+                .unwrap(),
+        );
         let config = dir.path().join("watchdog.toml");
         std::fs::write(
             &config,
@@ -932,7 +1017,8 @@ fn metrics_and_status_after_a_drain() {
                 "[daemon]\n",
                 &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"),
             ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
-                + &service("steady", "alloc 8 sleep 60000", "max-rss = \"64MiB\""),
+                + &service("steady", "alloc 8 sleep 60000", "max-rss = \"64MiB\"")
+                + &format!("[[watch]]\nname = \"session\"\nmatch = {word:?}\nlimit = \"32MiB\"\n"),
         )
         .unwrap();
         let child = Daemon::spawn(&config, &[]);
@@ -944,8 +1030,39 @@ fn metrics_and_status_after_a_drain() {
                 && l["service"] == "leaker"
                 && l["pid"].as_u64() != Some(u64::from(first))
         });
+        daemon.wait_for("the session's marker", Duration::from_secs(15), |l| {
+            l["event"] == "respawn_recommended" && l["service"] == "session"
+        });
         let (code, text) = http_get(port, "/metrics").expect("/metrics");
         assert_eq!(code, 200, "{text}");
+        let families = openmetrics_families(&text);
+        for (family, kind) in [
+            ("watchdog_build", "info"),
+            ("watchdog_sensor", "gauge"),
+            ("watchdog_healthy", "gauge"),
+            ("watchdog_service_state", "gauge"),
+            ("watchdog_service_charged_bytes", "gauge"),
+            ("watchdog_service_limit_bytes", "gauge"),
+            ("watchdog_service_restarts", "counter"),
+            ("watchdog_service_consecutive_crashes", "gauge"),
+            ("watchdog_service_backoff_seconds", "gauge"),
+            ("watchdog_service_uptime_seconds", "gauge"),
+            ("watchdog_service_marker", "gauge"),
+            ("watchdog_detection_latency_seconds", "histogram"),
+            ("watchdog_crossing_to_signal_seconds", "histogram"),
+            ("watchdog_kernel_events_lost", "counter"),
+            ("watchdog_unconfirmed_crossings", "counter"),
+            ("watchdog_audit_lines_lost", "counter"),
+            ("watchdog_memory_used_bytes", "gauge"),
+            ("watchdog_memory_total_bytes", "gauge"),
+            ("watchdog_host_memory_available_bytes", "gauge"),
+        ] {
+            assert_eq!(
+                families.get(family).map(String::as_str),
+                Some(kind),
+                "{sensor}: {family}\n{text}"
+            );
+        }
         let drains = daemon
             .lines()
             .iter()
@@ -1028,6 +1145,44 @@ fn metrics_and_status_after_a_drain() {
             value("watchdog_memory_total_bytes", &[]).is_some_and(|v| v > 0.0),
             "{sensor}: no host memory\n{text}"
         );
+        // Every cause is a series from the start.
+        assert_eq!(
+            value(
+                "watchdog_service_restarts_total",
+                &[("service", "steady"), ("cause", "crash")]
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(
+            value("watchdog_service_backoff_seconds", &steady_l),
+            Some(0.0)
+        );
+        let up = value("watchdog_service_uptime_seconds", &steady_l).expect("uptime");
+        assert!(up > 0.0 && up < 120.0, "{sensor}: steady up {up} s");
+        assert_eq!(
+            value(
+                "watchdog_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            Some(1.0)
+        );
+        // The watch target: its charged memory (40 MiB held, over its
+        // 32 MiB limit) and its marker.
+        let session = [("service", "session"), ("kind", "watch")];
+        let watched = value("watchdog_service_charged_bytes", &session).expect("watch charged");
+        assert!(
+            watched >= f64::from(32u32 << 20),
+            "{sensor}: session charged {watched}"
+        );
+        assert_eq!(value("watchdog_service_marker", &session), Some(1.0));
+        assert_eq!(
+            value(
+                "watchdog_service_state",
+                &[("service", "session"), ("state", "running")]
+            ),
+            Some(1.0)
+        );
 
         // watchdog status: the same state, as JSON and as a table.
         let state = daemon.state();
@@ -1076,7 +1231,15 @@ fn metrics_and_status_after_a_drain() {
         for line in table.lines() {
             assert!(line.chars().count() <= 80, "too wide: {line:?}");
         }
+        assert!(
+            table.contains("\nWATCH ") && table.contains("written"),
+            "{table}"
+        );
+        assert_eq!(by_name("session")["kind"], "watch", "{status}");
+        assert_eq!(by_name("session")["pid"], target.0.id(), "{status}");
+        assert_eq!(by_name("session")["marker"], true, "{status}");
         assert!(daemon.stop().success());
+        drop(target);
         let (code, out) = status_command(&["status", "--state-dir", state_arg]);
         assert_eq!(code, Some(1), "{out}");
         assert!(out.contains("status.sock"), "{out}");
@@ -1121,6 +1284,135 @@ fn a_remote_listener_needs_allow_remote() {
         "{err}"
     );
     assert!(!dir.path().join("state").exists(), "it started anyway");
+    // Every address that is not loopback, IPv6 too.
+    for addr in ["[::]:9731", "192.0.2.1:9731", "[::ffff:10.0.0.1]:9731"] {
+        std::fs::write(
+            &config,
+            daemon_section(dir.path(), "sampling")
+                .replace("[daemon]\n", &format!("[daemon]\nlisten = {addr:?}\n"))
+                + &service("steady", "sleep 60000", ""),
+        )
+        .unwrap();
+        let (code, err) = run_watchdog(
+            &["check-config", config.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(2), "{addr}: {err}");
+        assert!(err.contains("allow-remote = true"), "{addr}: {err}");
+    }
+    for addr in ["[::1]:9731", "127.0.0.2:9731", "[::ffff:127.0.0.1]:9731"] {
+        std::fs::write(
+            &config,
+            daemon_section(dir.path(), "sampling")
+                .replace("[daemon]\n", &format!("[daemon]\nlisten = {addr:?}\n"))
+                + &service("steady", "sleep 60000", ""),
+        )
+        .unwrap();
+        let (code, err) = run_watchdog(
+            &["check-config", config.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        assert_eq!(code, Some(0), "{addr} is loopback: {err}");
+    }
+}
+
+/// With `log-format = "json"` every line the daemon writes to standard
+/// error is one JSON object, its decisions with their fields (service,
+/// pid, charged_bytes, limit_bytes, cause); so are a refused file's error
+/// (by the file's own choice) and a refused command line's; a listener
+/// other hosts can reach, allowed, is served with a warning.
+#[test]
+fn logs_are_json_when_asked() {
+    let dir = TempDir::new("jsonlogs");
+    let config = dir.path().join("watchdog.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling").replace(
+            "[daemon]\n",
+            &format!(
+                "[daemon]\nlog-format = \"json\"\nlisten = \"0.0.0.0:{port}\"\nallow-remote = true\n"
+            ),
+        ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\""),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let child = Command::new(watchdog_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("WATCHDOG_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child, dir, config };
+    let first = daemon.started("leaker", Duration::from_secs(10));
+    daemon.wait_for("the leaker's drain", Duration::from_secs(20), |l| {
+        l["event"] == "exited" && l["pid"] == first && l["cause"] == "memory_drain"
+    });
+    assert_eq!(http_get(port, "/healthz").map(|(code, _)| code), Some(200));
+    assert!(daemon.stop().success());
+    let text = std::fs::read_to_string(&stderr_path).unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    let find = |pred: &dyn Fn(&Value) -> bool| records.iter().find(|r| pred(r)).cloned();
+    let remote = find(&|r| {
+        r["level"] == "WARN"
+            && r["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("where other hosts can reach them"))
+    })
+    .unwrap_or_else(|| panic!("no warning of a remote listener:\n{text}"));
+    assert_eq!(remote["fields"]["address"], format!("0.0.0.0:{port}"));
+    let exited = find(&|r| r["fields"]["message"] == "exited" && r["fields"]["pid"] == first)
+        .unwrap_or_else(|| panic!("no exit record:\n{text}"));
+    let fields = &exited["fields"];
+    assert_eq!(fields["service"], "leaker", "{exited}");
+    assert_eq!(fields["cause"], "memory_drain", "{exited}");
+    assert_eq!(fields["limit_bytes"], 24 << 20, "{exited}");
+    assert!(
+        fields["charged_bytes"].as_u64() >= Some(24 << 20),
+        "{exited}"
+    );
+
+    // A file refused as a whole: its own log-format still covers why.
+    let bad = daemon.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[daemon]\nlog-format = \"json\"\nlisten = \"0.0.0.0:9731\"\n",
+    )
+    .unwrap();
+    let (code, err) = run_watchdog(
+        &["run", "--config", bad.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    let record: Value = serde_json::from_str(err.trim())
+        .unwrap_or_else(|e| panic!("not one JSON record ({e}): {err:?}"));
+    assert_eq!(record["level"], "ERROR", "{record}");
+    assert!(
+        record["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("allow-remote")),
+        "{record}"
+    );
+    // A command line refused, with --log-format json.
+    let (code, err) = run_watchdog(
+        &["run", "--log-format", "json", "--no-such-option"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(code, Some(2), "{err}");
+    let record: Value = serde_json::from_str(err.trim())
+        .unwrap_or_else(|e| panic!("not one JSON record ({e}): {err:?}"));
+    assert!(
+        record["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--no-such-option")),
+        "{record}"
+    );
 }
 
 /// The daemon names the form of each kernel program in one info line at
@@ -1225,4 +1517,171 @@ fn the_kernel_program_forms_are_told() {
         );
         assert!(daemon.stop().success());
     }
+}
+
+/// A memory cgroup of the test's own with a limit, under the test's own
+/// memory cgroup (v1) or the root (v2); removed with whatever the daemon
+/// made in it.
+struct MemoryCgroup {
+    dir: PathBuf,
+    procs: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// `None`, saying why, where no memory controller can be used here.
+    fn new(name: &str, limit: u64) -> Option<Self> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let v1 = own.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')))
+        });
+        let v2_root = std::fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let (dir, limit_file) = match v1 {
+            Some(base) => (base.join(name), "memory.limit_in_bytes"),
+            None if v2_root => (Path::new("/sys/fs/cgroup").join(name), "memory.max"),
+            None => {
+                println!("no memory cgroup controller to limit the daemon with");
+                return None;
+            }
+        };
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        std::fs::write(dir.join(limit_file), limit.to_string()).unwrap();
+        Some(Self {
+            procs: dir.join("cgroup.procs"),
+            dir,
+        })
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        fn remove(dir: &Path) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove(&entry.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        remove(&self.dir);
+    }
+}
+
+/// The host memory monitor, on a daemon in a cgroup limited to 256 MiB
+/// (warning at 50%, recovery at 25%): a service that takes 160 MiB and
+/// gives it back causes one warning and one recovery line, with their
+/// fields, and no repeat; the status reports the cgroup's scope.
+#[test]
+fn the_memory_monitor_warns_and_recovers_once() {
+    if !privileged("the_memory_monitor_warns_and_recovers_once") {
+        return;
+    }
+    let dir = TempDir::new("hostmem");
+    let name = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let limit: u64 = 256 << 20;
+    let Some(cgroup) = MemoryCgroup::new(&name, limit) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have a memory cgroup controller"
+        );
+        return;
+    };
+    let config = dir.path().join("watchdog.toml");
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling").replace(
+            "[daemon]\n",
+            "[daemon]\nhost-memory-warn = \"50%\"\nhost-memory-recover = \"25%\"\nhost-memory-interval = \"100ms\"\n",
+        ) + &service(
+            "hog",
+            "sleep 1000 alloc 160 sleep 2000 free sleep 600000",
+            "",
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    // Joins the cgroup, then becomes the daemon.
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            "echo $$ > \"$0\" && exec \"$@\"",
+            cgroup.procs.to_str().unwrap(),
+            watchdog_bin().to_str().unwrap(),
+            "run",
+            "--log-format",
+            "json",
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .env("WATCHDOG_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child, dir, config };
+    let records = || -> Vec<Value> {
+        std::fs::read_to_string(&stderr_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let said = |records: &[Value], text: &str| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| {
+                r["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(text))
+            })
+            .cloned()
+            .collect()
+    };
+    daemon.started("hog", Duration::from_secs(10));
+    let status: Value = serde_json::from_str(&ask(&daemon.state(), "status\n")).unwrap();
+    assert_eq!(status["memory"]["scope"], "cgroup", "{status}");
+    assert_eq!(status["memory"]["total_bytes"], limit, "{status}");
+    wait_until("the recovery line", Duration::from_secs(20), || {
+        !said(&records(), "memory recovered").is_empty()
+    });
+    // Nothing more while it stays under.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(daemon.stop().success());
+    let records = records();
+    let warned = said(&records, "memory is running short");
+    let recovered = said(&records, "memory recovered");
+    assert_eq!(
+        (warned.len(), recovered.len()),
+        (1, 1),
+        "{warned:#?} {recovered:#?}"
+    );
+    let warning = &warned[0];
+    assert_eq!(warning["level"], "WARN");
+    assert_eq!(warning["fields"]["scope"], "cgroup", "{warning}");
+    assert_eq!(warning["fields"]["total_bytes"], limit, "{warning}");
+    assert_eq!(warning["fields"]["warn_bytes"], limit / 2, "{warning}");
+    assert!(
+        warning["fields"]["used_bytes"].as_u64() >= Some(limit / 2),
+        "{warning}"
+    );
+    let recovery = &recovered[0];
+    assert_eq!(recovery["level"], "INFO");
+    assert!(
+        recovery["fields"]["used_bytes"].as_u64() <= Some(limit / 4),
+        "{recovery}"
+    );
+    drop(daemon);
+    drop(cgroup);
 }

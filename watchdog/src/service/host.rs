@@ -58,6 +58,9 @@ struct Child {
 
 pub struct Host {
     sensor: Sensor,
+    /// The sensor failed: it is not asked for events again (the loop drains
+    /// every service and ends).
+    sensor_failed: bool,
     source: Source,
     audit: AuditLog,
     spawner: Spawner,
@@ -114,6 +117,7 @@ impl Host {
         Ok(Self {
             source: sensor.source(),
             sensor,
+            sensor_failed: false,
             audit,
             spawner: Spawner::new()?,
             progress_tx,
@@ -650,10 +654,13 @@ impl Platform for Host {
                 }
             };
             tokio::select! {
-                event = self.sensor.next() => match event {
+                event = self.sensor.next(), if !self.sensor_failed => match event {
                     Ok(event) if self.is_launching(event.group()) => self.held.push(event),
                     Ok(event) => return self.observe(Happening::Sensor(event)),
-                    Err(e) => return self.observe(Happening::Failed(format!("the sensor failed: {e}"))),
+                    Err(e) => {
+                        self.sensor_failed = true;
+                        return self.observe(Happening::Failed(e.to_string()));
+                    }
                 },
                 Some(query) = queries => match query {
                     Query::Snapshot(reply) => return Happening::Snapshot(reply),

@@ -1081,7 +1081,7 @@ pub enum Control {
 
 /// Why [`drive`] stopped before every service finished.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
+#[error("the sensor failed: {0}")]
 pub struct DriveError(pub String);
 
 /// The services the loop runs. Indices are stable: a service that ends
@@ -1191,6 +1191,9 @@ pub async fn drive<P: Platform>(
         feed(&mut services.list, platform, index, Input::Start, now);
     }
     let mut stopping = false;
+    // Why the sensor stopped working, once it has: every service is then
+    // drained as for a shutdown, and the loop ends with this error.
+    let mut failure: Option<String> = None;
     // Nobody left to send controls: run on as told so far.
     let mut listening = true;
     let mut heartbeat = platform.heartbeat_every().map(|every| {
@@ -1260,7 +1263,22 @@ pub async fn drive<P: Platform>(
                 let now = clock();
                 let list = &mut services.list;
                 match happening {
-                    Happening::Failed(error) => return Err(DriveError(error)),
+                    Happening::Failed(error) => {
+                        if failure.is_none() {
+                            tracing::error!(
+                                error = %error,
+                                "memory can no longer be watched: draining every service, then exiting"
+                            );
+                            failure = Some(error);
+                        }
+                        if !stopping {
+                            stopping = true;
+                            services.waiting.clear();
+                            for index in 0..list.len() {
+                                feed(list, platform, index, Input::Shutdown, now);
+                            }
+                        }
+                    }
                     // Asked and given up on (the loop was late): no work.
                     Happening::Snapshot(reply) if reply.is_closed() => {}
                     Happening::Snapshot(reply) => {
@@ -1284,7 +1302,10 @@ pub async fn drive<P: Platform>(
         }
         start_successors(services, platform, clock());
     }
-    Ok(())
+    match failure {
+        Some(error) => Err(DriveError(error)),
+        None => Ok(()),
+    }
 }
 
 /// Applies a new set of service configurations.

@@ -537,6 +537,45 @@ fn named(name: &str, tune: impl FnOnce(&mut Config)) -> ServiceConfig {
     cfg
 }
 
+/// A sensor that fails is not the end of the services' lives: each is
+/// drained (SIGTERM, then its exit) as for a shutdown, none is started
+/// again, and the loop then ends with the sensor's error.
+#[tokio::test(start_paused = true)]
+async fn a_failed_sensor_drains_every_service_then_ends() {
+    let (mut platform, seen, inject) = Scripted::new(Behaviour::default());
+    let (_control, mut controls) = mpsc::unbounded_channel();
+    let mut services = Services::new(vec![named("a", |_| {}), named("b", |_| {})]);
+    let failing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        inject
+            .send(Happening::Failed("the ring buffer cannot be read".into()))
+            .unwrap();
+        inject
+    });
+    let result = drive(&mut services, &mut platform, &mut controls, false).await;
+    let error = result.expect_err("the loop ends with the sensor's error");
+    assert!(error.0.contains("ring buffer"), "{}", error.0);
+    let _inject = failing.await.unwrap();
+    let seen = seen.lock().unwrap();
+    let terms = seen
+        .effects
+        .iter()
+        .filter(|(_, e)| matches!(e, Effect::Signal { signal, .. } if *signal == libc::SIGTERM))
+        .count();
+    assert_eq!(terms, 2, "{:?}", seen.effects);
+    let spawns = seen
+        .effects
+        .iter()
+        .filter(|(_, e)| matches!(e, Effect::Spawn))
+        .count();
+    assert_eq!(
+        spawns, 2,
+        "started again after the failure: {:?}",
+        seen.effects
+    );
+    assert!(services.all().iter().all(Service::finished));
+}
+
 /// A reload drains and restarts only the service whose definition
 /// changed; the unchanged one is never signalled.
 #[tokio::test(start_paused = true)]
