@@ -951,10 +951,7 @@ fn openmetrics_families(text: &str) -> std::collections::HashMap<String, String>
             );
             continue;
         }
-        let name = line
-            .split(['{', ' '])
-            .next()
-            .unwrap_or_default();
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
         let suffixes: &[&str] = match families
             .iter()
             .filter(|(family, _)| name.starts_with(family.as_str()))

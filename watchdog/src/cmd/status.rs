@@ -254,14 +254,24 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
         (true, true) => "starting",
         (true, false) => "healthy",
     };
-    let header = format!(
-        "watchdog {}, pid {}, up {}, sensor {}, loop lag {}: {verdict}",
-        clean(&snapshot.version),
-        snapshot.pid,
-        human_ms(snapshot.uptime_ms),
-        clean(&snapshot.sensor),
-        lag(health.loop_lag_us),
-    );
+    let header = if health.starting {
+        // No sensor chosen and no loop turning yet.
+        format!(
+            "watchdog {}, pid {}, up {}: {verdict}",
+            clean(&snapshot.version),
+            snapshot.pid,
+            human_ms(snapshot.uptime_ms),
+        )
+    } else {
+        format!(
+            "watchdog {}, pid {}, up {}, sensor {}, loop lag {}: {verdict}",
+            clean(&snapshot.version),
+            snapshot.pid,
+            human_ms(snapshot.uptime_ms),
+            clean(&snapshot.sensor),
+            lag(health.loop_lag_us),
+        )
+    };
     let mut header = wrap(&header, WIDTH);
     if let Some(last) = header.last_mut()
         && let Some(head) = last.strip_suffix(verdict)
@@ -910,6 +920,28 @@ mod tests {
             })
             .collect::<String>();
         assert_eq!(stripped, plain);
+    }
+
+    #[test]
+    fn a_starting_daemon_says_so() {
+        let snapshot = Snapshot {
+            version: "0.1.0".into(),
+            pid: 77,
+            uptime_ms: 2_000,
+            health: Health {
+                ok: true,
+                starting: true,
+                ..Health::default()
+            },
+            ..Snapshot::default()
+        };
+        let text = render(&snapshot, false);
+        assert_eq!(
+            text.lines().next(),
+            Some("watchdog 0.1.0, pid 77, up 2s: starting"),
+            "{text}"
+        );
+        assert!(text.contains("no services"), "{text}");
     }
 
     #[test]
