@@ -792,10 +792,19 @@ fn free_port() -> u16 {
 
 /// `GET path` on the daemon's listener: the status code and the body.
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_with(port, path, "")
+}
+
+/// `GET path` with more header lines (each ending in CRLF).
+fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\n{headers}\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
@@ -1030,7 +1039,13 @@ fn metrics_and_status_after_a_drain() {
         daemon.wait_for("the session's marker", Duration::from_secs(15), |l| {
             l["event"] == "respawn_recommended" && l["service"] == "session"
         });
-        let (code, text) = http_get(port, "/metrics").expect("/metrics");
+        // OpenMetrics, as Prometheus asks for it.
+        let (code, text) = http_get_with(
+            port,
+            "/metrics",
+            "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+        )
+        .expect("/metrics");
         assert_eq!(code, 200, "{text}");
         let families = openmetrics_families(&text);
         for (family, kind) in [
@@ -1067,8 +1082,32 @@ fn metrics_and_status_after_a_drain() {
                 l["event"] == "exited" && l["service"] == "leaker" && l["cause"] == "memory_drain"
             })
             .count() as f64;
+        // The Prometheus text format otherwise, where the parser knows
+        // each family's type by its samples' names.
+        let (code, text) = http_get(port, "/metrics").expect("/metrics");
+        assert_eq!(code, 200, "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
         let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
             .unwrap_or_else(|e| panic!("{sensor}: /metrics does not parse: {e}\n{text}"));
+        let typed = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .map(|s| std::mem::discriminant(&s.value))
+        };
+        assert_eq!(
+            typed("watchdog_service_restarts_total"),
+            Some(std::mem::discriminant(&prometheus_parse::Value::Counter(
+                0.0
+            ))),
+            "{text}"
+        );
+        assert_eq!(
+            typed("watchdog_service_charged_bytes"),
+            Some(std::mem::discriminant(&prometheus_parse::Value::Gauge(0.0))),
+            "{text}"
+        );
         let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
             scrape
                 .samples

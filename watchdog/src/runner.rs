@@ -497,6 +497,35 @@ pub fn signal_tree(pid: u32, members: &[u32], signal: i32) {
     }
 }
 
+/// Marks every descriptor above standard error close-on-exec: what the
+/// process that started the daemon left open (a pipe of the shell's, a
+/// socket of the service manager's) must not reach the services it runs.
+pub fn close_inherited_on_exec() {
+    let dir = if cfg!(target_os = "linux") {
+        "/proc/self/fd"
+    } else {
+        "/dev/fd"
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let fds: Vec<libc::c_int> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD on a descriptor number; EBADF (the
+        // listing's own, closed since) is harmless.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// SIGKILLs every descendant of this process (whatever group or session it
 /// moved to), until none is left or `rounds` passes found them respawning
 /// faster; `spare` (hooks) and their descendants are left alone. The last

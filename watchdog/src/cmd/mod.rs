@@ -175,8 +175,10 @@ pub fn main() -> ExitCode {
     if let Command::Version(args) = &cli.command {
         return version(args);
     }
-    // Before any thread: the services must not inherit systemd's socket.
+    // Before any thread: the services must not inherit systemd's socket,
+    // nor anything else whoever started this left open.
     crate::notify::init();
+    crate::runner::close_inherited_on_exec();
     if let Command::Run(args) = &cli.command
         && args.sample_config
     {
@@ -192,7 +194,7 @@ pub fn main() -> ExitCode {
                 // why the file was refused too.
                 init_logging(
                     cli.log_format
-                        .or_else(|| run::log_format_of(args))
+                        .or_else(|| run::log_format_of(&args.config))
                         .unwrap_or(LogFormat::Text),
                 );
                 return report(Err(e));
@@ -200,9 +202,15 @@ pub fn main() -> ExitCode {
         },
         _ => None,
     };
+    // `status --config FILE` speaks as the daemon it asks does.
+    let file_format = match &cli.command {
+        Command::Status(args) => args.config.as_deref().and_then(run::log_format_of),
+        _ => None,
+    };
     let format = cli
         .log_format
         .or(config.as_ref().and_then(|c| c.daemon.log_format))
+        .or(file_format)
         .unwrap_or(LogFormat::Text);
     init_logging(format);
     raise_nofile();

@@ -57,8 +57,8 @@ pub fn load(args: &RunArgs) -> Result<DaemonConfig, CliError> {
 /// The log format a configuration file asks for, made out of the file
 /// alone (`[daemon] log-format`), for telling why it was refused as a
 /// whole; `None` when it cannot be.
-pub fn log_format_of(args: &RunArgs) -> Option<super::LogFormat> {
-    let text = std::fs::read_to_string(&args.config).ok()?;
+pub fn log_format_of(file: &std::path::Path) -> Option<super::LogFormat> {
+    let text = std::fs::read_to_string(file).ok()?;
     let table: toml::Table = text.parse().ok()?;
     match table.get("daemon")?.get("log-format")?.as_str()? {
         "json" => Some(super::LogFormat::Json),
@@ -153,6 +153,13 @@ fn effective(config: &DaemonConfig) -> String {
         let _ = writeln!(out, "listen = {:?}", addr.to_string());
     }
     let _ = writeln!(out, "allow-remote = {}", d.allow_remote);
+    if let Some(format) = d.log_format {
+        let _ = writeln!(
+            out,
+            "log-format = {:?}",
+            format!("{format:?}").to_lowercase()
+        );
+    }
     let _ = writeln!(out, "health-timeout = {:?}", dur(d.health_timeout));
     let _ = writeln!(
         out,

@@ -72,7 +72,8 @@ pub async fn run(args: StatusArgs) -> Result<ExitCode, CliError> {
         json
     } else {
         let colour = std::io::stdout().is_terminal()
-            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+            && std::env::var_os("TERM").is_none_or(|t| t != "dumb");
         render(&snapshot, colour)
     };
     // A daemon that answers but is unhealthy: exit 3, for probes and
@@ -185,6 +186,11 @@ pub async fn query(socket: &Path, timeout: Duration) -> Result<Snapshot, CliErro
     parse_answer(&answer).map_err(CliError::Failed)
 }
 
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
 /// What a failed connection means, in words naming the socket.
 fn connect_error(socket: &Path, e: &std::io::Error) -> anyhow::Error {
     let path = socket.display();
@@ -198,6 +204,10 @@ fn connect_error(socket: &Path, e: &std::io::Error) -> anyhow::Error {
             "cannot connect to {path}: permission denied; the status socket \
              is readable by its owner only: run `watchdog status` as the user \
              the daemon runs as, or as root"
+        ),
+        ErrorKind::ConnectionRefused if !is_socket(socket) => anyhow!(
+            "{path} is not a socket: the daemon makes it there when it starts \
+             (it refuses to start while something else has that name); remove it"
         ),
         ErrorKind::ConnectionRefused => anyhow!(
             "nothing listens at {path}: the daemon is not running (the socket \

@@ -163,11 +163,19 @@ async fn route(telemetry: &Telemetry, request: &Request<Incoming>) -> Response<F
     } else {
         let snapshot = telemetry.current().await;
         let body = metrics::encode(&snapshot, telemetry);
+        let accept = request
+            .headers()
+            .get(hyper::header::ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        let (body, content_type) = if metrics::wants_openmetrics(accept) {
+            (body, metrics::CONTENT_TYPE)
+        } else {
+            (metrics::to_classic(&body), metrics::CLASSIC_CONTENT_TYPE)
+        };
         let mut response = Response::new(Full::new(Bytes::from(body)));
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static(metrics::CONTENT_TYPE),
-        );
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
         response
     };
     if *request.method() == Method::HEAD {

@@ -29,6 +29,66 @@ const RESTART_CAUSES: [Cause; 5] = [
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The Prometheus text format's, for clients that do not ask for
+/// OpenMetrics.
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics (Prometheus does; a
+/// plain `curl` and older parsers do not).
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            params
+                .next()
+                .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+                && !params.any(|p| p.replace(' ', "") == "q=0")
+        })
+    })
+}
+
+/// An OpenMetrics exposition in the Prometheus text format (0.0.4): a
+/// counter family is named with its `_total` and an info family with its
+/// `_info` (as a gauge), and there is no `# UNIT` or `# EOF`. The samples
+/// are the same.
+pub fn to_classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_owned(), kind),
+                _ => (name.to_owned(), "untyped"),
+            };
+            if let Some(help) = help.take() {
+                let text = help.split_once(' ').map_or("", |(_, text)| text);
+                // Only backslash and newline are escaped here, not quotes.
+                out.push_str(&format!("# HELP {name} {}\n", text.replace("\\\"", "\"")));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if let Some(help) = help.take() {
+            out.push_str("# HELP ");
+            out.push_str(help);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
     service: String,
@@ -398,5 +458,85 @@ fn memory(r: &mut Registry, snapshot: &Snapshot) {
             "PSI: share of the last 10 s in which some task stalled on memory",
             v / 100.0,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, time::Duration};
+
+    use super::*;
+    use crate::status::ServiceStatus;
+
+    #[test]
+    fn openmetrics_only_when_asked() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(wants_openmetrics(Some(prometheus)));
+        assert!(wants_openmetrics(Some("Application/OpenMetrics-Text")));
+        assert!(!wants_openmetrics(None));
+        assert!(!wants_openmetrics(Some("*/*")));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text; q=0, text/plain"
+        )));
+    }
+
+    /// The Prometheus text format: every family declared once with a type
+    /// it has, under the name its samples carry; no OpenMetrics-only lines.
+    #[test]
+    fn the_classic_format_names_families_as_their_samples() {
+        let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
+        let snapshot = Snapshot {
+            sensor: "ebpf".into(),
+            services: vec![ServiceStatus {
+                name: "leaky".into(),
+                restarts: [("memory_drain".to_owned(), 3)].into(),
+                ..ServiceStatus::default()
+            }],
+            ..Snapshot::default()
+        };
+        let openmetrics = encode(&snapshot, &telemetry);
+        assert!(openmetrics.ends_with("# EOF\n"));
+        let classic = to_classic(&openmetrics);
+        let mut types: HashMap<&str, &str> = HashMap::new();
+        let mut helped = 0;
+        for line in classic.lines() {
+            assert!(
+                !line.starts_with("# EOF") && !line.starts_with("# UNIT"),
+                "{line}"
+            );
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap_or_default();
+                assert!(
+                    matches!(kind, "counter" | "gauge" | "histogram" | "untyped"),
+                    "{line}"
+                );
+                assert!(types.insert(name, kind).is_none(), "{name} twice");
+            } else if line.starts_with("# HELP ") {
+                helped += 1;
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let family = [
+                    name,
+                    name.trim_end_matches("_bucket"),
+                    name.trim_end_matches("_sum"),
+                    name.trim_end_matches("_count"),
+                ]
+                .into_iter()
+                .find(|f| types.contains_key(f));
+                let kind = family.map(|f| types[f]);
+                assert!(kind.is_some(), "{line}: no family\n{classic}");
+                if kind == Some("counter") {
+                    assert!(name.ends_with("_total"), "{line}");
+                }
+            }
+        }
+        assert_eq!(helped, types.len(), "a HELP line for each family");
+        assert_eq!(types["watchdog_service_restarts_total"], "counter");
+        assert_eq!(types["watchdog_build_info"], "gauge");
+        assert_eq!(types["watchdog_detection_latency_seconds"], "histogram");
+        assert!(classic.contains(
+            "watchdog_service_restarts_total{service=\"leaky\",kind=\"service\",cause=\"memory_drain\"} 3\n"
+        ));
     }
 }

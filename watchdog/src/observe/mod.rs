@@ -272,6 +272,13 @@ impl Telemetry {
             },
         };
         let taken_ago = snapshot.stale.then(|| self.health().heartbeat_age_ms);
+        if let Some(ago) = taken_ago {
+            // Its times as they are now, not as they were then.
+            for service in &mut snapshot.services {
+                service.uptime_ms = service.uptime_ms.map(|up| up.saturating_add(ago));
+                service.backoff_ms = service.backoff_ms.map(|left| left.saturating_sub(ago));
+            }
+        }
         let members: Vec<Vec<u32>> = snapshot
             .services
             .iter()
@@ -628,12 +635,37 @@ mod tests {
         );
     }
 
+    /// A stale snapshot's uptimes and backoffs are brought up to now.
+    #[tokio::test]
+    async fn a_stale_snapshot_tells_the_times_of_now() {
+        let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
+        let published = Snapshot {
+            services: vec![crate::status::ServiceStatus {
+                uptime_ms: Some(5_000),
+                backoff_ms: Some(200),
+                ..crate::status::ServiceStatus::default()
+            }],
+            ..Snapshot::default()
+        };
+        telemetry.beat(Duration::ZERO, published);
+        std::thread::sleep(Duration::from_millis(300));
+        let snapshot = telemetry.current().await;
+        assert!(snapshot.stale);
+        let service = &snapshot.services[0];
+        assert!(service.uptime_ms >= Some(5_300), "{service:?}");
+        assert_eq!(service.backoff_ms, Some(0), "{service:?}");
+    }
+
     /// A loop that does not answer: the last snapshot, after a second.
     #[tokio::test(start_paused = true)]
     async fn a_silent_loop_gets_the_last_snapshot() {
         let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
         let published = Snapshot {
             sensor: "procfs".into(),
+            services: vec![crate::status::ServiceStatus {
+                uptime_ms: Some(5_000),
+                ..crate::status::ServiceStatus::default()
+            }],
             ..Snapshot::default()
         };
         telemetry.beat(Duration::ZERO, published);
