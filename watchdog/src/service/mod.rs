@@ -315,6 +315,12 @@ impl AuditLine {
 /// How often a run we did not fork is looked at while it is stopped.
 const GONE_CHECK: Duration = Duration::from_secs(1);
 
+/// A marker that could not be written (a full disk) is tried again after
+/// this, then twice as long each time, up to [`MARKER_RETRY_MAX`], while
+/// its run stays over its limit.
+const MARKER_RETRY_FIRST: Duration = Duration::from_secs(1);
+const MARKER_RETRY_MAX: Duration = Duration::from_secs(30);
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -364,6 +370,9 @@ pub struct Service {
     marked: bool,
     /// When to remove the marker of a run back under its limit.
     clear_at: Option<Instant>,
+    /// When to try again to write a marker that could not be written, and
+    /// the wait before that try.
+    marker_retry: Option<(Instant, Duration)>,
     /// Being drained because a reload removed or changed it.
     retiring: bool,
     /// Restarts by the cause of the exit before them (kept across a
@@ -396,6 +405,7 @@ impl Service {
             hooks: HashMap::new(),
             marked: false,
             clear_at: None,
+            marker_retry: None,
             retiring: false,
             restarts: Default::default(),
             gone_check: None,
@@ -432,6 +442,7 @@ impl Service {
     /// time them out any more), then `Finished`.
     fn finish(&mut self, outcome: Outcome) -> Vec<Effect> {
         self.outcome = Some(outcome.clone());
+        self.marker_retry = None;
         let mut hooks: Vec<u32> = self.hooks.drain().map(|(pid, _)| pid).collect();
         hooks.sort_unstable();
         let mut effects: Vec<Effect> = hooks
@@ -476,6 +487,7 @@ impl Service {
             .next_deadline()
             .into_iter()
             .chain(self.clear_at)
+            .chain(self.marker_retry.map(|(at, _)| at))
             .chain(self.gone_check)
             .chain(hooks)
             .min()
@@ -639,7 +651,28 @@ impl Service {
                 }
                 vec![]
             }
-            Input::MarkerWritten(result) => return vec![self.marker_written(result)],
+            Input::MarkerWritten(result) => {
+                let retried = self.marker_retry.is_some();
+                match &result {
+                    Err(error) if self.cfg.marker.is_some() && self.run.is_some() => {
+                        let wait = self.marker_retry.map_or(MARKER_RETRY_FIRST, |(_, wait)| {
+                            (wait * 2).min(MARKER_RETRY_MAX)
+                        });
+                        self.marker_retry = Some((now + wait, wait));
+                        if retried {
+                            // Said once, when it first failed.
+                            tracing::debug!(service = %self.cfg.name, error = %error, "the marker still cannot be written");
+                            return vec![];
+                        }
+                        tracing::warn!(
+                            service = %self.cfg.name, error = %error,
+                            "cannot write the marker: trying again while the process stays over its limit"
+                        );
+                    }
+                    _ => self.marker_retry = None,
+                }
+                return vec![self.marker_written(result)];
+            }
             Input::MarkerRemoved { result, reason } => {
                 let mut line = self.line(Event::MarkerRemoved);
                 line.reason = Some(reason);
@@ -686,6 +719,13 @@ impl Service {
             self.clear_at = None;
             effects.extend(self.remove_marker("under_limit"));
         }
+        if let Some((at, wait)) = self.marker_retry
+            && at <= now
+        {
+            // Pushed back until the answer comes, which sets it again.
+            self.marker_retry = Some((now + MARKER_RETRY_MAX, wait));
+            effects.extend(self.marker_effect());
+        }
         let timeout = self.cfg.hook_timeout;
         let mut overdue: Vec<u32> = self
             .hooks
@@ -722,6 +762,7 @@ impl Service {
             return vec![];
         };
         self.run = None;
+        self.marker_retry = None;
         let mut effects = vec![if self.cfg.is_watch() {
             Effect::Detach { group: run.group }
         } else {
@@ -797,6 +838,8 @@ impl Service {
                 )
             }
             SensorEvent::Rearmed { group, .. } if self.owns_group(group) => {
+                // Back under: a marker not written is no longer wanted.
+                self.marker_retry = None;
                 if self.marked {
                     self.clear_at = self
                         .cfg
@@ -880,19 +923,8 @@ impl Service {
                         effects.push(Effect::Rearm { group });
                     }
                 }
-                Action::Mark => match &self.cfg.marker {
-                    Some(spec) => effects.push(Effect::WriteMarker {
-                        path: spec.path.clone(),
-                        format: spec.format,
-                        marker: Marker {
-                            name: self.cfg.name.clone(),
-                            pid: self.last_pid,
-                            charged_bytes: self.last_charged.0,
-                            limit_bytes: self.limit(),
-                            metric: self.last_charged.1,
-                            reason: self.last_reason,
-                        },
-                    }),
+                Action::Mark => match self.marker_effect() {
+                    Some(effect) => effects.push(effect),
                     None => effects.push(self.marker_written(Err("no marker file set".into()))),
                 },
                 Action::Exec(argv) => effects.push(Effect::RunHook {
@@ -945,6 +977,22 @@ impl Service {
 
     fn limit(&self) -> u64 {
         self.cfg.policy.memory.as_ref().map_or(0, |m| m.limit)
+    }
+
+    /// Writing the marker of the last crossing, when there is a marker file.
+    fn marker_effect(&self) -> Option<Effect> {
+        self.cfg.marker.as_ref().map(|spec| Effect::WriteMarker {
+            path: spec.path.clone(),
+            format: spec.format,
+            marker: Marker {
+                name: self.cfg.name.clone(),
+                pid: self.last_pid,
+                charged_bytes: self.last_charged.0,
+                limit_bytes: self.limit(),
+                metric: self.last_charged.1,
+                reason: self.last_reason,
+            },
+        })
     }
 
     fn line(&self, event: Event) -> AuditLine {

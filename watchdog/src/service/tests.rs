@@ -498,6 +498,72 @@ async fn marker_and_hook_outcomes_are_recorded() {
     }
 }
 
+/// A marker that cannot be written (a full disk) is tried again, waiting
+/// 1 s, 2 s, 4 s..., while the run stays over its limit: written once
+/// there is room, said once when it failed; and not tried again once the
+/// run is back under its limit.
+#[tokio::test(start_paused = true)]
+async fn a_marker_that_cannot_be_written_is_tried_again() {
+    let mut memory = MemoryPolicy::new(100);
+    memory.action = MemoryAction::Marker;
+    let svc = service(Some(memory), |_| {});
+    let (platform, seen, inject) = Scripted::new(Behaviour {
+        charged: 150,
+        over_at_start: true,
+        marker_fails: true,
+        ..Behaviour::default()
+    });
+    let (stop_tx, stop) = oneshot::channel();
+    let task = tokio::task::spawn(run_until(vec![svc], platform, stop));
+    let writes = |seen: &Arc<Mutex<Seen>>| {
+        seen.lock()
+            .unwrap()
+            .effects
+            .iter()
+            .filter(|(_, e)| matches!(e, Effect::WriteMarker { .. }))
+            .count()
+    };
+    // At 0, 1 s and 3 s.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(writes(&seen), 3);
+    seen.lock().unwrap().behaviour.marker_fails = false;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(writes(&seen), 4, "written at 7 s, and not again");
+    {
+        let seen = seen.lock().unwrap();
+        let events: Vec<Event> = seen
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::MarkerFailed | Event::RespawnRecommended))
+            .collect();
+        assert_eq!(events, [Event::MarkerFailed, Event::RespawnRecommended]);
+    }
+    // Back under, over again with the disk full: one try, then none once
+    // it is under again.
+    inject
+        .send(Happening::Sensor(SensorEvent::Rearmed {
+            group: GroupId(101),
+            charged_bytes: 50,
+        }))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    seen.lock().unwrap().behaviour.marker_fails = true;
+    inject.send(Scripted::crossing(101, 150)).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = writes(&seen);
+    assert_eq!(before, 5, "the new crossing's marker");
+    inject
+        .send(Happening::Sensor(SensorEvent::Rearmed {
+            group: GroupId(101),
+            charged_bytes: 50,
+        }))
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(writes(&seen), before, "tried again while under its limit");
+    let _ = stop_tx.send(());
+    task.await.unwrap();
+}
+
 /// A run found (or started) with pid `pid` as its group.
 fn found(pid: u32, foreign: bool) -> Input {
     Input::Spawned(Ok(Spawned {
