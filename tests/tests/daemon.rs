@@ -1369,7 +1369,10 @@ fn logs_are_json_when_asked() {
             &format!(
                 "[daemon]\nlog-format = \"json\"\nlisten = \"0.0.0.0:{port}\"\nallow-remote = true\n"
             ),
-        ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\""),
+        ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
+            // A service that writes to both streams, leaving a line
+            // unfinished for a while: its lines become records of their own.
+            + "[[service]]\nname = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"printf 'progress: 50%%' >&2; echo out-line; sleep 0.3; echo ' done' >&2; exec sleep 60000\"]\n",
     )
     .unwrap();
     let stderr_path = dir.path().join("stderr.log");
@@ -1384,10 +1387,14 @@ fn logs_are_json_when_asked() {
         .unwrap();
     let mut daemon = Daemon { child, dir, config };
     let first = daemon.started("leaker", Duration::from_secs(10));
+    let chatty = daemon.started("chatty", Duration::from_secs(10));
     daemon.wait_for("the leaker's drain", Duration::from_secs(20), |l| {
         l["event"] == "exited" && l["pid"] == first && l["cause"] == "memory_drain"
     });
     assert_eq!(http_get(port, "/healthz").map(|(code, _)| code), Some(200));
+    wait_until("chatty's lines", Duration::from_secs(10), || {
+        std::fs::read_to_string(&stderr_path).is_ok_and(|t| t.contains(" done"))
+    });
     assert!(daemon.stop().success());
     let text = std::fs::read_to_string(&stderr_path).unwrap();
     let records: Vec<Value> = text
@@ -1405,6 +1412,28 @@ fn logs_are_json_when_asked() {
     assert_eq!(remote["fields"]["address"], format!("0.0.0.0:{port}"));
     let exited = find(&|r| r["fields"]["message"] == "exited" && r["fields"]["pid"] == first)
         .unwrap_or_else(|| panic!("no exit record:\n{text}"));
+    let output: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r["target"] == "watchdog::output" && r["fields"]["service"] == "chatty")
+        .map(|r| {
+            assert_eq!(r["fields"]["pid"], chatty, "{r}");
+            (
+                r["fields"]["stream"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                r["fields"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        output.contains(&("stderr".into(), "progress: 50% done".into()))
+            && output.contains(&("stdout".into(), "out-line".into())),
+        "{output:?}\n{text}"
+    );
     let fields = &exited["fields"];
     assert_eq!(fields["service"], "leaker", "{exited}");
     assert_eq!(fields["cause"], "memory_drain", "{exited}");

@@ -1292,3 +1292,29 @@ fn in_a_pid_namespace_sensor_ebpf_is_refused() {
         "nothing was started"
     );
 }
+
+/// Without --audit-log, into a pipe, standard output carries whole audit
+/// lines and nothing else: the service's own output (an unfinished line
+/// included) goes to standard error.
+#[test]
+fn audit_lines_on_standard_output_stay_whole() {
+    let out = Command::new(watchdog_bin())
+        .args(["supervise", "--max-rss", "64MiB", "--max-crashes", "2"])
+        .args(["--backoff-floor", "10ms", "--"])
+        .args(["/bin/sh", "-c", "printf partial; echo ' err' >&2; exit 1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn ({e}): {l:?}")))
+        .collect();
+    assert!(
+        lines.iter().filter(|l| l["event"] == "exited").count() >= 2,
+        "{stdout}"
+    );
+    assert!(stderr.contains("partial err"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+}

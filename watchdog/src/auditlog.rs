@@ -40,6 +40,11 @@ impl AuditLog {
         })
     }
 
+    /// Whether lines are written at all (not off on a terminal).
+    pub fn is_on(&self) -> bool {
+        self.sink.is_some()
+    }
+
     /// Lines lost to write errors so far.
     pub fn lost(&self) -> u64 {
         self.sink.as_ref().map_or(0, LineSink::lost)

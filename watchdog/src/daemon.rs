@@ -183,7 +183,16 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let audit = match mode {
         Mode::Supervise {
             audit_log: false, ..
-        } => AuditLog::default_stdout().context("failed to use standard output")?,
+        } => {
+            let audit = AuditLog::default_stdout().context("failed to use standard output")?;
+            if audit.is_on() {
+                // Standard output carries whole audit lines and nothing
+                // else: the service's goes to standard error (unless JSON
+                // logs forward it already).
+                crate::output::set(crate::output::ChildOutput::StdoutToStderr);
+            }
+            audit
+        }
         _ => {
             if is_daemon && let Some(dir) = daemon.audit_log.parent() {
                 create_private_dir(dir)?;

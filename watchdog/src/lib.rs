@@ -55,6 +55,7 @@ pub mod kernel;
 pub mod mem;
 pub mod notify;
 pub mod observe;
+pub mod output;
 pub mod ownership;
 pub mod policy;
 #[cfg(target_os = "linux")]

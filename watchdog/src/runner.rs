@@ -208,7 +208,12 @@ impl Launch {
 ///
 /// `cgroup` is an open `cgroup.procs` of the cgroup the child joins before
 /// anything else (so that nothing it starts can be outside it).
-pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io::Result<Launch> {
+pub async fn launch(
+    name: &str,
+    spec: &Spec,
+    spawner: &Spawner,
+    cgroup: Option<RawFd>,
+) -> io::Result<Launch> {
     let (ready_r, ready_w) = pipe()?;
     let (go_r, go_w) = pipe()?;
     let mut cmd = Command::new(
@@ -222,6 +227,7 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
         .envs(login.iter().map(|(k, v)| (k, v)))
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
+    let forwarded = child_output(&mut cmd)?;
     // The working directory is entered after privileges are dropped (below),
     // so the service can enter only what its user may.
     let cwd = spec
@@ -316,11 +322,18 @@ pub async fn launch(spec: &Spec, spawner: &Spawner, cgroup: Option<RawFd>) -> io
         .await
         .map_err(io::Error::other)?;
     match pid {
-        Ok(pid) => Ok(Launch {
-            pid,
-            go: go_w,
-            done,
-        }),
+        Ok(pid) => {
+            for (fd, stream) in forwarded {
+                if let Err(e) = crate::output::forward(fd, name, pid, stream) {
+                    tracing::warn!(service = name, pid, error = %e, "cannot forward the service's {stream}");
+                }
+            }
+            Ok(Launch {
+                pid,
+                go: go_w,
+                done,
+            })
+        }
         // The child died before telling its pid (setpgid failed): the
         // spawn reports why.
         Err(_) => {
@@ -396,6 +409,11 @@ fn die_with_parent(parent: libc::pid_t) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = parent;
+}
+
+/// A pipe whose ends are close-on-exec: (read, write).
+pub fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    pipe()
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -588,6 +606,7 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .process_group(0);
+    let forwarded = child_output(&mut cmd)?;
     let user = user.cloned();
     let groups: Vec<libc::gid_t> = user
         .as_ref()
@@ -613,7 +632,36 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
             Ok(())
         });
     }
-    Ok(cmd.spawn()?.id())
+    let pid = cmd.spawn()?.id();
+    let name = env
+        .iter()
+        .find(|(k, _)| *k == "WATCHDOG_NAME")
+        .map_or_else(|| "hook".to_owned(), |(_, v)| format!("{v} (hook)"));
+    for (fd, stream) in forwarded {
+        if let Err(e) = crate::output::forward(fd, &name, pid, stream) {
+            tracing::warn!(hook = %name, pid, error = %e, "cannot forward the hook's {stream}");
+        }
+    }
+    Ok(pid)
+}
+
+/// Sets a child's standard output and error as [`crate::output::mode`]
+/// says; the read ends to forward, with their stream's name.
+fn child_output(cmd: &mut Command) -> io::Result<Vec<(OwnedFd, &'static str)>> {
+    use std::os::fd::AsFd;
+    match crate::output::mode() {
+        crate::output::ChildOutput::Inherit => Ok(Vec::new()),
+        crate::output::ChildOutput::StdoutToStderr => {
+            cmd.stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?));
+            Ok(Vec::new())
+        }
+        crate::output::ChildOutput::JsonRecords => {
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+            Ok(vec![(out_r, "stdout"), (err_r, "stderr")])
+        }
+    }
 }
 
 /// Makes this process the reaper of its orphaned descendants (Linux), so a

@@ -347,6 +347,8 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => {
             JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            // The services' lines too, each a record of its own.
+            crate::output::set(crate::output::ChildOutput::JsonRecords);
             builder.json().init();
         }
     }

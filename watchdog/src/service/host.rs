@@ -396,9 +396,10 @@ impl Host {
         let cgroup = self.cgroup(service.name()).map(ServiceCgroup::procs_fd);
         let spawner = self.spawner.clone();
         let tx = self.progress_tx.clone();
+        let name = service.name().to_owned();
         self.forking += 1;
         tokio::spawn(async move {
-            let launch = match runner::launch(&spec, &spawner, cgroup).await {
+            let launch = match runner::launch(&name, &spec, &spawner, cgroup).await {
                 Ok(launch) => launch,
                 Err(result) => {
                     let _ = tx.send(Progress::Done {
