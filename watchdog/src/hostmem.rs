@@ -362,6 +362,8 @@ fn run(
     let mut sources = Sources::default();
     let mut failing = false;
     let mut warned_at: Option<Instant> = None;
+    // Said once: a warning level above all there is never warns.
+    let mut told_unreachable = false;
     loop {
         let read_at = Instant::now();
         match sys::read() {
@@ -371,6 +373,18 @@ fn run(
                     failing = false;
                 }
                 let (report, transition) = evaluate(&reading.measure, &mut state);
+                if report.warn_bytes > report.total_bytes && !told_unreachable {
+                    told_unreachable = true;
+                    warn!(
+                        scope = %report.scope,
+                        warn_bytes = report.warn_bytes,
+                        total_bytes = report.total_bytes,
+                        "host-memory-warn ({}) is more than the {} there is: it never warns; \
+                         set it lower, or as a share (\"90%\")",
+                        Size(report.warn_bytes),
+                        Size(report.total_bytes),
+                    );
+                }
                 log_transition(transition, &report, &mut warned_at);
                 publish(report);
                 sources.follow(&reading);
