@@ -687,8 +687,12 @@ struct Target {
     /// The run's cgroup, checked and present.
     cgroup: Option<RecordedCgroup>,
     /// The run's process group (its leader's pid), when the leader is
-    /// verified by start time and still running.
+    /// verified by start time and still running, or gone with members of
+    /// its group left.
     group: Option<u32>,
+    /// The group's leader is gone (or a zombie): only the group is
+    /// signalled.
+    leaderless: bool,
     /// Seen with nothing left running; never looked at again, so a pid
     /// freed meanwhile and taken by another process is not mistaken for
     /// the run.
@@ -706,6 +710,7 @@ impl Target {
             settled: None,
             cgroup: None,
             group: None,
+            leaderless: false,
             done: false,
             signalled: BTreeSet::new(),
             killed: false,
@@ -749,6 +754,28 @@ impl Target {
                 target.group = Some(pid);
             }
         }
+        // The leader is gone (or a zombie) but members of its group are
+        // left: a process group's number is not handed out as a pid while
+        // the group exists, so they are the run's, if they started after
+        // it did.
+        if target.cgroup.is_none()
+            && target.group.is_none()
+            && leader.is_none_or(|s| s.zombie && verified)
+            && pid != own_group()
+        {
+            let left: Vec<u32> = group_members(pid)
+                .into_iter()
+                .filter(|&m| {
+                    procs::stat(m).is_some_and(|s| s.start_time >= target.record.start_time)
+                })
+                .collect();
+            if !left.is_empty() {
+                warn!(service = %target.record.service, pid, left = left.len(),
+                    "the recorded process is gone, but its process group is not: ending it");
+                target.group = Some(pid);
+                target.leaderless = true;
+            }
+        }
         if target.cgroup.is_none() && target.group.is_none() {
             target.settled = Some(match leader {
                 Some(_) if !verified => Swept::PidReused,
@@ -771,7 +798,9 @@ impl Target {
         if let Some(pgid) = self.group {
             self.signalled.extend(group_members(pgid));
             self.signal_group(pgid, libc::SIGTERM);
-            self.signal(pgid, libc::SIGTERM);
+            if !self.leaderless {
+                self.signal(pgid, libc::SIGTERM);
+            }
         }
     }
 
@@ -1241,6 +1270,42 @@ mod tests {
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGTERM));
+        assert!(dir.runs().is_empty());
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A run whose leader is gone with members of its process group left
+    /// (no cgroup): the group is ended, not reported gone.
+    #[tokio::test]
+    async fn sweep_ends_the_group_a_dead_leader_left() {
+        let base = temp_dir("leaderless");
+        let dir = StateDir::open(&base.join("state")).unwrap();
+        let mut leader = spawn_group(&["sh", "-c", "sleep 100 & echo started"]);
+        let pid = leader.id();
+        let run = record("leaderless", pid, start_time(pid).unwrap());
+        leader.wait().unwrap();
+        let mut left = Vec::new();
+        for _ in 0..200 {
+            left = group_members(pid);
+            if !left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(left.len(), 1, "the background sleep");
+        dir.record_run(&run).unwrap();
+        let swept = sweep(&dir, dir.runs(), Duration::from_secs(5), 8).await;
+        assert_eq!(
+            swept,
+            vec![(
+                run,
+                Swept::Terminated {
+                    pids: left.clone(),
+                    killed: false
+                }
+            )]
+        );
+        assert!(group_members(pid).is_empty());
         assert!(dir.runs().is_empty());
         fs::remove_dir_all(&base).unwrap();
     }
