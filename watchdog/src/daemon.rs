@@ -344,6 +344,8 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
         "stopped"
     );
     host.close();
+    // The services' last lines, when the daemon reads them.
+    crate::output::finish(std::time::Duration::from_millis(500));
     driven.map_err(|e| CliError::Failed(e.into()))?;
     if is_daemon {
         return Ok(ExitCode::SUCCESS);

@@ -72,6 +72,20 @@ struct Forwarder {
 
 static FORWARDER: OnceLock<Mutex<Option<Forwarder>>> = OnceLock::new();
 
+/// Streams being forwarded and not at their end yet.
+static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Waits, up to `limit`, for the forwarded streams to reach their end
+/// (the services' last lines written) before the daemon exits.
+pub fn finish(limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while OPEN.load(std::sync::atomic::Ordering::Acquire) > 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Forwards `fd` (the read end of a service's pipe) as JSON records.
 pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io::Result<()> {
     let cell = FORWARDER.get_or_init(|| Mutex::new(None));
@@ -84,6 +98,7 @@ pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io
     let forwarder = guard
         .as_ref()
         .ok_or_else(|| io::Error::other("no forwarder"))?;
+    OPEN.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     forwarder
         .add
         .send(Source {
@@ -93,7 +108,10 @@ pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io
             stream,
             held: Vec::new(),
         })
-        .map_err(|_| io::Error::other("the output thread is gone"))?;
+        .map_err(|_| {
+            OPEN.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            io::Error::other("the output thread is gone")
+        })?;
     // SAFETY: one byte into our own non-blocking pipe; a full pipe already
     // wakes the thread.
     unsafe { libc::write(forwarder.wake.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
@@ -164,6 +182,7 @@ fn run(wake: &OwnedFd, added: &mpsc::Receiver<Source>, out: &mut impl Write) {
             // goes out, the stream is done.
             if let Some(mut source) = sources.remove(&pollfd.fd) {
                 source.flush(out);
+                OPEN.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             }
         }
     }
