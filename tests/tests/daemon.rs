@@ -859,8 +859,9 @@ fn healthz_fails_while_the_loop_is_blocked() {
 
     // Idle clients (a hung script, a slow scraper, or a user holding
     // connections open on purpose) do not hold up the others: more than
-    // the 512 connections the listener keeps open at once.
-    let idle_tcp: Vec<std::net::TcpStream> = (0..600)
+    // the 512 connections the listener keeps open at once (the oldest idle
+    // ones make room).
+    let idle_tcp: Vec<std::net::TcpStream> = (0..530)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     let idle_unix: Vec<std::os::unix::net::UnixStream> = (0..40)
@@ -1639,8 +1640,8 @@ impl Drop for MemoryCgroup {
     }
 }
 
-/// The host memory monitor, on a daemon in a cgroup limited to 256 MiB
-/// (warning at 50%, recovery at 25%): a service that takes 160 MiB and
+/// The host memory monitor, on a daemon in a cgroup limited to 512 MiB
+/// (warning at 50%, recovery at 25%): a service that takes 320 MiB and
 /// gives it back causes one warning and one recovery line, with their
 /// fields, and no repeat; the status reports the cgroup's scope.
 #[test]
@@ -1655,7 +1656,7 @@ fn the_memory_monitor_warns_and_recovers_once() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    let limit: u64 = 256 << 20;
+    let limit: u64 = 512 << 20;
     let Some(cgroup) = MemoryCgroup::new(&name, limit) else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -1671,7 +1672,7 @@ fn the_memory_monitor_warns_and_recovers_once() {
             "[daemon]\nhost-memory-warn = \"50%\"\nhost-memory-recover = \"25%\"\nhost-memory-interval = \"100ms\"\n",
         ) + &service(
             "hog",
-            "sleep 1000 alloc 160 sleep 2000 free sleep 600000",
+            "sleep 1000 alloc 320 sleep 2000 free sleep 600000",
             "",
         ),
     )

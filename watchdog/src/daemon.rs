@@ -190,6 +190,12 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
                 // else: the service's goes to standard error (unless JSON
                 // logs forward it already).
                 crate::output::set(crate::output::ChildOutput::StdoutToStderr);
+                if crate::output::mode() == crate::output::ChildOutput::StdoutToStderr {
+                    info!(
+                        "standard output carries the audit lines: the service's own standard \
+                         output goes to standard error (pass --audit-log FILE to keep it)"
+                    );
+                }
             }
             audit
         }

@@ -86,8 +86,10 @@ pub fn finish(limit: std::time::Duration) {
     }
 }
 
-/// Forwards `fd` (the read end of a service's pipe) as JSON records.
-pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io::Result<()> {
+/// Starts the forwarding thread if it is not running: called before a
+/// child gets pipes, so that a child never writes into a pipe nobody will
+/// read.
+pub fn ready() -> io::Result<()> {
     let cell = FORWARDER.get_or_init(|| Mutex::new(None));
     let mut guard = cell
         .lock()
@@ -95,6 +97,16 @@ pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io
     if guard.is_none() {
         *guard = Some(start()?);
     }
+    Ok(())
+}
+
+/// Forwards `fd` (the read end of a service's pipe) as JSON records.
+pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io::Result<()> {
+    ready()?;
+    let cell = FORWARDER.get_or_init(|| Mutex::new(None));
+    let guard = cell
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let forwarder = guard
         .as_ref()
         .ok_or_else(|| io::Error::other("no forwarder"))?;
@@ -150,10 +162,11 @@ fn run(wake: &OwnedFd, added: &mpsc::Receiver<Source>, out: &mut impl Write) {
         // SAFETY: a valid array of pollfd.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
+            // Never given up on: the services would die of SIGPIPE.
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            return;
+            continue;
         }
         if fds[0].revents != 0 {
             // SAFETY: reading our own non-blocking wake pipe empty.

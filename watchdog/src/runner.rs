@@ -227,7 +227,9 @@ pub async fn launch(
         .envs(login.iter().map(|(k, v)| (k, v)))
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null());
-    let forwarded = child_output(&mut cmd)?;
+    // A run that outlives the daemon (to be adopted) must not write into
+    // pipes only the daemon reads: it would die of SIGPIPE with it.
+    let forwarded = child_output(&mut cmd, spec.outlive_supervisor);
     // The working directory is entered after privileges are dropped (below),
     // so the service can enter only what its user may.
     let cwd = spec
@@ -606,7 +608,7 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .process_group(0);
-    let forwarded = child_output(&mut cmd)?;
+    let forwarded = child_output(&mut cmd, false);
     let user = user.cloned();
     let groups: Vec<libc::gid_t> = user
         .as_ref()
@@ -646,22 +648,30 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
 }
 
 /// Sets a child's standard output and error as [`crate::output::mode`]
-/// says; the read ends to forward, with their stream's name.
-fn child_output(cmd: &mut Command) -> io::Result<Vec<(OwnedFd, &'static str)>> {
+/// says (the daemon's own when that cannot be done, or for a run that
+/// outlives it); the read ends to forward, with their stream's name.
+fn child_output(cmd: &mut Command, outlives: bool) -> Vec<(OwnedFd, &'static str)> {
     use std::os::fd::AsFd;
-    match crate::output::mode() {
-        crate::output::ChildOutput::Inherit => Ok(Vec::new()),
+    let set = match crate::output::mode() {
+        crate::output::ChildOutput::Inherit => return Vec::new(),
         crate::output::ChildOutput::StdoutToStderr => {
-            cmd.stdout(Stdio::from(io::stderr().as_fd().try_clone_to_owned()?));
-            Ok(Vec::new())
+            io::stderr().as_fd().try_clone_to_owned().map(|fd| {
+                cmd.stdout(Stdio::from(fd));
+                Vec::new()
+            })
         }
-        crate::output::ChildOutput::JsonRecords => {
+        crate::output::ChildOutput::JsonRecords if outlives => return Vec::new(),
+        crate::output::ChildOutput::JsonRecords => crate::output::ready().and_then(|()| {
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
             cmd.stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
             Ok(vec![(out_r, "stdout"), (err_r, "stderr")])
-        }
-    }
+        }),
+    };
+    set.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot redirect a child's output: it shares the daemon's");
+        Vec::new()
+    })
 }
 
 /// Makes this process the reaper of its orphaned descendants (Linux), so a

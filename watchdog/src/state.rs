@@ -160,6 +160,18 @@ pub struct RunRecord {
     pub daemon_pid: u32,
     /// RFC 3339 UTC, when started (informational).
     pub started_at: String,
+    /// Its session (the daemon's): what is left of its process group once
+    /// its leader is gone is the run's only if it is still in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u32>,
+}
+
+/// The session `pid` is in.
+pub fn session_of(pid: u32) -> Option<u32> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: getsid has no preconditions; -1 when there is no such process.
+    let sid = unsafe { libc::getsid(pid) };
+    u32::try_from(sid).ok()
 }
 
 /// Whether `name` can name a service's record: letters, digits, `.`, `_`
@@ -756,20 +768,21 @@ impl Target {
         }
         // The leader is gone (or a zombie) but members of its group are
         // left: a process group's number is not handed out as a pid while
-        // the group exists, so they are the run's, if they started after
-        // it did.
+        // the group exists, so they are the run's if every one of them is
+        // in the run's session and started after it did (a group another
+        // process made after the run's had ended has others).
         if target.cgroup.is_none()
             && target.group.is_none()
             && leader.is_none_or(|s| s.zombie && verified)
             && pid != own_group()
+            && let Some(session) = target.record.session
         {
-            let left: Vec<u32> = group_members(pid)
-                .into_iter()
-                .filter(|&m| {
-                    procs::stat(m).is_some_and(|s| s.start_time >= target.record.start_time)
-                })
-                .collect();
-            if !left.is_empty() {
+            let left = group_members(pid);
+            let the_runs = left.iter().all(|&m| {
+                session_of(m) == Some(session)
+                    && procs::stat(m).is_some_and(|s| s.start_time >= target.record.start_time)
+            });
+            if the_runs && !left.is_empty() {
                 warn!(service = %target.record.service, pid, left = left.len(),
                     "the recorded process is gone, but its process group is not: ending it");
                 target.group = Some(pid);
@@ -1026,6 +1039,7 @@ mod tests {
             cgroup: None,
             daemon_pid: std::process::id(),
             started_at: crate::event::rfc3339(std::time::SystemTime::now()),
+            session: session_of(pid),
         }
     }
 
@@ -1284,14 +1298,7 @@ mod tests {
         let pid = leader.id();
         let run = record("leaderless", pid, start_time(pid).unwrap());
         leader.wait().unwrap();
-        let mut left = Vec::new();
-        for _ in 0..200 {
-            left = group_members(pid);
-            if !left.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let left = wait_for_members(pid);
         assert_eq!(left.len(), 1, "the background sleep");
         dir.record_run(&run).unwrap();
         let swept = sweep(&dir, dir.runs(), Duration::from_secs(5), 8).await;
@@ -1307,7 +1314,34 @@ mod tests {
         );
         assert!(group_members(pid).is_empty());
         assert!(dir.runs().is_empty());
+
+        // Members in another session than the run's: not the run's group.
+        let mut leader = spawn_group(&["sh", "-c", "sleep 100 & echo started"]);
+        let pid = leader.id();
+        let mut other = record("other", pid, start_time(pid).unwrap());
+        other.session = other.session.map(|s| s + 1);
+        leader.wait().unwrap();
+        wait_for_members(pid);
+        dir.record_run(&other).unwrap();
+        let swept = sweep(&dir, dir.runs(), Duration::from_secs(1), 8).await;
+        assert_eq!(swept, vec![(other, Swept::Gone)]);
+        let left = group_members(pid);
+        assert_eq!(left.len(), 1, "must be untouched");
+        // SAFETY: killing the test's own leftover group.
+        unsafe { libc::killpg(pid as libc::pid_t, libc::SIGKILL) };
         fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// The members of group `pgid`, once there are some.
+    fn wait_for_members(pgid: u32) -> Vec<u32> {
+        for _ in 0..200 {
+            let left = group_members(pgid);
+            if !left.is_empty() {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vec::new()
     }
 
     /// Guards against signalling a process that merely reuses a recorded

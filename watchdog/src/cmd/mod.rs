@@ -176,9 +176,12 @@ pub fn main() -> ExitCode {
         return version(args);
     }
     // Before any thread: the services must not inherit systemd's socket,
-    // nor anything else whoever started this left open.
+    // nor (the daemon's) anything else whoever started it left open.
+    // `supervise` is a wrapper: what it is handed goes on to its command.
     crate::notify::init();
-    crate::runner::close_inherited_on_exec();
+    if matches!(cli.command, Command::Run(_)) {
+        crate::runner::close_inherited_on_exec();
+    }
     if let Command::Run(args) = &cli.command
         && args.sample_config
     {

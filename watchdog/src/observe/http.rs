@@ -77,9 +77,12 @@ pub(super) async fn serve(telemetry: Arc<Telemetry>, listener: std::net::TcpList
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
+            // Told to make room first: an evicted connection must not
+            // start on a request in the same turn.
             tokio::select! {
-                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
+                biased;
                 () = slot.evicted.notified() => {}
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, connection) => {}
             }
             lock(&connections).close(id);
         });

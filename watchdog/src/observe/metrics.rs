@@ -42,7 +42,12 @@ pub fn wants_openmetrics(accept: Option<&str>) -> bool {
             params
                 .next()
                 .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
-                && !params.any(|p| p.replace(' ', "") == "q=0")
+                && !params.any(|p| {
+                    p.split_once('=').is_some_and(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("q")
+                            && v.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+                    })
+                })
         })
     })
 }
@@ -478,6 +483,9 @@ mod tests {
         assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
         assert!(!wants_openmetrics(Some(
             "application/openmetrics-text; q=0, text/plain"
+        )));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text;q=0.000,text/plain"
         )));
     }
 

@@ -290,11 +290,17 @@ impl Telemetry {
             );
             return snapshot;
         }
-        let reading = self.reading.clone();
+        // Cleared however the reading ends (a panic, a task never run).
+        struct Reading(Arc<AtomicBool>);
+        impl Drop for Reading {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let reading = Reading(self.reading.clone());
         let read = tokio::task::spawn_blocking(move || {
-            let charged = read_memory(&members, taken_ago.map(Duration::from_millis));
-            reading.store(false, Ordering::Release);
-            charged
+            let _reading = reading;
+            read_memory(&members, taken_ago.map(Duration::from_millis))
         });
         match tokio::time::timeout(MEMORY_READ, read).await {
             Ok(Ok(charged)) => {
@@ -542,7 +548,7 @@ mod tests {
     #[tokio::test]
     async fn start_up_is_healthy_for_its_allowance() {
         let (telemetry, _queries) =
-            Telemetry::new(Duration::from_millis(50), Duration::from_millis(300));
+            Telemetry::new(Duration::from_millis(50), Duration::from_millis(1_500));
         let health = telemetry.health();
         assert!(health.ok && health.starting, "{health:?}");
         std::thread::sleep(Duration::from_millis(100));
@@ -556,7 +562,7 @@ mod tests {
         assert_eq!(snapshot.pid, std::process::id());
         assert_eq!(snapshot.version, env!("CARGO_PKG_VERSION"));
         assert!(!snapshot.stale && snapshot.health.starting);
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(1_500));
         let health = telemetry.health();
         assert!(!health.ok, "{health:?}");
         assert!(

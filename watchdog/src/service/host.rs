@@ -559,6 +559,7 @@ impl Host {
             cgroup: self.cgroups.get(name).map(|c| c.path().to_owned()),
             daemon_pid: std::process::id(),
             started_at: rfc3339(std::time::SystemTime::now()),
+            session: state::session_of(pid),
         };
         if let Err(e) = state.record_run(&record) {
             warn!(service = name, error = %e, "cannot record the run in the state directory");
@@ -570,6 +571,12 @@ impl Host {
     }
 
     fn members(&self, group: Option<GroupId>) -> Vec<u32> {
+        // A failed sensor's member lists are as of its failure: pids in
+        // them may be others' now. Signals then go by process group and
+        // cgroup only.
+        if self.sensor_failed {
+            return Vec::new();
+        }
         group.map(|g| self.sensor.members(g)).unwrap_or_default()
     }
 
