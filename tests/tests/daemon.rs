@@ -1751,3 +1751,71 @@ fn the_memory_monitor_warns_and_recovers_once() {
     drop(daemon);
     drop(cgroup);
 }
+
+/// With JSON logs and a reader of standard error that stalls, a service
+/// that writes and restarts fast keeps being restarted, and the daemon's
+/// descriptors stay flat: the stall costs log records (counted and said),
+/// not the reading of the services' pipes. Every record read in the end
+/// is whole.
+#[test]
+fn a_stalled_log_reader_costs_records_not_services() {
+    let dir = TempDir::new("stalledlog");
+    let config = dir.path().join("watchdog.toml");
+    std::fs::write(
+        &config,
+        daemon_section(dir.path(), "sampling")
+            .replace("[daemon]\n", "[daemon]\nlog-format = \"json\"\n")
+            + "[[service]]\nname = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello; echo err >&2; exit 1\"]\nbackoff-floor = \"1ms\"\nbackoff-cap = \"5ms\"\nmax-crashes = 1000000\n",
+    )
+    .unwrap();
+    // Standard error into a pipe nobody reads until the end.
+    let child = Command::new(watchdog_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("WATCHDOG_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child, dir, config };
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let pid = daemon.child.id();
+    daemon.started("chatty", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    let (early_fds, early_runs) = (fds(pid), daemon.lines().len());
+    std::thread::sleep(Duration::from_secs(3));
+    let (late_fds, late_runs) = (fds(pid), daemon.lines().len());
+    assert!(
+        late_runs >= early_runs + 60,
+        "restarts stalled with the log: {early_runs} then {late_runs} audit lines"
+    );
+    assert!(
+        late_fds <= early_fds + 8,
+        "descriptors grew from {early_fds} to {late_fds} in 3 s"
+    );
+    let mut stderr = daemon.child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        text
+    });
+    assert!(daemon.stop().success());
+    let text = reader.join().unwrap();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not whole ({e}): {l:?}")))
+        .collect();
+    let stopped = records
+        .iter()
+        .find(|r| r["fields"]["message"] == "stopped")
+        .unwrap_or_else(|| panic!("no stopped record in {} records", records.len()));
+    assert!(
+        stopped["fields"]["lost_log_lines"].as_u64().is_some(),
+        "{stopped}"
+    );
+}

@@ -345,6 +345,7 @@ pub async fn run(config: DaemonConfig, mode: Mode) -> Result<ExitCode, CliError>
     let stats = host.sensor().stats();
     info!(
         lost_audit_lines = host.audit().lost(),
+        lost_log_lines = crate::cmd::log_lines_lost(),
         lost_events = stats.lost_events,
         unconfirmed_crossings = stats.unconfirmed_crossings,
         "stopped"

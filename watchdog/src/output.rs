@@ -60,6 +60,8 @@ struct Source {
     service: String,
     pid: u32,
     stream: &'static str,
+    /// A memory hook's, not the service's own.
+    hook: bool,
     held: Vec<u8>,
 }
 
@@ -101,7 +103,13 @@ pub fn ready() -> io::Result<()> {
 }
 
 /// Forwards `fd` (the read end of a service's pipe) as JSON records.
-pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io::Result<()> {
+pub fn forward(
+    fd: OwnedFd,
+    service: &str,
+    pid: u32,
+    stream: &'static str,
+    hook: bool,
+) -> io::Result<()> {
     ready()?;
     let cell = FORWARDER.get_or_init(|| Mutex::new(None));
     let guard = cell
@@ -118,6 +126,7 @@ pub fn forward(fd: OwnedFd, service: &str, pid: u32, stream: &'static str) -> io
             service: service.to_owned(),
             pid,
             stream,
+            hook,
             held: Vec::new(),
         })
         .map_err(|_| {
@@ -140,9 +149,16 @@ fn start() -> io::Result<Forwarder> {
         }
     }
     let (add, added) = mpsc::channel();
+    // Through the log writer's queue: a stalled reader of standard error
+    // costs records (counted), never the reading of the pipes, which would
+    // then fill and hold every service (and the ended runs' descriptors).
+    let mut out: Box<dyn Write + Send> = match crate::cmd::log_writer() {
+        Some(writer) => Box::new(writer),
+        None => Box::new(io::stderr()),
+    };
     std::thread::Builder::new()
         .name("watchdog-output".into())
-        .spawn(move || run(&wake_r, &added, &mut io::stderr()))?;
+        .spawn(move || run(&wake_r, &added, &mut out))?;
     Ok(Forwarder { add, wake: wake_w })
 }
 
@@ -202,15 +218,25 @@ fn run(wake: &OwnedFd, added: &mpsc::Receiver<Source>, out: &mut impl Write) {
 }
 
 impl Source {
-    /// Takes what was read: each whole line a record, the rest held.
+    /// Takes what was read: each whole line a record, the rest held (a
+    /// line longer than [`HOLD_MAX`] goes out in parts of that size, cut
+    /// between characters).
     fn take(&mut self, bytes: &[u8], out: &mut impl Write) {
         self.held.extend_from_slice(bytes);
-        while let Some(end) = self.held.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.held.drain(..=end).collect();
-            self.emit(&line[..end], out);
-        }
-        if self.held.len() > HOLD_MAX {
-            self.flush(out);
+        loop {
+            let end = self.held.iter().position(|&b| b == b'\n');
+            match end {
+                Some(end) if end <= HOLD_MAX => {
+                    let line: Vec<u8> = self.held.drain(..=end).collect();
+                    self.emit(&line[..end], out);
+                }
+                _ if self.held.len() > HOLD_MAX => {
+                    let cut = char_boundary(&self.held[..HOLD_MAX]);
+                    let part: Vec<u8> = self.held.drain(..cut).collect();
+                    self.emit(&part, out);
+                }
+                _ => break,
+            }
         }
     }
 
@@ -245,6 +271,9 @@ impl Source {
             if i < last {
                 fields["continued"] = serde_json::Value::Bool(true);
             }
+            if self.hook {
+                fields["hook"] = serde_json::Value::Bool(true);
+            }
             let record = serde_json::json!({
                 "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
                 "level": "INFO",
@@ -259,6 +288,15 @@ impl Source {
     }
 }
 
+/// Where `bytes` can be cut without splitting a UTF-8 character: its
+/// length, less an unfinished character at its end.
+fn char_boundary(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Err(e) if e.error_len().is_none() && e.valid_up_to() > 0 => e.valid_up_to(),
+        _ => bytes.len(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +308,7 @@ mod tests {
             service: "svc".into(),
             pid: 42,
             stream: "stderr",
+            hook: false,
             held: Vec::new(),
         }
     }
@@ -319,19 +358,36 @@ mod tests {
         for record in text.lines() {
             assert!(record.len() < 4096, "{} bytes", record.len());
         }
-        let records = records(&out);
-        assert_eq!(records.len(), 4);
-        assert_eq!(records[0]["fields"]["continued"], true);
-        assert!(records[3]["fields"].get("continued").is_none());
-        let joined: String = records
+        let split = records(&out);
+        assert_eq!(split.len(), 4);
+        assert_eq!(split[0]["fields"]["continued"], true);
+        assert!(split[3]["fields"].get("continued").is_none());
+        let joined: String = split
             .iter()
             .map(|r| r["fields"]["message"].as_str().unwrap_or_default())
             .collect();
         assert_eq!(joined, line);
-        // Without a newline, it goes out once more than HOLD_MAX is held.
+        // Without a newline, it goes out in parts of HOLD_MAX, whatever
+        // the reads, never cutting a character in two.
         let mut out = Vec::new();
-        source.take(&vec![b'x'; HOLD_MAX + 1], &mut out);
-        assert!(!out.is_empty());
+        let text = format!("a{}", "é".repeat(3 * HOLD_MAX / 2));
+        for read in text.as_bytes().chunks(65_536) {
+            source.take(read, &mut out);
+        }
+        source.flush(&mut out);
+        let parted = records(&out);
+        let joined: String = parted
+            .iter()
+            .map(|r| r["fields"]["message"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(joined, text, "no character cut in two");
+        let parts = parted
+            .iter()
+            .filter(|r| r["fields"].get("continued").is_none())
+            .count();
+        // 1 + 3 x 16384 bytes, its two-byte characters starting at odd
+        // offsets: parts of 16383 bytes, and what is left.
+        assert_eq!(parts, 4, "{} bytes in parts of {HOLD_MAX}", text.len());
         assert!(source.held.is_empty());
     }
 }

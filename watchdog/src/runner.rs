@@ -326,7 +326,7 @@ pub async fn launch(
     match pid {
         Ok(pid) => {
             for (fd, stream) in forwarded {
-                if let Err(e) = crate::output::forward(fd, name, pid, stream) {
+                if let Err(e) = crate::output::forward(fd, name, pid, stream, false) {
                     tracing::warn!(service = name, pid, error = %e, "cannot forward the service's {stream}");
                 }
             }
@@ -638,9 +638,9 @@ pub fn start_hook(argv: &[String], env: &[(&str, String)], user: Option<&User>) 
     let name = env
         .iter()
         .find(|(k, _)| *k == "WATCHDOG_NAME")
-        .map_or_else(|| "hook".to_owned(), |(_, v)| format!("{v} (hook)"));
+        .map_or("", |(_, v)| v.as_str());
     for (fd, stream) in forwarded {
-        if let Err(e) = crate::output::forward(fd, &name, pid, stream) {
+        if let Err(e) = crate::output::forward(fd, name, pid, stream, true) {
             tracing::warn!(hook = %name, pid, error = %e, "cannot forward the hook's {stream}");
         }
     }

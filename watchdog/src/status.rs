@@ -36,6 +36,10 @@ pub struct Snapshot {
     pub unconfirmed_crossings: u64,
     /// Audit lines that could not be written (a full disk).
     pub audit_lines_lost: u64,
+    /// Log records dropped because standard error was not read fast
+    /// enough (the daemon's own, and with JSON logs the services' lines).
+    #[serde(default)]
+    pub log_lines_lost: u64,
     /// The host's (or the daemon's container's) memory, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<HostMemory>,

@@ -311,6 +311,23 @@ fn flush_logs() {
 
 static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The log writer (its queue and thread), for other records that must
+/// neither block nor mix with its lines.
+static LOG_WRITER: std::sync::OnceLock<tracing_appender::non_blocking::NonBlocking> =
+    std::sync::OnceLock::new();
+
+/// The log writer, once logging is set up.
+pub fn log_writer() -> Option<tracing_appender::non_blocking::NonBlocking> {
+    LOG_WRITER.get().cloned()
+}
+
+/// Log lines dropped because standard error was not read fast enough.
+pub fn log_lines_lost() -> u64 {
+    LOG_WRITER
+        .get()
+        .map_or(0, |w| w.error_counter().dropped_lines() as u64)
+}
+
 /// Lifts the soft limit on open files to the hard one: watching a thousand
 /// processes by pidfd needs more than the usual 1,024.
 fn raise_nofile() {
@@ -334,7 +351,8 @@ fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     // Written by a thread of its own: a stalled reader of standard error
     // (a slow journal, a full pipe) costs log lines, never the event loop.
-    // Lines dropped that way are counted by the writer and said on exit.
+    // Lines dropped that way are counted by the writer, said on exit
+    // (`lost_log_lines`) and in the status and metrics.
     // The queue is allocated whole up front: a few thousand lines cover a
     // burst without costing the daemon megabytes while it idles.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -342,6 +360,7 @@ fn init_logging(format: LogFormat) {
         .lossy(true)
         .finish(std::io::stderr());
     let _ = LOG_GUARD.set(std::sync::Mutex::new(Some(guard)));
+    let _ = LOG_WRITER.set(writer.clone());
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(writer)

@@ -323,6 +323,14 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
         );
         lines.extend(wrap(&text, WIDTH).iter().map(|l| paint.paint(l, YELLOW)));
     }
+    if snapshot.log_lines_lost > 0 {
+        let text = format!(
+            "log: {} record{} dropped (standard error not read fast enough)",
+            snapshot.log_lines_lost,
+            plural(snapshot.log_lines_lost)
+        );
+        lines.extend(wrap(&text, WIDTH).iter().map(|l| paint.paint(l, YELLOW)));
+    }
     if snapshot.unconfirmed_crossings > 0 {
         lines.push(format!(
             "kernel crossings not confirmed by exact readings: {}",
@@ -838,6 +846,7 @@ mod tests {
             lost_events: BTreeMap::new(),
             unconfirmed_crossings: 0,
             audit_lines_lost: 0,
+            log_lines_lost: 0,
             memory: Some(HostMemory {
                 scope: "host".into(),
                 used_bytes: 5_583_457_484,

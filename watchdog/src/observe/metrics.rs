@@ -265,6 +265,12 @@ pub fn encode(snapshot: &Snapshot, telemetry: &Telemetry) -> String {
         "Audit lines that could not be written",
         snapshot.audit_lines_lost,
     );
+    counter(
+        &mut r,
+        "watchdog_log_lines_lost",
+        "Log records dropped because standard error was not read fast enough",
+        snapshot.log_lines_lost,
+    );
     r.register(
         "watchdog_detection_latency_seconds",
         "Kernel crossing of a limit to its exact confirmation",

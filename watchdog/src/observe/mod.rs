@@ -223,6 +223,7 @@ impl Telemetry {
     fn complete(&self, snapshot: &mut Snapshot) {
         snapshot.health = self.health();
         snapshot.uptime_ms = millis(self.started.elapsed());
+        snapshot.log_lines_lost = crate::cmd::log_lines_lost();
         snapshot.memory = lock(&self.memory).clone();
     }
 

@@ -1235,10 +1235,21 @@ pub async fn drive<P: Platform>(
     until_done: bool,
 ) -> Result<(), DriveError> {
     let now = clock();
-    for index in 0..services.list.len() {
-        feed(&mut services.list, platform, index, Input::Start, now);
-    }
     let mut stopping = false;
+    // Asked to stop during start-up (the orphan sweep, loading the kernel
+    // programs): nothing is started only to be drained at once.
+    // A run a previous instance left to be adopted is still taken over,
+    // so that the stop drains it.
+    let early = control.try_recv().ok();
+    let stop_early = matches!(early, Some(Control::Shutdown));
+    for index in 0..services.list.len() {
+        if !stop_early || services.list[index].adopting.is_some() {
+            feed(&mut services.list, platform, index, Input::Start, now);
+        }
+    }
+    if let Some(message) = early {
+        apply_control(message, services, platform, &mut stopping, now);
+    }
     // Why the sensor stopped working, once it has: every service is then
     // drained as for a shutdown, and the loop ends with this error.
     let mut failure: Option<String> = None;
@@ -1280,22 +1291,7 @@ pub async fn drive<P: Platform>(
                 let now = clock();
                 match message {
                     None => listening = false,
-                    Some(Control::Shutdown) => {
-                        stopping = true;
-                        services.waiting.clear();
-                        for index in 0..services.list.len() {
-                            feed(&mut services.list, platform, index, Input::Shutdown, now);
-                        }
-                    }
-                    Some(Control::Reload { services: configs, done }) => {
-                        if let Some(configs) = configs {
-                            reload(services, platform, configs, now);
-                        }
-                        platform.reloaded();
-                        if let Some(done) = done {
-                            let _ = done.send(());
-                        }
-                    }
+                    Some(message) => apply_control(message, services, platform, &mut stopping, now),
                 }
             }
             () = timer => {
@@ -1353,6 +1349,37 @@ pub async fn drive<P: Platform>(
     match failure {
         Some(error) => Err(DriveError(error)),
         None => Ok(()),
+    }
+}
+
+/// Carries out what the daemon was told (by a signal).
+fn apply_control<P: Platform>(
+    message: Control,
+    services: &mut Services,
+    platform: &mut P,
+    stopping: &mut bool,
+    now: Instant,
+) {
+    match message {
+        Control::Shutdown => {
+            *stopping = true;
+            services.waiting.clear();
+            for index in 0..services.list.len() {
+                feed(&mut services.list, platform, index, Input::Shutdown, now);
+            }
+        }
+        Control::Reload {
+            services: configs,
+            done,
+        } => {
+            if let Some(configs) = configs {
+                reload(services, platform, configs, now);
+            }
+            platform.reloaded();
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
+        }
     }
 }
 

@@ -603,6 +603,29 @@ fn named(name: &str, tune: impl FnOnce(&mut Config)) -> ServiceConfig {
     cfg
 }
 
+/// A stop asked for during start-up (before the loop runs): nothing is
+/// started, and the loop ends at once.
+#[tokio::test(start_paused = true)]
+async fn a_stop_during_start_up_starts_nothing() {
+    let (mut platform, seen, _inject) = Scripted::new(Behaviour::default());
+    let (control, mut controls) = mpsc::unbounded_channel();
+    control.send(Control::Shutdown).unwrap();
+    let mut services = Services::new(vec![named("a", |_| {}), named("b", |_| {})]);
+    let started = tokio::time::Instant::now();
+    drive(&mut services, &mut platform, &mut controls, false)
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    let seen = seen.lock().unwrap();
+    assert!(
+        !seen.effects.iter().any(|(_, e)| matches!(e, Effect::Spawn)),
+        "{:?}",
+        seen.effects
+    );
+    assert!(services.all().iter().all(Service::finished));
+    assert_eq!(seen.events(), [], "nothing ran: nothing to record");
+}
+
 /// A sensor that fails is not the end of the services' lives: each is
 /// drained (SIGTERM, then its exit) as for a shutdown, none is started
 /// again, and the loop then ends with the sensor's error.
