@@ -371,8 +371,14 @@ fn services(r: &mut Registry, snapshot: &Snapshot) {
             hard.get_or_create(&labels).set(clamp(bytes));
         }
         // Every cause from the start, at 0 until it happens, so that a
-        // rate over the first restart sees it.
-        for cause in RESTART_CAUSES {
+        // rate over the first restart sees it. A watch target is never
+        // restarted by the daemon: it has none.
+        let causes = if s.kind == crate::status::Kind::Service {
+            &RESTART_CAUSES[..]
+        } else {
+            &[]
+        };
+        for cause in causes {
             let n = s.restarts.get(cause.as_str()).copied().unwrap_or(0);
             restarts
                 .get_or_create(&CauseLabels {
@@ -502,11 +508,18 @@ mod tests {
         let (telemetry, _queries) = Telemetry::new(Duration::from_secs(30), Duration::ZERO);
         let snapshot = Snapshot {
             sensor: "ebpf".into(),
-            services: vec![ServiceStatus {
-                name: "leaky".into(),
-                restarts: [("memory_drain".to_owned(), 3)].into(),
-                ..ServiceStatus::default()
-            }],
+            services: vec![
+                ServiceStatus {
+                    name: "leaky".into(),
+                    restarts: [("memory_drain".to_owned(), 3)].into(),
+                    ..ServiceStatus::default()
+                },
+                ServiceStatus {
+                    name: "session".into(),
+                    kind: crate::status::Kind::Watch,
+                    ..ServiceStatus::default()
+                },
+            ],
             ..Snapshot::default()
         };
         let openmetrics = encode(&snapshot, &telemetry);
@@ -552,5 +565,12 @@ mod tests {
         assert!(classic.contains(
             "watchdog_service_restarts_total{service=\"leaky\",kind=\"service\",cause=\"memory_drain\"} 3\n"
         ));
+        assert!(classic.contains(
+            "watchdog_service_restarts_total{service=\"leaky\",kind=\"service\",cause=\"crash\"} 0\n"
+        ));
+        assert!(
+            !classic.contains("watchdog_service_restarts_total{service=\"session\""),
+            "a watch target is never restarted"
+        );
     }
 }
