@@ -29,13 +29,17 @@ impl Daemon {
     /// and starts the daemon on it.
     fn start(sensor: &str, body: &str) -> Self {
         let dir = TempDir::new("daemon");
-        let config = dir.path().join("watchdog.toml");
-        std::fs::write(&config, daemon_section(dir.path(), sensor) + body).unwrap();
+        let config = write_config(dir.path(), sensor, "", body);
         let child = Self::spawn(&config, &[]);
         Self { child, dir, config }
     }
 
     fn spawn(config: &Path, env: &[(&str, &str)]) -> Child {
+        Self::spawn_to(config, env, Stdio::inherit())
+    }
+
+    /// Starts the daemon with its standard error to `stderr`.
+    fn spawn_to(config: &Path, env: &[(&str, &str)], stderr: impl Into<Stdio>) -> Child {
         Command::new(watchdog_bin())
             .arg("run")
             .arg("--config")
@@ -43,7 +47,7 @@ impl Daemon {
             .env("WATCHDOG_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap()
     }
@@ -109,8 +113,20 @@ impl Drop for Daemon {
 }
 
 fn daemon_section(dir: &Path, sensor: &str) -> String {
+    daemon_section_with(dir, sensor, "")
+}
+
+/// `dir/watchdog.toml`: a `[daemon]` section pointing into `dir`, with
+/// `keys` (lines of its own) first, then `body`.
+fn write_config(dir: &Path, sensor: &str, keys: &str, body: &str) -> PathBuf {
+    let config = dir.join("watchdog.toml");
+    std::fs::write(&config, daemon_section_with(dir, sensor, keys) + body).unwrap();
+    config
+}
+
+fn daemon_section_with(dir: &Path, sensor: &str, keys: &str) -> String {
     format!(
-        "[daemon]\nstate-dir = {:?}\naudit-log = {:?}\nsensor = {sensor:?}\ninterval = \"100ms\"\nmin-interval = \"20ms\"\nrescan = \"200ms\"\norphan-grace = \"2s\"\n\n",
+        "[daemon]\n{keys}state-dir = {:?}\naudit-log = {:?}\nsensor = {sensor:?}\ninterval = \"100ms\"\nmin-interval = \"20ms\"\nrescan = \"200ms\"\norphan-grace = \"2s\"\n\n",
         dir.join("state").display().to_string(),
         dir.join("audit.jsonl").display().to_string()
     )
@@ -832,15 +848,12 @@ fn ask(state: &Path, request: &str) -> String {
 fn healthz_fails_while_the_loop_is_blocked() {
     let port = free_port();
     let dir = TempDir::new("healthz");
-    let config = dir.path().join("watchdog.toml");
-    std::fs::write(
-        &config,
-        daemon_section(dir.path(), "sampling").replace(
-            "[daemon]\n",
-            &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\nhealth-timeout = \"3s\"\n"),
-        ) + &service("steady", "sleep 60000", ""),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "sampling",
+        &format!("listen = \"127.0.0.1:{port}\"\nhealth-timeout = \"3s\"\n"),
+        &service("steady", "sleep 60000", ""),
+    );
     let child = Daemon::spawn(&config, &[("WATCHDOG_TEST_STALL_LOOP", "1")]);
     let mut daemon = Daemon { child, dir, config };
     daemon.started("steady", Duration::from_secs(10));
@@ -1017,17 +1030,14 @@ fn metrics_and_status_after_a_drain() {
                 .spawn()
                 .unwrap(),
         );
-        let config = dir.path().join("watchdog.toml");
-        std::fs::write(
-            &config,
-            daemon_section(dir.path(), sensor).replace(
-                "[daemon]\n",
-                &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n"),
-            ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
+        let config = write_config(
+            dir.path(),
+            sensor,
+            &format!("listen = \"127.0.0.1:{port}\"\n"),
+            &(service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
                 + &service("steady", "alloc 8 sleep 60000", "max-rss = \"64MiB\"")
-                + &format!("[[watch]]\nname = \"session\"\nmatch = {word:?}\nlimit = \"32MiB\"\n"),
-        )
-        .unwrap();
+                + &format!("[[watch]]\nname = \"session\"\nmatch = {word:?}\nlimit = \"32MiB\"\n")),
+        );
         let child = Daemon::spawn(&config, &[]);
         let mut daemon = Daemon { child, dir, config };
         let steady = daemon.started("steady", Duration::from_secs(10));
@@ -1303,14 +1313,12 @@ fn status_command(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn a_remote_listener_needs_allow_remote() {
     let dir = TempDir::new("remote");
-    let config = dir.path().join("watchdog.toml");
-    std::fs::write(
-        &config,
-        daemon_section(dir.path(), "sampling")
-            .replace("[daemon]\n", "[daemon]\nlisten = \"0.0.0.0:9731\"\n")
-            + &service("steady", "sleep 60000", ""),
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "sampling",
+        "listen = \"0.0.0.0:9731\"\n",
+        &service("steady", "sleep 60000", ""),
+    );
     let (code, err) = run_watchdog(
         &["run", "--config", config.to_str().unwrap()],
         Duration::from_secs(10),
@@ -1323,13 +1331,13 @@ fn a_remote_listener_needs_allow_remote() {
     assert!(!dir.path().join("state").exists(), "it started anyway");
     // check-config on a file listening on `addr`: its exit code and words.
     let check = |addr: &str| {
-        std::fs::write(
-            &config,
-            daemon_section(dir.path(), "sampling")
-                .replace("[daemon]\n", &format!("[daemon]\nlisten = {addr:?}\n"))
-                + &service("steady", "sleep 60000", ""),
-        )
-        .unwrap();
+        let keys = format!("listen = {addr:?}\n");
+        write_config(
+            dir.path(),
+            "sampling",
+            &keys,
+            &service("steady", "sleep 60000", ""),
+        );
         run_watchdog(
             &["check-config", config.to_str().unwrap()],
             Duration::from_secs(10),
@@ -1355,31 +1363,18 @@ fn a_remote_listener_needs_allow_remote() {
 #[test]
 fn logs_are_json_when_asked() {
     let dir = TempDir::new("jsonlogs");
-    let config = dir.path().join("watchdog.toml");
     let port = free_port();
-    std::fs::write(
-        &config,
-        daemon_section(dir.path(), "sampling").replace(
-            "[daemon]\n",
-            &format!(
-                "[daemon]\nlog-format = \"json\"\nlisten = \"0.0.0.0:{port}\"\nallow-remote = true\n"
-            ),
-        ) + &service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
+    let config = write_config(
+        dir.path(),
+        "sampling",
+        &format!("log-format = \"json\"\nlisten = \"0.0.0.0:{port}\"\nallow-remote = true\n"),
+        &(service("leaker", "leak 64 10 sleep 60000", "max-rss = \"24MiB\"")
             // A service that writes to both streams, leaving a line
             // unfinished for a while: its lines become records of their own.
-            + "[[service]]\nname = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"printf 'progress: 50%%' >&2; echo out-line; sleep 0.3; echo ' done' >&2; exec sleep 60000\"]\n",
-    )
-    .unwrap();
+            + "[[service]]\nname = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"printf 'progress: 50%%' >&2; echo out-line; sleep 0.3; echo ' done' >&2; exec sleep 60000\"]\n"),
+    );
     let stderr_path = dir.path().join("stderr.log");
-    let child = Command::new(watchdog_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("WATCHDOG_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
+    let child = Daemon::spawn_to(&config, &[], std::fs::File::create(&stderr_path).unwrap());
     let mut daemon = Daemon { child, dir, config };
     let first = daemon.started("leaker", Duration::from_secs(10));
     let chatty = daemon.started("chatty", Duration::from_secs(10));
@@ -1493,29 +1488,19 @@ fn the_kernel_program_forms_are_told() {
         .to_owned();
     for forced in [false, true] {
         let dir = TempDir::new("forms");
-        let config = dir.path().join("watchdog.toml");
-        std::fs::write(
-            &config,
-            daemon_section(dir.path(), "ebpf")
-                + &service("steady", "sleep 60000", "max-rss = \"64MiB\""),
-        )
-        .unwrap();
+        let config = write_config(
+            dir.path(),
+            "ebpf",
+            "",
+            &service("steady", "sleep 60000", "max-rss = \"64MiB\""),
+        );
         let stderr = dir.path().join("stderr.log");
         let env: &[(&str, &str)] = if forced {
             &[("WATCHDOG_FORCE_LEGACY_EXIT", "1")]
         } else {
             &[]
         };
-        let child = Command::new(watchdog_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("WATCHDOG_LOG", "info")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
+        let child = Daemon::spawn_to(&config, env, std::fs::File::create(&stderr).unwrap());
         let mut daemon = Daemon { child, dir, config };
         daemon.started("steady", Duration::from_secs(10));
         let log = std::fs::read_to_string(&stderr).unwrap();
@@ -1658,19 +1643,16 @@ fn the_memory_monitor_warns_and_recovers_once() {
         );
         return;
     };
-    let config = dir.path().join("watchdog.toml");
-    std::fs::write(
-        &config,
-        daemon_section(dir.path(), "sampling").replace(
-            "[daemon]\n",
-            "[daemon]\nhost-memory-warn = \"50%\"\nhost-memory-recover = \"25%\"\nhost-memory-interval = \"100ms\"\n",
-        ) + &service(
+    let config = write_config(
+        dir.path(),
+        "sampling",
+        "host-memory-warn = \"50%\"\nhost-memory-recover = \"25%\"\nhost-memory-interval = \"100ms\"\n",
+        &service(
             "hog",
             "sleep 1000 alloc 320 sleep 2000 free sleep 600000",
             "",
         ),
-    )
-    .unwrap();
+    );
     let stderr_path = dir.path().join("stderr.log");
     // Joins the cgroup, then becomes the daemon.
     let child = Command::new("sh")
@@ -1754,24 +1736,14 @@ fn the_memory_monitor_warns_and_recovers_once() {
 #[test]
 fn a_stalled_log_reader_costs_records_not_services() {
     let dir = TempDir::new("stalledlog");
-    let config = dir.path().join("watchdog.toml");
-    std::fs::write(
-        &config,
-        daemon_section(dir.path(), "sampling")
-            .replace("[daemon]\n", "[daemon]\nlog-format = \"json\"\n")
-            + "[[service]]\nname = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello; echo err >&2; exit 1\"]\nbackoff-floor = \"1ms\"\nbackoff-cap = \"5ms\"\nmax-crashes = 1000000\n",
-    )
-    .unwrap();
+    let config = write_config(
+        dir.path(),
+        "sampling",
+        "log-format = \"json\"\n",
+        "[[service]]\nname = \"chatty\"\ncommand = [\"/bin/sh\", \"-c\", \"echo hello; echo err >&2; exit 1\"]\nbackoff-floor = \"1ms\"\nbackoff-cap = \"5ms\"\nmax-crashes = 1000000\n",
+    );
     // Standard error into a pipe nobody reads until the end.
-    let child = Command::new(watchdog_bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("WATCHDOG_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Daemon::spawn_to(&config, &[], Stdio::piped());
     let mut daemon = Daemon { child, dir, config };
     let fds = |pid: u32| {
         std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -72,7 +72,7 @@ struct Forwarder {
     wake: OwnedFd,
 }
 
-static FORWARDER: OnceLock<Mutex<Option<Forwarder>>> = OnceLock::new();
+static FORWARDER: Mutex<Option<Forwarder>> = Mutex::new(None);
 
 /// Streams being forwarded and not at their end yet.
 static OPEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -92,14 +92,18 @@ pub fn finish(limit: std::time::Duration) {
 /// child gets pipes, so that a child never writes into a pipe nobody will
 /// read.
 pub fn ready() -> io::Result<()> {
-    let cell = FORWARDER.get_or_init(|| Mutex::new(None));
-    let mut guard = cell
+    forwarder().map(drop)
+}
+
+/// The forwarding thread's handle, the thread started if need be.
+fn forwarder() -> io::Result<std::sync::MutexGuard<'static, Option<Forwarder>>> {
+    let mut guard = FORWARDER
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if guard.is_none() {
         *guard = Some(start()?);
     }
-    Ok(())
+    Ok(guard)
 }
 
 /// Forwards `fd` (the read end of a service's pipe) as JSON records.
@@ -110,11 +114,7 @@ pub fn forward(
     stream: &'static str,
     hook: bool,
 ) -> io::Result<()> {
-    ready()?;
-    let cell = FORWARDER.get_or_init(|| Mutex::new(None));
-    let guard = cell
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let guard = forwarder()?;
     let forwarder = guard
         .as_ref()
         .ok_or_else(|| io::Error::other("no forwarder"))?;

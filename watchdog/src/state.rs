@@ -1294,12 +1294,7 @@ mod tests {
     async fn sweep_ends_the_group_a_dead_leader_left() {
         let base = temp_dir("leaderless");
         let dir = StateDir::open(&base.join("state")).unwrap();
-        let mut leader = spawn_group(&["sh", "-c", "sleep 100 & echo started"]);
-        let pid = leader.id();
-        let run = record("leaderless", pid, start_time(pid).unwrap());
-        leader.wait().unwrap();
-        let left = wait_for_members(pid);
-        assert_eq!(left.len(), 1, "the background sleep");
+        let (pid, run, left) = leaderless("leaderless");
         dir.record_run(&run).unwrap();
         let swept = sweep(&dir, dir.runs(), Duration::from_secs(5), 8).await;
         assert_eq!(
@@ -1316,12 +1311,8 @@ mod tests {
         assert!(dir.runs().is_empty());
 
         // Members in another session than the run's: not the run's group.
-        let mut leader = spawn_group(&["sh", "-c", "sleep 100 & echo started"]);
-        let pid = leader.id();
-        let mut other = record("other", pid, start_time(pid).unwrap());
+        let (pid, mut other, _) = leaderless("other");
         other.session = other.session.map(|s| s + 1);
-        leader.wait().unwrap();
-        wait_for_members(pid);
         dir.record_run(&other).unwrap();
         let swept = sweep(&dir, dir.runs(), Duration::from_secs(1), 8).await;
         assert_eq!(swept, vec![(other, Swept::Gone)]);
@@ -1332,16 +1323,22 @@ mod tests {
         fs::remove_dir_all(&base).unwrap();
     }
 
-    /// The members of group `pgid`, once there are some.
-    fn wait_for_members(pgid: u32) -> Vec<u32> {
+    /// A run whose leader is gone, leaving a sleep in its process group:
+    /// the group, the run's record, and what is left in it.
+    fn leaderless(service: &str) -> (u32, RunRecord, Vec<u32>) {
+        let mut leader = spawn_group(&["sh", "-c", "sleep 100 & echo started"]);
+        let pid = leader.id();
+        let run = record(service, pid, start_time(pid).unwrap());
+        leader.wait().unwrap();
         for _ in 0..200 {
-            let left = group_members(pgid);
+            let left = group_members(pid);
             if !left.is_empty() {
-                return left;
+                assert_eq!(left.len(), 1, "the background sleep");
+                return (pid, run, left);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Vec::new()
+        panic!("the background sleep never showed");
     }
 
     /// Guards against signalling a process that merely reuses a recorded

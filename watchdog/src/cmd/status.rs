@@ -298,9 +298,7 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
             "the service loop did not answer within 1 s: services as of its last heartbeat, {} ago",
             human_ms(health.heartbeat_age_ms)
         );
-        for line in wrap(&note, WIDTH) {
-            lines.push(paint.paint(&line, YELLOW));
-        }
+        warning(&mut lines, &note, paint);
     }
     if let Some(memory) = &snapshot.memory {
         lines.extend(memory_line(memory, paint));
@@ -313,23 +311,23 @@ pub fn render(snapshot: &Snapshot, colour: bool) -> String {
         .collect();
     if !lost.is_empty() {
         let text = format!("kernel events lost since start: {}", lost.join(", "));
-        lines.extend(wrap(&text, WIDTH).iter().map(|l| paint.paint(l, YELLOW)));
+        warning(&mut lines, &text, paint);
     }
     if snapshot.audit_lines_lost > 0 {
+        let n = snapshot.audit_lines_lost;
         let text = format!(
-            "audit log: {} line{} could not be written (is its disk full?)",
-            snapshot.audit_lines_lost,
-            plural(snapshot.audit_lines_lost)
+            "audit log: {n} line{} could not be written (is its disk full?)",
+            plural(n)
         );
-        lines.extend(wrap(&text, WIDTH).iter().map(|l| paint.paint(l, YELLOW)));
+        warning(&mut lines, &text, paint);
     }
     if snapshot.log_lines_lost > 0 {
+        let n = snapshot.log_lines_lost;
         let text = format!(
-            "log: {} record{} dropped (standard error not read fast enough)",
-            snapshot.log_lines_lost,
-            plural(snapshot.log_lines_lost)
+            "log: {n} record{} dropped (standard error not read fast enough)",
+            plural(n)
         );
-        lines.extend(wrap(&text, WIDTH).iter().map(|l| paint.paint(l, YELLOW)));
+        warning(&mut lines, &text, paint);
     }
     if snapshot.unconfirmed_crossings > 0 {
         lines.push(format!(
@@ -429,6 +427,11 @@ fn row(service: &ServiceStatus, last: &[String], paint: Painter) -> Vec<String> 
     )];
     lines.extend(last.map(|more| format!("{:LAST$}{more}", "")));
     lines
+}
+
+/// `text` wrapped to the width, in the warning colour.
+fn warning(lines: &mut Vec<String>, text: &str, paint: Painter) {
+    lines.extend(wrap(text, WIDTH).iter().map(|l| paint.paint(l, YELLOW)));
 }
 
 /// The state, with how long it has lasted (or is left, in backoff).
